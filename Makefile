@@ -1,0 +1,40 @@
+# Two commands matter: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= config/gateway.yaml
+
+.PHONY: run test lint bench system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/gateway run -c $(CONFIG)
+
+# Debian packages the integration tests talk to (real peers, no mocks).
+system-deps:
+	@command -v storescu >/dev/null && command -v storescp >/dev/null && command -v echoscu >/dev/null \
+	  || { echo "installing dcmtk (apt-get)"; \
+	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; }
+
+test: $(STAMP) system-deps
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench || true
+	$(BIN)/mypy
+
+bench: $(STAMP) system-deps
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.hl7
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,118 @@
+"""Wiring: builds the parts from the config, starts them, and drains them on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+import time
+from types import FrameType
+
+import structlog
+
+from gateway.config import Config
+from gateway.ingest.assemble import Assembler
+from gateway.ingest.dicom_scp import DicomSCP
+from gateway.ingest.hl7_listener import HL7Listener
+from gateway.observability.metrics import HealthServer, Metrics
+from gateway.security.tls import server_context
+from gateway.store.store import Store
+
+log = structlog.get_logger(__name__)
+
+
+class Gateway:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.store = Store(cfg.data_dir, cfg.key_file)
+        dicom_tls = server_context(cfg.dicom.tls, cfg.path) if cfg.dicom.tls else None
+        hl7_tls = server_context(cfg.hl7.tls, cfg.path) if cfg.hl7.tls else None
+        self.dicom = DicomSCP(cfg.dicom, self.store, self.metrics, ssl_context=dicom_tls)
+        self.hl7 = HL7Listener(
+            cfg.hl7, self.store, ssl_context=hl7_tls, on_message=self._count_message
+        )
+        self.assembler = Assembler(self.store.queue, self.metrics)
+        self.http = HealthServer(
+            cfg.gateway.http.host, cfg.gateway.http.port, self.metrics, self.readiness,
+            self.refresh_metrics,
+        )
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hl7", daemon=True)
+        self._stopped = threading.Event()
+        self._started = False
+
+    def _count_message(self, message_type: str, ack: str) -> None:
+        self.metrics.hl7_messages.labels(type=message_type, ack=ack).inc()
+
+    def readiness(self) -> dict[str, bool]:
+        try:
+            self.store.queue.counts()
+            store_ok = True
+        except Exception:
+            store_ok = False
+        return {
+            "started": self._started,
+            "dicom": bool(self.dicom.servers),
+            "hl7": self._started and not self._stopped.is_set(),
+            "store": store_ok,
+        }
+
+    def refresh_metrics(self) -> None:
+        counts = self.store.queue.counts()
+        self.metrics.queue_depth.clear()
+        for key, states in counts.items():
+            if key.startswith("jobs:"):
+                for state, n in states.items():
+                    self.metrics.queue_depth.labels(stage=key[5:], state=state).set(n)
+        for state, n in counts.get("studies", {}).items():
+            self.metrics.studies.labels(state=state).set(n)
+
+    def start(self) -> None:
+        self.http.start()
+        self._loop_thread.start()
+        asyncio.run_coroutine_threadsafe(self.hl7.start(), self._loop).result(timeout=30)
+        self.dicom.start()
+        self.assembler.start()
+        self._started = True
+        log.info(
+            "gateway started",
+            dicom_ports=self.dicom.ports, hl7_ports=self.hl7.ports, http_port=self.http.port,
+            data_dir=str(self.cfg.data_dir),
+        )
+
+    def stop(self) -> None:
+        """Drain: stop accepting, let in-flight work finish, close the store."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("gateway stopping")
+        self.dicom.stop()
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.hl7.stop(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(timeout=10)
+        self.assembler.stop()
+        self.http.stop()
+        self.store.close()
+        log.info("gateway stopped")
+
+    def run_forever(self) -> None:
+        """Start, then block until SIGTERM/SIGINT, then drain and return."""
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal received", signal=signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            while not done.wait(1.0):
+                pass
+        finally:
+            started = time.monotonic()
+            self.stop()
+            log.info("drained", seconds=round(time.monotonic() - started, 2))

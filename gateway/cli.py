@@ -1,0 +1,205 @@
+"""The ``gateway`` command.  Errors become a message and an exit code here, and only here:
+0 = success, 1 = the operation failed (bad config, store error), 2 = bad usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from gateway import __version__
+from gateway.config import DEFAULT_CONFIG, Config, json_schema, load_config
+from gateway.errors import ConfigError, GatewayError
+
+EPILOG = """\
+examples:
+  gateway run                          start on config/gateway.yaml (loopback, SQLite)
+  gateway check-config -c site.yaml    validate a config; errors as FILE:LINE: key: message
+  gateway queue status                 what was received and what is waiting, per stage
+  gateway queue dead                   jobs that gave up, with their last error
+  gateway queue retry --all            replay every dead job
+  gateway keys rotate                  new data key for at-rest encryption
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gateway",
+        description="DICOM/HL7 integration gateway for hospital AI.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "-c", "--config", type=Path, default=DEFAULT_CONFIG, metavar="FILE",
+            help=f"config file (default: {DEFAULT_CONFIG})",
+        )
+        return sp
+
+    run = with_config(sub.add_parser(
+        "run", help="start the DICOM SCP, the MLLP listener and the health/metrics server",
+        description="Start everything. SIGTERM (or Ctrl-C) stops accepting, finishes what is "
+        "in flight and exits.",
+    ))
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    with_config(sub.add_parser(
+        "check-config", help="validate a config file",
+        description="Validate the config. Exit 0 when valid; exit 1 and one line per error "
+        "(FILE:LINE: path.to.key: message) otherwise.",
+    ))
+    sub.add_parser(
+        "config-schema", help="print the config's JSON Schema (for editors)",
+        description="Print the JSON Schema of the config file, e.g. for the YAML language "
+        "server: gateway config-schema > gateway.schema.json",
+    )
+
+    queue = sub.add_parser("queue", help="inspect and replay the work queue")
+    qsub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    status = with_config(qsub.add_parser("status", help="counts per stage and state"))
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    dead = with_config(qsub.add_parser("dead", help="dead letters with their last error"))
+    dead.add_argument("--json", action="store_true", help="machine-readable output")
+    retry = with_config(qsub.add_parser("retry", help="replay dead jobs"))
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("ids", nargs="*", type=int, default=[], metavar="ID")
+    which.add_argument("--all", action="store_true", help="replay every dead job")
+
+    keys = sub.add_parser("keys", help="manage the at-rest encryption keys")
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    with_config(ksub.add_parser(
+        "rotate", help="create a new data key; old data stays readable",
+        description="Add a new data key and make it current. Blobs written before stay "
+        "readable with their old key. Back up the key file afterwards.",
+    ))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args, sys.stdout)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    except GatewayError as exc:
+        print(f"gateway: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `gateway config-schema | head`
+        return 0
+
+
+def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "config-schema":
+        json.dump(json_schema(), out, indent=2)
+        out.write("\n")
+        return 0
+    cfg = load_config(args.config)
+    if args.command == "check-config":
+        print(
+            f"{args.config}: OK ({len(cfg.dicom.allowed_callers)} DICOM callers, "
+            f"{len(cfg.hl7.allowed_senders)} HL7 senders, {len(cfg.destinations)} destinations, "
+            f"{len(cfg.models)} models, {len(cfg.routes)} routes)",
+            file=out,
+        )
+        return 0
+    if args.command == "run":
+        return _run(cfg, args.log_level)
+    if args.command == "queue":
+        return _queue(cfg, args, out)
+    if args.command == "keys":
+        from gateway.store.crypto import KeyStore
+
+        store = KeyStore.open(cfg.key_file, create=True)
+        new = store.rotate()
+        print(
+            f"new data key {new.key_id} is current; {len(store.key_ids)} keys in "
+            f"{cfg.key_file} (back this file up)",
+            file=out,
+        )
+        return 0
+    raise AssertionError(args.command)
+
+
+def _run(cfg: Config, log_level: str) -> int:
+    from gateway.app import Gateway
+    from gateway.observability.logging import configure_logging
+
+    configure_logging(log_level)
+    gw = Gateway(cfg)
+    gw.run_forever()
+    return 0
+
+
+def _queue(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.store.sqlite import SQLiteQueue
+
+    db = cfg.data_dir / "queue.sqlite3"
+    if not db.exists():
+        print(f"no queue yet at {db} (the gateway has not run with this config)", file=out)
+        return 0 if args.queue_command == "status" else 1
+    queue = SQLiteQueue(db)
+    try:
+        if args.queue_command == "status":
+            counts = queue.counts()
+            if args.json:
+                json.dump(counts, out, indent=2)
+                out.write("\n")
+                return 0
+            _print_status(counts, queue.oldest_ready_age(time.time()), out)
+            return 0
+        if args.queue_command == "dead":
+            jobs = queue.dead_jobs()
+            if args.json:
+                json.dump([
+                    {"id": j.id, "stage": j.stage.value, "subject": j.subject,
+                     "attempts": j.attempts, "last_error": j.last_error} for j in jobs
+                ], out, indent=2)
+                out.write("\n")
+                return 0
+            if not jobs:
+                print("no dead letters", file=out)
+            for j in jobs:
+                print(f"{j.id:>8}  {j.stage.value:<8} {j.subject[:12]}  attempts={j.attempts}  "
+                      f"{j.last_error}", file=out)
+            return 0
+        if args.queue_command == "retry":
+            n = queue.replay(None if args.all else list(args.ids), time.time())
+            print(f"{n} job(s) returned to the queue", file=out)
+            return 0 if n or args.all else 1
+    finally:
+        queue.close()
+    raise AssertionError(args.queue_command)
+
+
+def _print_status(counts: dict[str, dict[str, int]], oldest: float | None, out: TextIO) -> None:
+    received = counts.get("received", {})
+    studies = counts.get("studies", {})
+    print(f"received   dicom instances: {received.get('dicom', 0)}   "
+          f"hl7 messages: {received.get('hl7', 0)}", file=out)
+    print(f"studies    open (assembling): {studies.get('open', 0)}   "
+          f"complete: {studies.get('complete', 0)}", file=out)
+    print(f"{'stage':<10}{'ready':>8}{'leased':>8}{'done':>8}{'dead':>8}", file=out)
+    stages = sorted(k for k in counts if k.startswith("jobs:"))
+    for key in stages:
+        s = counts[key]
+        print(f"{key[5:]:<10}{s.get('ready', 0):>8}{s.get('leased', 0):>8}"
+              f"{s.get('done', 0):>8}{s.get('dead', 0):>8}", file=out)
+    if not stages:
+        print("(no jobs yet)", file=out)
+    if oldest is not None:
+        print(f"oldest waiting job: {oldest:.0f} s", file=out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,409 @@
+"""Configuration: pydantic models (unknown keys are errors) and a YAML loader that
+reports every problem as ``FILE:LINE: path.to.key: message``.
+
+Paths in the file are relative to the file itself; :func:`load_config` resolves them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG = Path("config/gateway.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*$")]
+
+
+def _check_host(value: str) -> str:
+    if value in ("localhost", "*"):
+        return value
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", value):
+            raise ValueError(f"'{value}' is not an IP address, network or host name") from None
+    return value
+
+
+class HTTPConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class GatewaySection(_Strict):
+    data_dir: Path = Path("../var")
+    http: HTTPConfig = HTTPConfig()
+    encryption_key_file: Path = Path("../var/keys.json")
+
+
+class ServerTLS(_Strict):
+    """TLS on a listening port: our certificate, and the CA that client certificates must chain to."""
+
+    port: Port
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = True
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> ServerTLS:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert is true, so 'ca' must name the CA file")
+        return self
+
+
+class ClientTLS(_Strict):
+    """TLS towards a destination: verify the peer against ``ca``, present ``cert``/``key``."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTLS:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("'cert' and 'key' go together")
+        return self
+
+
+class AllowedCaller(_Strict):
+    ae_title: AETitle
+    hosts: list[str] = Field(min_length=1)
+
+    _hosts = field_validator("hosts")(lambda v: [_check_host(h) for h in v])
+
+
+class DicomSection(_Strict):
+    ae_title: AETitle = "AI_GATEWAY"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_pdu: Annotated[int, Field(ge=0)] = 0
+    tls: ServerTLS | None = None
+    allowed_callers: list[AllowedCaller] = Field(min_length=1)
+    study_complete_after: Seconds = 5
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
+
+
+class AllowedSender(_Strict):
+    application: str = Field(min_length=1)
+    facility: str | None = None
+    hosts: list[str] = Field(min_length=1)
+
+    _hosts = field_validator("hosts")(lambda v: [_check_host(h) for h in v])
+
+
+class HL7Section(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = 2575
+    tls: ServerTLS | None = None
+    allowed_senders: list[AllowedSender] = Field(min_length=1)
+    max_frame_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    idle_timeout: Seconds = 600
+
+
+class RetryPolicyConfig(_Strict):
+    initial: Seconds = 5
+    max: Seconds = 600
+    give_up_after: Seconds = 86400
+
+
+class DicomDestination(_Strict):
+    ae_title: AETitle
+    host: str
+    port: Port
+    tls: ClientTLS | None = None
+
+
+class HL7Destination(_Strict):
+    host: str
+    port: Port
+    tls: ClientTLS | None = None
+    application: str = "EHR"
+    facility: str = "HOSP"
+
+
+class Destination(_Strict):
+    dicom: DicomDestination | None = None
+    hl7: HL7Destination | None = None
+    retry: RetryPolicyConfig = RetryPolicyConfig()
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Destination:
+        if (self.dicom is None) == (self.hl7 is None):
+            raise ValueError("a destination has exactly one of 'dicom' or 'hl7'")
+        return self
+
+
+class ModelConfig(_Strict):
+    bundle: Path
+
+
+MatchValue = str | int | float | bool | list[str | int | float] | dict[str, Any]
+
+
+class When(_Strict):
+    dicom: dict[str, MatchValue] | None = None
+    hl7: dict[str, MatchValue] | None = None
+
+    @field_validator("dicom", "hl7")
+    @classmethod
+    def _operators(cls, value: dict[str, MatchValue] | None) -> dict[str, MatchValue] | None:
+        for key, cond in (value or {}).items():
+            if isinstance(cond, dict):
+                if set(cond) == {"regex"}:
+                    try:
+                        re.compile(str(cond["regex"]))
+                    except re.error as exc:
+                        raise ValueError(f"@{key}: bad regex {cond['regex']!r}: {exc}") from None
+                elif set(cond) == {"present"}:
+                    if not isinstance(cond["present"], bool):
+                        raise ValueError(f"@{key}: 'present' takes true or false")
+                else:
+                    raise ValueError(
+                        f"@{key}: a condition is a value, a list, {{regex: ...}} or "
+                        f"{{present: true|false}}, not {json.dumps(cond)}"
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> When:
+        if self.dicom is None and self.hl7 is None:
+            raise ValueError("'when' needs 'dicom' or 'hl7' conditions")
+        return self
+
+
+class Route(_Strict):
+    name: str = Field(min_length=1)
+    when: When
+    run: list[str] = []
+    send: list[str] = []
+    forward: list[str] = []
+
+
+class Config(_Strict):
+    gateway: GatewaySection = GatewaySection()
+    dicom: DicomSection
+    hl7: HL7Section
+    destinations: dict[str, Destination] = {}
+    models: dict[str, ModelConfig] = {}
+    routes: list[Route] = []
+    source: Literal[None] | Path = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        problems: list[str] = []
+        seen: set[str] = set()
+        for i, route in enumerate(self.routes):
+            if route.name in seen:
+                problems.append(f"@routes.{i}.name: duplicate route name '{route.name}'")
+            seen.add(route.name)
+            for j, name in enumerate(route.run):
+                if name not in self.models:
+                    problems.append(
+                        f"@routes.{i}.run.{j}: unknown model '{name}'{_did_you_mean(name, self.models)}"
+                    )
+            for field in ("send", "forward"):
+                for j, name in enumerate(getattr(route, field)):
+                    if name not in self.destinations:
+                        problems.append(
+                            f"@routes.{i}.{field}.{j}: unknown destination "
+                            f"'{name}'{_did_you_mean(name, self.destinations)}"
+                        )
+        if problems:
+            # '@path: message' lines: the loader turns each into its own FILE:LINE error.
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source else Path.cwd()
+
+    def path(self, value: Path) -> Path:
+        """Resolve a path written in the config file relative to that file."""
+        return value if value.is_absolute() else (self.base_dir / value).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path(self.gateway.data_dir)
+
+    @property
+    def key_file(self) -> Path:
+        return self.path(self.gateway.encryption_key_file)
+
+
+def _did_you_mean(name: str, choices: Any) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# --- YAML with line numbers -------------------------------------------------------------
+
+LineMap = dict[tuple[str, ...], int]
+
+
+def _construct(node: yaml.Node, path: tuple[str, ...], lines: LineMap) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.safe_load(yaml.serialize(key_node))
+            if key in out:
+                raise ConfigError(
+                    [f"line {key_node.start_mark.line + 1}: {'.'.join((*path, str(key)))}: "
+                     "duplicate key"]
+                )
+            lines[(*path, str(key))] = key_node.start_mark.line + 1
+            out[key] = _construct(value_node, (*path, str(key)), lines)
+            lines[(*path, str(key))] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, (*path, str(i)), lines) for i, item in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def parse_yaml(text: str, filename: str) -> tuple[Any, LineMap]:
+    """Parse YAML text into plain values plus a map from key path to line number."""
+    lines: LineMap = {}
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else 0
+        raise ConfigError([f"{filename}:{line}: {exc.problem or exc}"]) from None
+    if node is None:
+        return {}, lines
+    try:
+        return _construct(node, (), lines), lines
+    except ConfigError as exc:
+        raise ConfigError([f"{filename}:{e.removeprefix('line ')}" for e in exc.errors]) from None
+
+
+def _line_for(loc: tuple[str, ...], lines: LineMap) -> int:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return 1
+
+
+def _format_errors(exc: ValidationError, filename: str, lines: LineMap) -> list[str]:
+    out: list[str] = []
+    for err in exc.errors(include_url=False):
+        # pydantic inserts union member names (e.g. 'str', 'list[...]') into loc; drop them.
+        loc = tuple(str(p) for p in err["loc"] if not _is_type_tag(str(p)))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = loc[:-1]
+            known = _known_keys(parent)
+            msg = f"unknown key{_did_you_mean(loc[-1], known)}"
+        if msg.startswith("@"):
+            # Validators report problems below their own level as '@sub.path: message' lines.
+            for sub in msg.split("\n"):
+                sub_path, _, sub_msg = sub.removeprefix("@").partition(": ")
+                sub_loc = (*loc, *sub_path.split("."))
+                out.append(f"{filename}:{_line_for(sub_loc, lines)}: {'.'.join(sub_loc)}: {sub_msg}")
+            continue
+        where = ".".join(loc) or "(top)"
+        out.append(f"{filename}:{_line_for(loc, lines)}: {where}: {msg}")
+    return out
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in {"str", "int", "float", "bool"} or part.startswith(("list[", "dict[")) or part in {
+        "function-after[_check_host(), str]",
+    }
+
+
+def _known_keys(parent: tuple[str, ...]) -> list[str]:
+    model: Any = Config
+    for part in parent:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        ann = field.annotation
+        model = _model_in(ann)
+        if model is None:
+            return []
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _model_in(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def load_config(path: Path | str) -> Config:
+    """Read, validate and return the config; raise :class:`ConfigError` listing every problem."""
+    path = Path(path)
+    filename = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{filename}:0: cannot read the config file: {exc.strerror}"]) from None
+    data, lines = parse_yaml(text, filename)
+    if not isinstance(data, dict):
+        raise ConfigError([f"{filename}:1: (top): the config file must be a mapping of sections"])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, filename, lines)) from None
+    cfg = cfg.model_copy(update={"source": path.resolve()})
+    _check_files(cfg, filename, lines)
+    return cfg
+
+
+def _check_files(cfg: Config, filename: str, lines: LineMap) -> None:
+    """Check that referenced TLS files exist: a typo here is a 3 a.m. outage later."""
+    problems: list[str] = []
+
+    def need(value: Path | None, loc: tuple[str, ...]) -> None:
+        if value is not None and not cfg.path(value).is_file():
+            problems.append(
+                f"{filename}:{_line_for(loc, lines)}: {'.'.join(loc)}: "
+                f"file '{cfg.path(value)}' does not exist"
+            )
+
+    for section, tls in (("dicom", cfg.dicom.tls), ("hl7", cfg.hl7.tls)):
+        if tls is not None:
+            for key in ("cert", "key", "ca"):
+                need(getattr(tls, key), (section, "tls", key))
+    for name, dest in cfg.destinations.items():
+        kind = "dicom" if dest.dicom else "hl7"
+        client = (dest.dicom or dest.hl7).tls  # type: ignore[union-attr]
+        if client is not None:
+            for key in ("ca", "cert", "key"):
+                need(getattr(client, key), ("destinations", name, kind, "tls", key))
+    if problems:
+        raise ConfigError(problems)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the config file, for editors (``gateway config-schema``)."""
+    schema = Config.model_json_schema(mode="validation")
+    schema["properties"].pop("source", None)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "AI gateway configuration"
+    return schema

@@ -1,0 +1,322 @@
+"""The DICOM edge: a pynetdicom SCP for C-ECHO and C-STORE of every storage SOP class.
+
+Handlers are small; the one decision point is :func:`StoreHandler.__call__`, which answers
+0x0000 only after :meth:`Store.ingest_instance` returned (spool fsync'd + queue committed).
+Instances are stored exactly as received (compressed data is never decoded); only the
+routing attributes are read, with pixel data skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import (
+    ALL_TRANSFER_SYNTAXES,
+    AE,
+    StoragePresentationContexts,
+    VerificationPresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from gateway.config import AllowedCaller, DicomSection
+from gateway.errors import MalformedInput, Permanent, Transient
+from gateway.observability.metrics import Metrics
+from gateway.store.store import Store
+
+log = structlog.get_logger(__name__)
+
+# Attributes kept (encrypted) with each instance for routing and result building.
+ROUTING_KEYWORDS = (
+    "SOPClassUID", "Modality", "BodyPartExamined", "StudyDescription", "SeriesDescription",
+    "Manufacturer", "ManufacturerModelName", "SeriesInstanceUID", "SeriesNumber",
+    "InstanceNumber", "StationName", "InstitutionName", "ProtocolName", "AccessionNumber",
+)
+
+# Status codes (PS3.4 Annex B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+MISSING_IDENTIFIER = 0xC211
+PROCESSING_FAILURE = 0xC212
+
+
+def configure_pynetdicom() -> None:
+    """pynetdicom's switches are module globals: set them once, here, for our SCP.
+
+    Identifiers are never logged, context variables follow association threads, and a
+    storage SOP class that pynetdicom does not know is still accepted.
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.PASS_CONTEXTVARS = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+
+
+def host_allowed(peer: str, hosts: list[str]) -> bool:
+    """True when *peer* (an IP address) is one of *hosts* (addresses, networks, 'localhost', '*')."""
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    for host in hosts:
+        if host == "*":
+            return True
+        if host == "localhost":
+            if addr.is_loopback:
+                return True
+            continue
+        try:
+            if addr in ipaddress.ip_network(host, strict=False):
+                return True
+        except ValueError:
+            continue  # a host name: not resolved here (no DNS in the accept path)
+    return False
+
+
+def caller_allowed(ae_title: str, peer: str, callers: list[AllowedCaller]) -> bool:
+    ae = ae_title.strip()
+    return any(c.ae_title.strip() == ae and host_allowed(peer, c.hosts) for c in callers)
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    attrs: dict[str, Any]
+
+
+def read_header(data: bytes) -> InstanceHeader:
+    """Read the identifiers and routing attributes of an encoded instance (Part 10 bytes).
+
+    ``dcmread`` walks every top-level element header (so truncated or corrupt data is
+    caught) without decoding pixel data or sequences.  Raises :class:`MalformedInput`.
+    """
+    try:
+        ds = dcmread(io.BytesIO(data), force=False)
+        values = {kw: _plain(ds.get(kw)) for kw in ROUTING_KEYWORDS if kw in ds}
+        sop_instance = str(ds.SOPInstanceUID) if "SOPInstanceUID" in ds else ""
+        sop_class = str(ds.SOPClassUID) if "SOPClassUID" in ds else ""
+        study = str(ds.StudyInstanceUID) if "StudyInstanceUID" in ds else ""
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError,
+            NotImplementedError, AttributeError, OverflowError) as exc:
+        raise MalformedInput(f"cannot decode the data set: {type(exc).__name__}") from None
+    values["TransferSyntaxUID"] = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    return InstanceHeader(sop_class, sop_instance, study, values)
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):
+        return [str(v) for v in value]
+    return str(value)
+
+
+class StoreHandler:
+    """EVT_C_STORE: the only place that decides a C-STORE status."""
+
+    def __init__(self, store: Store, quiet: float, metrics: Metrics) -> None:
+        self.store = store
+        self.quiet = quiet
+        self.metrics = metrics
+
+    def __call__(self, event: evt.Event) -> int | Dataset:
+        assoc = event.assoc
+        source = f"{assoc.requestor.ae_title.strip()}@{assoc.requestor.address}"
+        try:
+            status = self._store(event, source)
+        except Transient as exc:
+            self.metrics.spool_errors.labels(kind=type(exc).__name__).inc()
+            self.metrics.instances.labels(outcome="out_of_resources").inc()
+            log.error("instance not stored", reason=exc.message, source=source, status="A700")
+            return _status(OUT_OF_RESOURCES, f"Gateway cannot store now: {exc.message}")
+        except Permanent as exc:
+            self.metrics.instances.labels(outcome="refused").inc()
+            code = getattr(exc, "status", CANNOT_UNDERSTAND)
+            log.warning("instance refused", reason=exc.message, source=source,
+                        status=f"{code:04X}")
+            return _status(code, exc.message)
+        except Exception:  # a bug must never answer success
+            self.metrics.instances.labels(outcome="error").inc()
+            log.exception("instance store failed unexpectedly", source=source)
+            return _status(PROCESSING_FAILURE, "Gateway internal error; see gateway log")
+        return status
+
+    def _store(self, event: evt.Event, source: str) -> int | Dataset:
+        data: bytes = event.encoded_dataset(include_meta=True)
+        header = read_header(data)
+        request_uid = str(event.request.AffectedSOPInstanceUID)
+        if not header.sop_instance_uid:
+            raise _refusal(MISSING_IDENTIFIER, "SOP Instance UID (0008,0018) is missing")
+        if header.sop_instance_uid != request_uid:
+            raise _refusal(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Instance UID in the data set differs from the C-STORE request",
+            )
+        if header.sop_class_uid and header.sop_class_uid != str(event.request.AffectedSOPClassUID):
+            raise _refusal(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Class UID in the data set differs from the C-STORE request",
+            )
+        if not header.study_instance_uid:
+            raise _refusal(MISSING_IDENTIFIER, "Study Instance UID (0020,000D) is missing")
+        started = time.perf_counter()
+        ack = self.store.ingest_instance(
+            data,
+            sop_instance_uid=header.sop_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            attrs=header.attrs,
+            source=source,
+            quiet=self.quiet,
+        )
+        self.metrics.instances.labels(outcome="stored" if ack.new else "duplicate").inc()
+        if ack.new:
+            self.metrics.instance_bytes.inc(len(data))
+        log.info(
+            "instance stored" if ack.new else "instance already stored",
+            envelope_id=ack.envelope_id, source=source, bytes=len(data),
+            sop=self.store.keys.index("log", header.sop_instance_uid)[:12],
+            study=self.store.keys.index("log", header.study_instance_uid)[:12],
+            modality=header.attrs.get("Modality"),
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        return SUCCESS
+
+
+class _Refusal(MalformedInput):
+    status = CANNOT_UNDERSTAND
+
+
+def _refusal(status: int, message: str) -> _Refusal:
+    exc = _Refusal(message)
+    exc.status = status
+    return exc
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class DicomSCP:
+    """The DICOM listener(s): plain on ``port``, TLS on ``tls.port`` when configured."""
+
+    def __init__(
+        self,
+        cfg: DicomSection,
+        store: Store,
+        metrics: Metrics,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        callers: Callable[[], list[AllowedCaller]] | None = None,
+    ) -> None:
+        configure_pynetdicom()
+        self.cfg = cfg
+        self.metrics = metrics
+        self.ssl_context = ssl_context
+        self._callers = callers or (lambda: cfg.allowed_callers)
+        ae = AE(ae_title=cfg.ae_title)
+        ae.require_called_aet = True
+        ae.maximum_associations = cfg.max_associations
+        ae.maximum_pdu_size = cfg.max_pdu
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.network_timeout = 120
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for cx in VerificationPresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.ae = ae
+        self.handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, StoreHandler(store, cfg.study_complete_after, metrics)),
+        ]
+        self.servers: list[ThreadedAssociationServer] = []
+        self._open: set[int] = set()
+
+    def start(self) -> None:
+        self.servers.append(self.ae.start_server(
+            (self.cfg.host, self.cfg.port), block=False, evt_handlers=self.handlers,
+        ))
+        if self.cfg.tls is not None and self.ssl_context is not None:
+            self.servers.append(self.ae.start_server(
+                (self.cfg.host, self.cfg.tls.port), block=False, evt_handlers=self.handlers,
+                ssl_context=self.ssl_context,
+            ))
+        log.info("dicom listening", ae_title=self.cfg.ae_title, ports=self.ports)
+
+    @property
+    def ports(self) -> list[int]:
+        return [int(s.server_address[1]) for s in self.servers]
+
+    def stop(self) -> None:
+        """Stop accepting, let running associations finish their current operation."""
+        for server in self.servers:
+            server.shutdown()
+        self.servers.clear()
+        self.ae.shutdown()
+
+    # --- observers and the association decider -------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        req = event.assoc.requestor
+        ae_title = str(req.primitive.calling_ae_title).strip()
+        if not caller_allowed(ae_title, req.address, self._callers()):
+            self.metrics.associations.labels(outcome="rejected").inc()
+            log.warning(
+                "association rejected: calling AE title and host are not on the allow-list",
+                calling_ae=ae_title, peer=req.address,
+                hint="add them under dicom.allowed_callers",
+            )
+            # 0x01 rejected-permanent, 0x01 service-user, 0x03 calling AE not recognised
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()  # as pynetdicom does after its own rejections: flush, then close
+
+    def _on_established(self, event: evt.Event) -> None:
+        self.metrics.associations.labels(outcome="accepted").inc()
+        self.metrics.active_associations.inc()
+        self._open.add(id(event.assoc))
+        log.info("association accepted", calling_ae=event.assoc.requestor.ae_title.strip(),
+                 peer=event.assoc.requestor.address)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # pynetdicom's own rejections: wrong called AE title, too many associations.
+        prim = event.assoc.requestor.primitive
+        self.metrics.associations.labels(outcome="rejected").inc()
+        log.warning(
+            "association rejected", calling_ae=str(prim.calling_ae_title).strip(),
+            called_ae=str(prim.called_ae_title).strip(), peer=event.assoc.requestor.address,
+            expected_called_ae=self.cfg.ae_title, max_associations=self.cfg.max_associations,
+        )
+
+    def _on_closed(self, event: evt.Event) -> None:
+        if id(event.assoc) in self._open:
+            self._open.discard(id(event.assoc))
+            self.metrics.active_associations.dec()
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS

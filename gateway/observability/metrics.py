@@ -1,0 +1,105 @@
+"""Prometheus metrics, in one registry per gateway process (no global default registry),
+and the small HTTP server for /healthz, /readyz and /metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.instances = Counter(
+            "gateway_dicom_instances_received", "DICOM instances received", ["outcome"], registry=r
+        )
+        self.instance_bytes = Counter(
+            "gateway_dicom_bytes_received", "Bytes of DICOM instances stored", registry=r
+        )
+        self.associations = Counter(
+            "gateway_dicom_associations", "DICOM associations by outcome", ["outcome"], registry=r
+        )
+        self.active_associations = Gauge(
+            "gateway_dicom_active_associations", "DICOM associations open now", registry=r
+        )
+        self.hl7_messages = Counter(
+            "gateway_hl7_messages", "HL7 messages by type and ACK code", ["type", "ack"], registry=r
+        )
+        self.hl7_connections = Counter(
+            "gateway_hl7_connections", "MLLP connections by outcome", ["outcome"], registry=r
+        )
+        self.spool_errors = Counter(
+            "gateway_spool_errors", "Failed durable writes (spool or queue)", ["kind"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "gateway_queue_jobs", "Jobs in the queue by stage and state", ["stage", "state"],
+            registry=r,
+        )
+        self.studies = Gauge("gateway_studies", "Studies by assembly state", ["state"], registry=r)
+        self.studies_completed = Counter(
+            "gateway_studies_completed", "Studies marked complete", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """/healthz (process alive), /readyz (listeners bound, store writable), /metrics."""
+
+    def __init__(
+        self, host: str, port: int, metrics: Metrics, ready: Callable[[], dict[str, bool]],
+        refresh: Callable[[], None],
+    ) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/healthz":
+                    self._send(200, b'{"status": "ok"}\n', "application/json")
+                elif path == "/readyz":
+                    checks = outer.ready()
+                    ok = all(checks.values())
+                    body = json.dumps({"ready": ok, "checks": checks}).encode() + b"\n"
+                    self._send(200 if ok else 503, body, "application/json")
+                elif path == "/metrics":
+                    outer.refresh()
+                    self._send(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
+                else:
+                    self._send(404, b'{"error": "not found"}\n', "application/json")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass  # health probes every few seconds would flood the log
+
+        self.metrics = metrics
+        self.ready = ready
+        self.refresh = refresh
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,214 @@
+"""At-rest encryption: AES-256-GCM with per-object nonces and envelope keys.
+
+The key file (``encryption_key_file``, created 0600 on first run) holds a master key and
+the data keys, each wrapped by the master key (AES key wrap, RFC 3394).  Blobs are
+encrypted with the *current* data key; rotation adds a new current key and keeps the old
+ones, so old blobs stay readable.  Keeping the master key apart (a KMS, an HSM) later
+changes only :class:`KeyStore`.
+
+Blob format::
+
+    b"GWE1" | key id length (1 byte) | key id (ascii) | nonce (12 bytes) | ciphertext | tag (16)
+
+The header and the caller's *context* (e.g. the object's spool name) are authenticated
+data, so a blob renamed or copied to another object fails to decrypt.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
+
+from gateway.errors import IntegrityError, KeyStoreError
+
+MAGIC = b"GWE1"
+NONCE_BYTES = 12
+TAG_BYTES = 16
+
+
+@dataclass(frozen=True)
+class DataKey:
+    key_id: str
+    key: bytes
+    created: float
+
+
+class KeyStore:
+    """The master key and the wrapped data keys, in one JSON file readable only by us."""
+
+    def __init__(self, path: Path, master: bytes, keys: list[DataKey], current: str) -> None:
+        self.path = path
+        self._master = master
+        self._keys = {k.key_id: k for k in keys}
+        self.current = current
+        self._lock = threading.Lock()
+        # A keyed hash for identifiers (UIDs, MSH-10): stable across rotations, never reversible.
+        self.index_key = HKDF(SHA256(), 32, salt=None, info=b"gateway index v1").derive(master)
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True) -> KeyStore:
+        """Load the key file, creating it (mode 0600) with a first data key when missing."""
+        if not path.exists():
+            if not create:
+                raise KeyStoreError(f"encryption key file '{path}' does not exist")
+            return cls._create(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            master = base64.b64decode(raw["master_key"])
+            keys = [
+                DataKey(k["id"], aes_key_unwrap(master, base64.b64decode(k["wrapped"])), k["created"])
+                for k in raw["data_keys"]
+            ]
+            store = cls(path, master, keys, raw["current"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeyStoreError(f"encryption key file '{path}' is unreadable or corrupt: {exc}") from None
+        if store.current not in store._keys:
+            raise KeyStoreError(f"encryption key file '{path}': current key is missing")
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise KeyStoreError(
+                f"encryption key file '{path}' has mode {mode:o}; it must be readable by the "
+                f"gateway's user only (chmod 600 '{path}')"
+            )
+        return store
+
+    @classmethod
+    def _create(cls, path: Path) -> KeyStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        master = AESGCM.generate_key(bit_length=256)
+        first = DataKey(_new_key_id(), AESGCM.generate_key(bit_length=256), time.time())
+        store = cls(path, master, [first], first.key_id)
+        store._save()
+        return store
+
+    def _save(self) -> None:
+        doc = {
+            "format": 1,
+            "note": "AI gateway at-rest keys. Back this file up separately from the data; "
+            "without it the spool cannot be read.",
+            "master_key": base64.b64encode(self._master).decode(),
+            "current": self.current,
+            "data_keys": [
+                {
+                    "id": k.key_id,
+                    "created": k.created,
+                    "wrapped": base64.b64encode(aes_key_wrap(self._master, k.key)).decode(),
+                }
+                for k in self._keys.values()
+            ],
+        }
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(doc, indent=2).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def rotate(self) -> DataKey:
+        """Add a new data key and make it current; older keys stay for reading."""
+        with self._lock:
+            new = DataKey(_new_key_id(), AESGCM.generate_key(bit_length=256), time.time())
+            self._keys[new.key_id] = new
+            self.current = new.key_id
+            self._save()
+            return new
+
+    @property
+    def key_ids(self) -> list[str]:
+        return list(self._keys)
+
+    def key(self, key_id: str) -> bytes:
+        try:
+            return self._keys[key_id].key
+        except KeyError:
+            raise IntegrityError(f"blob encrypted with unknown data key '{key_id}'") from None
+
+    def current_key(self) -> DataKey:
+        return self._keys[self.current]
+
+    def index(self, *parts: str) -> str:
+        """Keyed hash of identifiers: how UIDs and control ids are stored and logged."""
+        mac = hmac.new(self.index_key, digestmod=hashlib.sha256)
+        for part in parts:
+            mac.update(part.encode("utf-8", "surrogateescape"))
+            mac.update(b"\x1f")
+        return mac.hexdigest()[:32]
+
+
+def _new_key_id() -> str:
+    return time.strftime("k%Y%m%d%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Sealer:
+    """Encrypts and decrypts blobs with the key store's keys."""
+
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+
+    def _header(self, key_id: str, nonce: bytes) -> bytes:
+        kid = key_id.encode("ascii")
+        return MAGIC + bytes([len(kid)]) + kid + nonce
+
+    def seal(self, plaintext: bytes, context: bytes) -> bytes:
+        dk = self.keys.current_key()
+        nonce = os.urandom(NONCE_BYTES)
+        header = self._header(dk.key_id, nonce)
+        return header + AESGCM(dk.key).encrypt(nonce, plaintext, header + context)
+
+    def seal_stream(self, chunks: Iterable[bytes], context: bytes) -> Iterator[bytes]:
+        """Encrypt a stream chunk by chunk: header, ciphertext pieces, then the tag."""
+        dk = self.keys.current_key()
+        nonce = os.urandom(NONCE_BYTES)
+        header = self._header(dk.key_id, nonce)
+        enc = Cipher(algorithms.AES(dk.key), modes.GCM(nonce)).encryptor()
+        enc.authenticate_additional_data(header + context)
+        yield header
+        for chunk in chunks:
+            yield enc.update(chunk)
+        yield enc.finalize() + enc.tag
+
+    def _parse_header(self, blob: bytes) -> tuple[bytes, bytes, int]:
+        if blob[:4] != MAGIC or len(blob) < 5:
+            raise IntegrityError("not an encrypted gateway blob")
+        n = blob[4]
+        start = 5 + n + NONCE_BYTES
+        if len(blob) < start + TAG_BYTES:
+            raise IntegrityError("encrypted blob is truncated")
+        key_id = blob[5 : 5 + n].decode("ascii")
+        return self.keys.key(key_id), blob[:start], start
+
+    def open(self, blob: bytes, context: bytes) -> bytes:
+        key, header, start = self._parse_header(blob)
+        nonce = header[-NONCE_BYTES:]
+        try:
+            return AESGCM(key).decrypt(nonce, blob[start:], header + context)
+        except InvalidTag:
+            raise IntegrityError("encrypted blob failed authentication (tampered, "
+                                 "truncated, or moved from another object)") from None

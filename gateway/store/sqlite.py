@@ -1,0 +1,397 @@
+"""The embedded queue: SQLite in WAL mode with ``synchronous=FULL``.
+
+A commit returns only after the WAL is fsync'd, so a row that was committed survives a
+``kill -9`` or a power cut.  One connection per process, serialised by a lock (SQLite
+allows one writer at a time anyway); several processes share the file with a busy timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gateway.envelope import Envelope, Job, JobState, Kind, Stage
+from gateway.errors import QueueUnavailable
+from gateway.store.queue import Ack, StudyInfo
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS envelopes (
+    id           TEXT PRIMARY KEY,
+    kind         TEXT NOT NULL CHECK (kind IN ('dicom', 'hl7')),
+    source       TEXT NOT NULL,
+    received_at  REAL NOT NULL,
+    dedup_key    TEXT NOT NULL UNIQUE,
+    spool_key    TEXT,
+    inline_blob  BLOB,
+    study_key    TEXT,
+    size         INTEGER NOT NULL,
+    attrs        BLOB NOT NULL,
+    ack          BLOB,
+    late         INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS envelopes_study ON envelopes (study_key);
+CREATE TABLE IF NOT EXISTS studies (
+    study_key     TEXT PRIMARY KEY,
+    state         TEXT NOT NULL CHECK (state IN ('open', 'complete')),
+    first_at      REAL NOT NULL,
+    last_at       REAL NOT NULL,
+    complete_due  REAL NOT NULL,
+    completed_at  REAL,
+    instances     INTEGER NOT NULL DEFAULT 0,
+    generation    INTEGER NOT NULL DEFAULT 1,
+    reopened      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS studies_due ON studies (state, complete_due);
+CREATE TABLE IF NOT EXISTS jobs (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    stage          TEXT NOT NULL,
+    subject        TEXT NOT NULL,
+    state          TEXT NOT NULL CHECK (state IN ('ready', 'leased', 'done', 'dead')),
+    run_at         REAL NOT NULL,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    lease_token    TEXT,
+    lease_expires  REAL,
+    worker         TEXT,
+    last_error     TEXT,
+    payload        TEXT NOT NULL DEFAULT '{}',
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, stage, run_at);
+-- one waiting job per (stage, subject): a study completed twice before routing is routed once
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_ready ON jobs (stage, subject) WHERE state = 'ready';
+"""
+
+
+class LeaseLost(QueueUnavailable):
+    """The job's lease expired and another worker took it over."""
+
+
+class SQLiteQueue:
+    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._init_schema()
+
+    def _init_schema(self) -> None:
+        with self._lock:
+            self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT (durable on return)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise QueueUnavailable(f"queue database is busy: {exc}") from exc
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                raise QueueUnavailable(f"queue database cannot be written: {exc}") from exc
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    # --- ingest ------------------------------------------------------------------------
+
+    def _insert_envelope(
+        self, db: sqlite3.Connection, env: Envelope, attrs: bytes, inline: bytes | None,
+        ack: bytes | None,
+    ) -> sqlite3.Row | None:
+        cur = db.execute(
+            "INSERT INTO envelopes (id, kind, source, received_at, dedup_key, spool_key,"
+            " inline_blob, study_key, size, attrs, ack) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+            (env.id, env.kind.value, env.source, env.received_at, env.dedup_key, env.spool_key,
+             inline, env.study_key, env.size, attrs, ack),
+        )
+        row = cur.fetchone()
+        if row is not None:
+            return None
+        existing: sqlite3.Row | None = db.execute(
+            "SELECT id, ack FROM envelopes WHERE dedup_key = ?", (env.dedup_key,)
+        ).fetchone()
+        return existing
+
+    def record_instance(self, env: Envelope, sealed_attrs: bytes, quiet: float) -> Ack:
+        """Record a received DICOM instance and (re)start its study's quiet-period timer."""
+        assert env.study_key is not None
+        now = env.received_at
+        with self._tx() as db:
+            existing = self._insert_envelope(db, env, sealed_attrs, None, None)
+            if existing is not None:
+                return Ack(new=False, envelope_id=existing["id"])
+            row = db.execute(
+                "SELECT state FROM studies WHERE study_key = ?", (env.study_key,)
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO studies (study_key, state, first_at, last_at, complete_due,"
+                    " instances) VALUES (?, 'open', ?, ?, ?, 1)",
+                    (env.study_key, now, now, now + quiet),
+                )
+            else:
+                late = row["state"] == "complete"
+                db.execute(
+                    "UPDATE studies SET state = 'open', last_at = ?, complete_due = ?,"
+                    " instances = instances + 1,"
+                    " generation = generation + ?, reopened = reopened OR ?"
+                    " WHERE study_key = ?",
+                    (now, now + quiet, int(late), int(late), env.study_key),
+                )
+                if late:
+                    db.execute("UPDATE envelopes SET late = 1 WHERE id = ?", (env.id,))
+        return Ack(new=True, envelope_id=env.id)
+
+    def record_message(
+        self, env: Envelope, sealed_message: bytes, sealed_attrs: bytes, ack: bytes
+    ) -> Ack:
+        """Record an HL7 message (kept encrypted in the row: one commit makes it durable)
+        with the ACK it gets, and queue it for routing.  A resent message gets the stored ACK."""
+        with self._tx() as db:
+            existing = self._insert_envelope(db, env, sealed_attrs, sealed_message, ack)
+            if existing is not None:
+                return Ack(new=False, envelope_id=existing["id"], ack=existing["ack"])
+            self._enqueue(db, Stage.ROUTE, env.id, env.received_at, {}, env.received_at)
+        return Ack(new=True, envelope_id=env.id, ack=ack)
+
+    # --- study assembly ----------------------------------------------------------------
+
+    def complete_due_studies(self, now: float) -> list[str]:
+        """Mark studies whose quiet period has passed complete and queue them for routing."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT study_key, generation, reopened FROM studies"
+                " WHERE state = 'open' AND complete_due <= ? ORDER BY complete_due",
+                (now,),
+            ).fetchall()
+            for row in rows:
+                db.execute(
+                    "UPDATE studies SET state = 'complete', completed_at = ? WHERE study_key = ?",
+                    (now, row["study_key"]),
+                )
+                self._enqueue(
+                    db, Stage.ROUTE, row["study_key"], now,
+                    {"generation": row["generation"], "reopened": bool(row["reopened"])}, now,
+                )
+        return [r["study_key"] for r in rows]
+
+    def study(self, study_key: str) -> StudyInfo | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM studies WHERE study_key = ?", (study_key,)
+            ).fetchone()
+        if row is None:
+            return None
+        return StudyInfo(
+            study_key=row["study_key"], state=row["state"], instances=row["instances"],
+            generation=row["generation"], reopened=bool(row["reopened"]),
+            last_at=row["last_at"], complete_due=row["complete_due"],
+        )
+
+    def next_study_due(self) -> float | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(complete_due) AS due FROM studies WHERE state = 'open'"
+            ).fetchone()
+        return None if row["due"] is None else float(row["due"])
+
+    # --- jobs --------------------------------------------------------------------------
+
+    def _enqueue(
+        self, db: sqlite3.Connection, stage: Stage, subject: str, run_at: float,
+        payload: dict[str, Any], now: float,
+    ) -> int:
+        row = db.execute(
+            "INSERT INTO jobs (stage, subject, state, run_at, payload, created_at, updated_at)"
+            " VALUES (?, ?, 'ready', ?, ?, ?, ?)"
+            " ON CONFLICT (stage, subject) WHERE state = 'ready'"
+            " DO UPDATE SET payload = excluded.payload, updated_at = excluded.updated_at"
+            " RETURNING id",
+            (stage.value, subject, run_at, json.dumps(payload), now, now),
+        ).fetchone()
+        return int(row["id"])
+
+    def enqueue(
+        self, stage: Stage, subject: str, run_at: float, payload: dict[str, Any] | None = None
+    ) -> int:
+        with self._tx() as db:
+            return self._enqueue(db, stage, subject, run_at, payload or {}, run_at)
+
+    def lease(self, stages: list[Stage], worker: str, seconds: float, now: float) -> Job | None:
+        """Take the next ready job of the given stages in one statement."""
+        marks = ",".join("?" for _ in stages)
+        token = secrets.token_hex(8)
+        with self._tx() as db:
+            row = db.execute(
+                "UPDATE jobs SET state = 'leased', lease_token = ?, lease_expires = ?,"
+                " worker = ?, attempts = attempts + 1, updated_at = ?"
+                " WHERE id = (SELECT id FROM jobs WHERE state = 'ready'"
+                f" AND stage IN ({marks}) AND run_at <= ? ORDER BY run_at, id LIMIT 1)"
+                " RETURNING *",
+                (token, now + seconds, worker, now, *[s.value for s in stages], now),
+            ).fetchone()
+        return None if row is None else _job(row)
+
+    def _guarded(self, job: Job, sql: str, params: tuple[Any, ...]) -> sqlite3.Row:
+        with self._tx() as db:
+            row = db.execute(
+                sql + " WHERE id = ? AND state = 'leased' AND lease_token = ? RETURNING *",
+                (*params, job.id, job.lease_token),
+            ).fetchone()
+        if row is None:
+            raise LeaseLost(f"job {job.id} ({job.stage}) is no longer leased by this worker")
+        return row
+
+    def heartbeat(self, job: Job, seconds: float, now: float) -> Job:
+        return _job(self._guarded(
+            job, "UPDATE jobs SET lease_expires = ?, updated_at = ?", (now + seconds, now)
+        ))
+
+    def complete(self, job: Job, now: float) -> None:
+        self._guarded(
+            job, "UPDATE jobs SET state = 'done', lease_token = NULL, updated_at = ?", (now,)
+        )
+
+    def fail(self, job: Job, error: str, retry_at: float, now: float) -> None:
+        self._guarded(
+            job,
+            "UPDATE jobs SET state = 'ready', lease_token = NULL, run_at = ?, last_error = ?,"
+            " updated_at = ?",
+            (retry_at, error[:2000], now),
+        )
+
+    def dead(self, job: Job, error: str, now: float) -> None:
+        self._guarded(
+            job,
+            "UPDATE jobs SET state = 'dead', lease_token = NULL, last_error = ?, updated_at = ?",
+            (error[:2000], now),
+        )
+
+    def replay(self, job_ids: list[int] | None, now: float) -> int:
+        """Put dead jobs back to ready (all of them when *job_ids* is None)."""
+        with self._tx() as db:
+            if job_ids is None:
+                cur = db.execute(
+                    "UPDATE jobs SET state = 'ready', run_at = ?, attempts = 0, updated_at = ?"
+                    " WHERE state = 'dead'", (now, now),
+                )
+            else:
+                marks = ",".join("?" for _ in job_ids)
+                cur = db.execute(
+                    "UPDATE jobs SET state = 'ready', run_at = ?, attempts = 0, updated_at = ?"
+                    f" WHERE state = 'dead' AND id IN ({marks})", (now, now, *job_ids),
+                )
+            return cur.rowcount
+
+    def sweep_expired(self, now: float) -> int:
+        """Return jobs whose lease expired (a crashed or stuck worker) to the ready state."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'ready', lease_token = NULL, updated_at = ?,"
+                " last_error = COALESCE(last_error, 'lease expired')"
+                " WHERE state = 'leased' AND lease_expires < ?", (now, now),
+            )
+            return cur.rowcount
+
+    # --- reading -----------------------------------------------------------------------
+
+    def envelope(self, envelope_id: str) -> tuple[Envelope, bytes, bytes | None]:
+        """An envelope with its sealed attributes and (HL7) sealed inline message."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM envelopes WHERE id = ?", (envelope_id,)
+            ).fetchone()
+        if row is None:
+            raise KeyError(envelope_id)
+        return _envelope(row), row["attrs"], row["inline_blob"]
+
+    def envelopes(self, kind: Kind | None = None) -> list[Envelope]:
+        with self._lock:
+            if kind is None:
+                rows = self._db.execute("SELECT * FROM envelopes ORDER BY received_at").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM envelopes WHERE kind = ? ORDER BY received_at", (kind.value,)
+                ).fetchall()
+        return [_envelope(r) for r in rows]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Counts for ``gateway queue status``: received objects, studies, jobs by stage/state."""
+        with self._lock:
+            out: dict[str, dict[str, int]] = {"received": {}, "studies": {}}
+            for r in self._db.execute("SELECT kind, COUNT(*) n FROM envelopes GROUP BY kind"):
+                out["received"][r["kind"]] = r["n"]
+            for r in self._db.execute("SELECT state, COUNT(*) n FROM studies GROUP BY state"):
+                out["studies"][r["state"]] = r["n"]
+            for r in self._db.execute(
+                "SELECT stage, state, COUNT(*) n FROM jobs GROUP BY stage, state"
+            ):
+                out.setdefault(f"jobs:{r['stage']}", {})[r["state"]] = r["n"]
+        return out
+
+    def oldest_ready_age(self, now: float) -> float | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(created_at) t FROM jobs WHERE state IN ('ready', 'leased')"
+            ).fetchone()
+        return None if row["t"] is None else now - float(row["t"])
+
+    def dead_jobs(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state = 'dead' ORDER BY id"
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], stage=Stage(row["stage"]), subject=row["subject"],
+        state=JobState(row["state"]), attempts=row["attempts"], run_at=row["run_at"],
+        lease_token=row["lease_token"], lease_expires=row["lease_expires"],
+        last_error=row["last_error"], payload=json.loads(row["payload"]),
+    )
+
+
+def _envelope(row: sqlite3.Row) -> Envelope:
+    return Envelope(
+        id=row["id"], kind=Kind(row["kind"]), source=row["source"],
+        received_at=row["received_at"], dedup_key=row["dedup_key"], spool_key=row["spool_key"],
+        study_key=row["study_key"], size=row["size"],
+    )

@@ -29,9 +29,11 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.dsutils import encode_file_meta
 
 from gateway.config import AllowedCaller, DicomSection
 from gateway.errors import MalformedInput, Permanent, Transient
+from gateway.ingest.dicom_check import check_dataset
 from gateway.observability.metrics import Metrics
 from gateway.store.store import Store
 
@@ -160,7 +162,9 @@ class StoreHandler:
         return status
 
     def _store(self, event: evt.Event, source: str) -> int | Dataset:
-        data: bytes = event.encoded_dataset(include_meta=True)
+        body: bytes = event.encoded_dataset(include_meta=False)
+        check_dataset(body, str(event.context.transfer_syntax))
+        data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), body))
         header = read_header(data)
         request_uid = str(event.request.AffectedSOPInstanceUID)
         if not header.sop_instance_uid:

@@ -337,6 +337,13 @@ class SQLiteQueue:
             raise KeyError(envelope_id)
         return _envelope(row), row["attrs"], row["inline_blob"]
 
+    def find(self, dedup_key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id FROM envelopes WHERE dedup_key = ?", (dedup_key,)
+            ).fetchone()
+        return None if row is None else str(row["id"])
+
     def envelopes(self, kind: Kind | None = None) -> list[Envelope]:
         with self._lock:
             if kind is None:

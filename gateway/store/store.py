@@ -88,6 +88,14 @@ class Store:
         assert env.spool_key is not None
         return env, self.spool.get(env.spool_key)
 
+    def find_instance(self, sop_instance_uid: str) -> str | None:
+        """The envelope id of a stored instance, by SOP Instance UID."""
+        return self.queue.find(self.keys.index("dicom", sop_instance_uid))
+
+    def find_message(self, application: str, facility: str, control_id: str) -> str | None:
+        """The envelope id of a stored HL7 message, by sender and MSH-10."""
+        return self.queue.find(self.keys.index("hl7", application, facility, control_id))
+
     def attrs(self, envelope_id: str) -> dict[str, Any]:
         _, sealed, _ = self.queue.envelope(envelope_id)
         value: dict[str, Any] = json.loads(self.sealer.open(sealed, b"attrs:" + envelope_id.encode()))

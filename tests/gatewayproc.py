@@ -1,0 +1,145 @@
+"""The whole gateway as a subprocess, configured on free loopback ports, like a site runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.dicomgen import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(folder: Path, **overrides: Any) -> Path:
+    """A config for tests: free ports, data under *folder*, the README tour's peers allowed.
+
+    *overrides* replace top-level sections key by key (e.g. ``dicom={"study_complete_after": 1}``).
+    """
+    cfg: dict[str, Any] = {
+        "gateway": {
+            "data_dir": str(folder / "var"),
+            "http": {"host": "127.0.0.1", "port": free_port()},
+            "encryption_key_file": str(folder / "var" / "keys.json"),
+        },
+        "dicom": {
+            "ae_title": "AI_GATEWAY",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "allowed_callers": [
+                {"ae_title": "PACS", "hosts": ["127.0.0.1"]},
+                {"ae_title": "STORESCU", "hosts": ["127.0.0.1"]},
+                {"ae_title": "ECHOSCU", "hosts": ["127.0.0.1"]},
+            ],
+            "study_complete_after": 2,
+        },
+        "hl7": {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "allowed_senders": [{"application": "EHR", "facility": "HOSP", "hosts": ["127.0.0.1"]}],
+        },
+    }
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    path = folder / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@dataclass
+class GatewayProcess:
+    config: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    cfg: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cfg = yaml.safe_load(self.config.read_text())
+
+    @property
+    def dicom_port(self) -> int:
+        return int(self.cfg["dicom"]["port"])
+
+    @property
+    def hl7_port(self) -> int:
+        return int(self.cfg["hl7"]["port"])
+
+    @property
+    def http_port(self) -> int:
+        return int(self.cfg["gateway"]["http"]["port"])
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.cfg["gateway"]["data_dir"])
+
+    @property
+    def key_file(self) -> Path:
+        return Path(self.cfg["gateway"]["encryption_key_file"])
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        log = self.log_path.open("ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.get("/readyz")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gateway not ready after {timeout}s:\n{self.log()}")
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the drain path."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                events.append({"unparsed": line})
+        return events
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.cli", *args, "-c", str(self.config)],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )

@@ -1,0 +1,193 @@
+"""The DICOM edge from outside: dcmtk echoscu/storescu and a pynetdicom SCU against the
+real gateway process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE, _config
+
+from gateway.store.store import Store
+from tests.dicomgen import SeriesSpec, dataset_bytes, dcmtk_env, make_study, storescu_args
+from tests.gatewayproc import GatewayProcess, write_config
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
+    gw = GatewayProcess(write_config(tmp_path), tmp_path / "gateway.log").start()
+    yield gw
+    gw.stop()
+
+
+def run_dcmtk(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, env=dcmtk_env(), timeout=120)
+
+
+def open_store(gw: GatewayProcess) -> Store:
+    return Store(gw.data_dir, gw.key_file, create=False)
+
+
+def test_echo_from_allowed_caller_succeeds(gateway: GatewayProcess) -> None:
+    r = run_dcmtk(["echoscu", "-aet", "ECHOSCU", "-aec", "AI_GATEWAY", "127.0.0.1",
+                   str(gateway.dicom_port)])
+    assert r.returncode == 0, r.stderr
+
+
+def test_unknown_calling_ae_is_rejected_with_reason(gateway: GatewayProcess) -> None:
+    r = run_dcmtk(["echoscu", "-aet", "INTRUDER", "-aec", "AI_GATEWAY", "127.0.0.1",
+                   str(gateway.dicom_port)])
+    assert r.returncode != 0
+    assert "Calling AE Title Not Recognized" in r.stderr
+    events = [e for e in gateway.log_events() if "rejected" in str(e.get("event"))]
+    assert events and events[-1]["calling_ae"] == "INTRUDER"
+
+
+def test_wrong_called_ae_is_rejected(gateway: GatewayProcess) -> None:
+    r = run_dcmtk(["echoscu", "-aet", "ECHOSCU", "-aec", "SOMEONE_ELSE", "127.0.0.1",
+                   str(gateway.dicom_port)])
+    assert r.returncode != 0
+    assert "Called AE Title Not Recognized" in r.stderr
+
+
+def test_multi_series_study_in_five_transfer_syntaxes_is_stored_as_received(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path / "study")
+    syntaxes = {str(dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files}
+    assert len(syntaxes) >= 4  # explicit/implicit LE, deflated, RLE (compressed), ...
+    r = run_dcmtk(storescu_args(files, port=gateway.dicom_port, aet="STORESCU"))
+    assert r.returncode == 0, r.stderr
+
+    store = open_store(gateway)
+    try:
+        for f in files:
+            original = dcmread(f, stop_before_pixels=True)
+            envelope_id = store.find_instance(str(original.SOPInstanceUID))
+            assert envelope_id is not None, f"{f.name} not stored"
+            env, data = store.read(envelope_id)
+            assert dataset_bytes(data) == dataset_bytes(f.read_bytes()), f.name
+            stored = dcmread(__import__("io").BytesIO(data), stop_before_pixels=True)
+            assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+            assert env.source == f"STORESCU@127.0.0.1"
+        assert store.queue.counts()["received"]["dicom"] == len(files)
+    finally:
+        store.close()
+
+
+def test_resent_instance_is_success_and_stored_once(gateway: GatewayProcess, tmp_path: Path) -> None:
+    files = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=2, rows=64, cols=64)])
+    for _ in range(2):
+        r = run_dcmtk(storescu_args(files, port=gateway.dicom_port, aet="STORESCU"))
+        assert r.returncode == 0, r.stderr
+    status = json.loads(gateway.cli("queue", "status", "--json").stdout)
+    assert status["received"]["dicom"] == 2
+
+
+def _send_raw(port: int, path: Path) -> int:
+    """Send a file's data set bytes as they are (pynetdicom's chunked send does not decode)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title="PACS")
+        meta = dcmread(path, stop_before_pixels=True).file_meta
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="AI_GATEWAY")
+        assert assoc.is_established
+        try:
+            rsp = assoc.send_c_store(path)
+            return int(rsp.Status)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+
+
+def test_malformed_data_set_gets_c210_and_nothing_is_stored(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    good = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=1, rows=64, cols=64)])[0]
+    raw = good.read_bytes()
+    body = dataset_bytes(raw)
+    bad = tmp_path / "bad.dcm"
+    # keep preamble + meta, then a data set whose first element claims more bytes than follow
+    bad.write_bytes(raw[: len(raw) - len(body)] + b"\x08\x00\x05\x00CS\xff\x7f" + b"ISO")
+    assert _send_raw(gateway.dicom_port, bad) == 0xC210
+    status = json.loads(gateway.cli("queue", "status", "--json").stdout)
+    assert status["received"].get("dicom", 0) == 0
+
+
+def test_instance_without_study_uid_is_refused(gateway: GatewayProcess, tmp_path: Path) -> None:
+    f = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=1, rows=64, cols=64)])[0]
+    ds = dcmread(f)
+    del ds.StudyInstanceUID
+    ds.save_as(f)
+    assert _send_raw(gateway.dicom_port, f) == 0xC211
+
+
+def test_study_completes_after_quiet_period_and_reopens_for_a_late_instance(
+    tmp_path: Path,
+) -> None:
+    gw = GatewayProcess(
+        write_config(tmp_path, dicom={"study_complete_after": 1}), tmp_path / "gateway.log"
+    ).start()
+    try:
+        files = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=3, rows=64, cols=64)])
+        assert run_dcmtk(storescu_args(files[:2], port=gw.dicom_port, aet="STORESCU")).returncode == 0
+        status = json.loads(gw.cli("queue", "status", "--json").stdout)
+        assert status["studies"] == {"open": 1}
+        time.sleep(2.5)
+        status = json.loads(gw.cli("queue", "status", "--json").stdout)
+        assert status["studies"] == {"complete": 1}
+        assert status["jobs:route"] == {"ready": 1}
+        # a late instance reopens the study; once quiet again it is queued again, marked reopened
+        assert run_dcmtk(storescu_args(files[2:], port=gw.dicom_port, aet="STORESCU")).returncode == 0
+        time.sleep(2.5)
+        store = open_store(gw)
+        try:
+            study_key = store.keys.index("study", str(dcmread(files[0]).StudyInstanceUID))
+            info = store.queue.study(study_key)
+            assert info is not None
+            assert (info.state, info.instances, info.generation, info.reopened) == (
+                "complete", 3, 2, True)
+        finally:
+            store.close()
+    finally:
+        gw.stop()
+
+
+def test_study_timer_survives_a_restart(tmp_path: Path) -> None:
+    gw = GatewayProcess(
+        write_config(tmp_path, dicom={"study_complete_after": 2}), tmp_path / "gateway.log"
+    ).start()
+    files = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=2, rows=64, cols=64)])
+    assert run_dcmtk(storescu_args(files, port=gw.dicom_port, aet="STORESCU")).returncode == 0
+    gw.kill9()
+    time.sleep(2.5)  # the quiet period passes while the gateway is down
+    gw.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status = json.loads(gw.cli("queue", "status", "--json").stdout)
+            if status["studies"] == {"complete": 1}:
+                break
+            time.sleep(0.2)
+        assert status["studies"] == {"complete": 1}
+    finally:
+        gw.stop()
+
+
+def test_metrics_count_instances_and_associations(gateway: GatewayProcess, tmp_path: Path) -> None:
+    files = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=2, rows=64, cols=64)])
+    assert run_dcmtk(storescu_args(files, port=gateway.dicom_port, aet="STORESCU")).returncode == 0
+    code, body = gateway.get("/metrics")
+    text = body.decode()
+    assert code == 200
+    assert 'gateway_dicom_instances_received_total{outcome="stored"} 2.0' in text
+    assert 'gateway_dicom_associations_total{outcome="accepted"} 1.0' in text
+    assert "gateway_queue_jobs" in text
+    assert gateway.get("/healthz")[0] == 200

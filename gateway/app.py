@@ -35,7 +35,10 @@ class Gateway:
         )
         self.assembler = Assembler(self.store.queue, self.metrics)
         self.http = HealthServer(
-            cfg.gateway.http.host, cfg.gateway.http.port, self.metrics, self.readiness,
+            cfg.gateway.http.host,
+            cfg.gateway.http.port,
+            self.metrics,
+            self.readiness,
             self.refresh_metrics,
         )
         self._loop = asyncio.new_event_loop()
@@ -78,7 +81,9 @@ class Gateway:
         self._started = True
         log.info(
             "gateway started",
-            dicom_ports=self.dicom.ports, hl7_ports=self.hl7.ports, http_port=self.http.port,
+            dicom_ports=self.dicom.ports,
+            hl7_ports=self.hl7.ports,
+            http_port=self.http.port,
             data_dir=str(self.cfg.data_dir),
         )
 

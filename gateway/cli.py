@@ -38,25 +38,36 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument(
-            "-c", "--config", type=Path, default=DEFAULT_CONFIG, metavar="FILE",
+            "-c",
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            metavar="FILE",
             help=f"config file (default: {DEFAULT_CONFIG})",
         )
         return sp
 
-    run = with_config(sub.add_parser(
-        "run", help="start the DICOM SCP, the MLLP listener and the health/metrics server",
-        description="Start everything. SIGTERM (or Ctrl-C) stops accepting, finishes what is "
-        "in flight and exits.",
-    ))
+    run = with_config(
+        sub.add_parser(
+            "run",
+            help="start the DICOM SCP, the MLLP listener and the health/metrics server",
+            description="Start everything. SIGTERM (or Ctrl-C) stops accepting, finishes what is "
+            "in flight and exits.",
+        )
+    )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
-    with_config(sub.add_parser(
-        "check-config", help="validate a config file",
-        description="Validate the config. Exit 0 when valid; exit 1 and one line per error "
-        "(FILE:LINE: path.to.key: message) otherwise.",
-    ))
+    with_config(
+        sub.add_parser(
+            "check-config",
+            help="validate a config file",
+            description="Validate the config. Exit 0 when valid; exit 1 and one line per error "
+            "(FILE:LINE: path.to.key: message) otherwise.",
+        )
+    )
     sub.add_parser(
-        "config-schema", help="print the config's JSON Schema (for editors)",
+        "config-schema",
+        help="print the config's JSON Schema (for editors)",
         description="Print the JSON Schema of the config file, e.g. for the YAML language "
         "server: gateway config-schema > gateway.schema.json",
     )
@@ -74,11 +85,14 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="manage the at-rest encryption keys")
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    with_config(ksub.add_parser(
-        "rotate", help="create a new data key; old data stays readable",
-        description="Add a new data key and make it current. Blobs written before stay "
-        "readable with their old key. Back up the key file afterwards.",
-    ))
+    with_config(
+        ksub.add_parser(
+            "rotate",
+            help="create a new data key; old data stays readable",
+            description="Add a new data key and make it current. Blobs written before stay "
+            "readable with their old key. Back up the key file afterwards.",
+        )
+    )
     return p
 
 
@@ -161,17 +175,30 @@ def _queue(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         if args.queue_command == "dead":
             jobs = queue.dead_jobs()
             if args.json:
-                json.dump([
-                    {"id": j.id, "stage": j.stage.value, "subject": j.subject,
-                     "attempts": j.attempts, "last_error": j.last_error} for j in jobs
-                ], out, indent=2)
+                json.dump(
+                    [
+                        {
+                            "id": j.id,
+                            "stage": j.stage.value,
+                            "subject": j.subject,
+                            "attempts": j.attempts,
+                            "last_error": j.last_error,
+                        }
+                        for j in jobs
+                    ],
+                    out,
+                    indent=2,
+                )
                 out.write("\n")
                 return 0
             if not jobs:
                 print("no dead letters", file=out)
             for j in jobs:
-                print(f"{j.id:>8}  {j.stage.value:<8} {j.subject[:12]}  attempts={j.attempts}  "
-                      f"{j.last_error}", file=out)
+                print(
+                    f"{j.id:>8}  {j.stage.value:<8} {j.subject[:12]}  attempts={j.attempts}  "
+                    f"{j.last_error}",
+                    file=out,
+                )
             return 0
         if args.queue_command == "retry":
             n = queue.replay(None if args.all else list(args.ids), time.time())
@@ -185,16 +212,25 @@ def _queue(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
 def _print_status(counts: dict[str, dict[str, int]], oldest: float | None, out: TextIO) -> None:
     received = counts.get("received", {})
     studies = counts.get("studies", {})
-    print(f"received   dicom instances: {received.get('dicom', 0)}   "
-          f"hl7 messages: {received.get('hl7', 0)}", file=out)
-    print(f"studies    open (assembling): {studies.get('open', 0)}   "
-          f"complete: {studies.get('complete', 0)}", file=out)
+    print(
+        f"received   dicom instances: {received.get('dicom', 0)}   "
+        f"hl7 messages: {received.get('hl7', 0)}",
+        file=out,
+    )
+    print(
+        f"studies    open (assembling): {studies.get('open', 0)}   "
+        f"complete: {studies.get('complete', 0)}",
+        file=out,
+    )
     print(f"{'stage':<10}{'ready':>8}{'leased':>8}{'done':>8}{'dead':>8}", file=out)
     stages = sorted(k for k in counts if k.startswith("jobs:"))
     for key in stages:
         s = counts[key]
-        print(f"{key[5:]:<10}{s.get('ready', 0):>8}{s.get('leased', 0):>8}"
-              f"{s.get('done', 0):>8}{s.get('dead', 0):>8}", file=out)
+        print(
+            f"{key[5:]:<10}{s.get('ready', 0):>8}{s.get('leased', 0):>8}"
+            f"{s.get('done', 0):>8}{s.get('dead', 0):>8}",
+            file=out,
+        )
     if not stages:
         print("(no jobs yet)", file=out)
     if oldest is not None:

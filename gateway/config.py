@@ -53,7 +53,7 @@ class GatewaySection(_Strict):
 
 
 class ServerTLS(_Strict):
-    """TLS on a listening port: our certificate, and the CA that client certificates must chain to."""
+    """TLS on a listening port: our certificate, and the CA client certificates chain to."""
 
     port: Port
     cert: Path
@@ -216,9 +216,8 @@ class Config(_Strict):
             seen.add(route.name)
             for j, name in enumerate(route.run):
                 if name not in self.models:
-                    problems.append(
-                        f"@routes.{i}.run.{j}: unknown model '{name}'{_did_you_mean(name, self.models)}"
-                    )
+                    hint = _did_you_mean(name, self.models)
+                    problems.append(f"@routes.{i}.run.{j}: unknown model '{name}'{hint}")
             for field in ("send", "forward"):
                 for j, name in enumerate(getattr(route, field)):
                     if name not in self.destinations:
@@ -266,8 +265,10 @@ def _construct(node: yaml.Node, path: tuple[str, ...], lines: LineMap) -> Any:
             key = yaml.safe_load(yaml.serialize(key_node))
             if key in out:
                 raise ConfigError(
-                    [f"line {key_node.start_mark.line + 1}: {'.'.join((*path, str(key)))}: "
-                     "duplicate key"]
+                    [
+                        f"line {key_node.start_mark.line + 1}: {'.'.join((*path, str(key)))}: "
+                        "duplicate key"
+                    ]
                 )
             lines[(*path, str(key))] = key_node.start_mark.line + 1
             out[key] = _construct(value_node, (*path, str(key)), lines)
@@ -317,7 +318,9 @@ def _format_errors(exc: ValidationError, filename: str, lines: LineMap) -> list[
             for sub in msg.split("\n"):
                 sub_path, _, sub_msg = sub.removeprefix("@").partition(": ")
                 sub_loc = (*loc, *sub_path.split("."))
-                out.append(f"{filename}:{_line_for(sub_loc, lines)}: {'.'.join(sub_loc)}: {sub_msg}")
+                out.append(
+                    f"{filename}:{_line_for(sub_loc, lines)}: {'.'.join(sub_loc)}: {sub_msg}"
+                )
             continue
         where = ".".join(loc) or "(top)"
         out.append(f"{filename}:{_line_for(loc, lines)}: {where}: {msg}")
@@ -325,9 +328,14 @@ def _format_errors(exc: ValidationError, filename: str, lines: LineMap) -> list[
 
 
 def _is_type_tag(part: str) -> bool:
-    return part in {"str", "int", "float", "bool"} or part.startswith(("list[", "dict[")) or part in {
-        "function-after[_check_host(), str]",
-    }
+    return (
+        part in {"str", "int", "float", "bool"}
+        or part.startswith(("list[", "dict["))
+        or part
+        in {
+            "function-after[_check_host(), str]",
+        }
+    )
 
 
 def _known_keys(parent: tuple[str, ...]) -> list[str]:

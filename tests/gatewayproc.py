@@ -91,7 +91,10 @@ class GatewayProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -141,5 +144,8 @@ class GatewayProcess:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "gateway.cli", *args, "-c", str(self.config)],
-            cwd=REPO, capture_output=True, text=True, timeout=60,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )

@@ -37,7 +37,8 @@ class Assembler:
             info = self.queue.study(study_key)
             self.metrics.studies_completed.inc()
             log.info(
-                "study complete", study=study_key[:12],
+                "study complete",
+                study=study_key[:12],
                 instances=info.instances if info else None,
                 reopened=info.reopened if info else None,
                 generation=info.generation if info else None,

@@ -17,9 +17,7 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")  # deflated explicit / image
 
-_LONG_VRS = frozenset(
-    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
-)
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 UNDEFINED = 0xFFFFFFFF
 ITEM = 0xFFFEE000
 ITEM_END = 0xFFFEE00D
@@ -39,11 +37,13 @@ class _Walker:
     def _fail(self, offset: int, what: str) -> MalformedInput:
         return MalformedInput(f"malformed data set at byte {offset}: {what}")
 
-    def _tag(self, pos: int, end: int) -> int:
+    def _tag(self, pos: int, end: int) -> int:  # (group << 16) | element
         if pos + 8 > end:
             raise self._fail(pos, "truncated element header")
+        group: int
+        elem: int
         group, elem = self.tag_fmt.unpack_from(self.data, pos)
-        return int((group << 16) | elem)
+        return (group << 16) | elem
 
     def dataset(self, pos: int, end: int, depth: int, *, until_item_end: bool) -> int:
         """Walk elements from *pos*; return the position after the data set."""
@@ -63,6 +63,7 @@ class _Walker:
         return pos
 
     def element(self, pos: int, end: int, tag: int, depth: int) -> int:
+        length: int
         if self.implicit:
             length = self.u32.unpack_from(self.data, pos + 4)[0]
             vr = b"SQ" if length == UNDEFINED else b""
@@ -82,8 +83,9 @@ class _Walker:
         if length != UNDEFINED:
             if pos + length > end:
                 raise self._fail(
-                    pos, f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
-                    f"{end - pos} remain"
+                    pos,
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
+                    f"{end - pos} remain",
                 )
             if vr == b"SQ":
                 self.sequence(pos, pos + length, depth, defined=True)

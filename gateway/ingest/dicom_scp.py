@@ -14,22 +14,24 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import (
-    ALL_TRANSFER_SYNTAXES,
     AE,
+    ALL_TRANSFER_SYNTAXES,
     StoragePresentationContexts,
     VerificationPresentationContexts,
     _config,
     evt,
 )
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.config import AllowedCaller, DicomSection
 from gateway.errors import MalformedInput, Permanent, Transient
@@ -41,9 +43,20 @@ log = structlog.get_logger(__name__)
 
 # Attributes kept (encrypted) with each instance for routing and result building.
 ROUTING_KEYWORDS = (
-    "SOPClassUID", "Modality", "BodyPartExamined", "StudyDescription", "SeriesDescription",
-    "Manufacturer", "ManufacturerModelName", "SeriesInstanceUID", "SeriesNumber",
-    "InstanceNumber", "StationName", "InstitutionName", "ProtocolName", "AccessionNumber",
+    "SOPClassUID",
+    "Modality",
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "StationName",
+    "InstitutionName",
+    "ProtocolName",
+    "AccessionNumber",
 )
 
 # Status codes (PS3.4 Annex B.2.3)
@@ -69,7 +82,7 @@ def configure_pynetdicom() -> None:
 
 
 def host_allowed(peer: str, hosts: list[str]) -> bool:
-    """True when *peer* (an IP address) is one of *hosts* (addresses, networks, 'localhost', '*')."""
+    """True when *peer* (an IP address) is in *hosts* (addresses, networks, localhost, '*')."""
     try:
         addr = ipaddress.ip_address(peer)
     except ValueError:
@@ -114,8 +127,17 @@ def read_header(data: bytes) -> InstanceHeader:
         sop_instance = str(ds.SOPInstanceUID) if "SOPInstanceUID" in ds else ""
         sop_class = str(ds.SOPClassUID) if "SOPClassUID" in ds else ""
         study = str(ds.StudyInstanceUID) if "StudyInstanceUID" in ds else ""
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError,
-            NotImplementedError, AttributeError, OverflowError) as exc:
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        OSError,
+        NotImplementedError,
+        AttributeError,
+        OverflowError,
+    ) as exc:
         raise MalformedInput(f"cannot decode the data set: {type(exc).__name__}") from None
     values["TransferSyntaxUID"] = str(ds.file_meta.get("TransferSyntaxUID", ""))
     return InstanceHeader(sop_class, sop_instance, study, values)
@@ -152,8 +174,7 @@ class StoreHandler:
         except Permanent as exc:
             self.metrics.instances.labels(outcome="refused").inc()
             code = getattr(exc, "status", CANNOT_UNDERSTAND)
-            log.warning("instance refused", reason=exc.message, source=source,
-                        status=f"{code:04X}")
+            log.warning("instance refused", reason=exc.message, source=source, status=f"{code:04X}")
             return _status(code, exc.message)
         except Exception:  # a bug must never answer success
             self.metrics.instances.labels(outcome="error").inc()
@@ -166,7 +187,8 @@ class StoreHandler:
         check_dataset(body, str(event.context.transfer_syntax))
         data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), body))
         header = read_header(data)
-        request_uid = str(event.request.AffectedSOPInstanceUID)
+        request = cast(C_STORE, event.request)
+        request_uid = str(request.AffectedSOPInstanceUID)
         if not header.sop_instance_uid:
             raise _refusal(MISSING_IDENTIFIER, "SOP Instance UID (0008,0018) is missing")
         if header.sop_instance_uid != request_uid:
@@ -174,7 +196,7 @@ class StoreHandler:
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "SOP Instance UID in the data set differs from the C-STORE request",
             )
-        if header.sop_class_uid and header.sop_class_uid != str(event.request.AffectedSOPClassUID):
+        if header.sop_class_uid and header.sop_class_uid != str(request.AffectedSOPClassUID):
             raise _refusal(
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "SOP Class UID in the data set differs from the C-STORE request",
@@ -195,7 +217,9 @@ class StoreHandler:
             self.metrics.instance_bytes.inc(len(data))
         log.info(
             "instance stored" if ack.new else "instance already stored",
-            envelope_id=ack.envelope_id, source=source, bytes=len(data),
+            envelope_id=ack.envelope_id,
+            source=source,
+            bytes=len(data),
             sop=self.store.keys.index("log", header.sop_instance_uid)[:12],
             study=self.store.keys.index("log", header.study_instance_uid)[:12],
             modality=header.attrs.get("Modality"),
@@ -245,12 +269,10 @@ class DicomSCP:
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.network_timeout = 120
-        for cx in StoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        for cx in VerificationPresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for cx in [*StoragePresentationContexts, *VerificationPresentationContexts]:
+            ae.add_supported_context(cast(str, cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         self.ae = ae
-        self.handlers = [
+        self.handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -263,14 +285,28 @@ class DicomSCP:
         self._open: set[int] = set()
 
     def start(self) -> None:
-        self.servers.append(self.ae.start_server(
-            (self.cfg.host, self.cfg.port), block=False, evt_handlers=self.handlers,
-        ))
+        self.servers.append(
+            cast(
+                ThreadedAssociationServer,
+                self.ae.start_server(
+                    (self.cfg.host, self.cfg.port),
+                    block=False,
+                    evt_handlers=self.handlers,
+                ),
+            )
+        )
         if self.cfg.tls is not None and self.ssl_context is not None:
-            self.servers.append(self.ae.start_server(
-                (self.cfg.host, self.cfg.tls.port), block=False, evt_handlers=self.handlers,
-                ssl_context=self.ssl_context,
-            ))
+            self.servers.append(
+                cast(
+                    ThreadedAssociationServer,
+                    self.ae.start_server(
+                        (self.cfg.host, self.cfg.tls.port),
+                        block=False,
+                        evt_handlers=self.handlers,
+                        ssl_context=self.ssl_context,
+                    ),
+                )
+            )
         log.info("dicom listening", ae_title=self.cfg.ae_title, ports=self.ports)
 
     @property
@@ -288,12 +324,13 @@ class DicomSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         req = event.assoc.requestor
-        ae_title = str(req.primitive.calling_ae_title).strip()
+        ae_title = str(cast(A_ASSOCIATE, req.primitive).calling_ae_title).strip()
         if not caller_allowed(ae_title, req.address, self._callers()):
             self.metrics.associations.labels(outcome="rejected").inc()
             log.warning(
                 "association rejected: calling AE title and host are not on the allow-list",
-                calling_ae=ae_title, peer=req.address,
+                calling_ae=ae_title,
+                peer=req.address,
                 hint="add them under dicom.allowed_callers",
             )
             # 0x01 rejected-permanent, 0x01 service-user, 0x03 calling AE not recognised
@@ -304,17 +341,23 @@ class DicomSCP:
         self.metrics.associations.labels(outcome="accepted").inc()
         self.metrics.active_associations.inc()
         self._open.add(id(event.assoc))
-        log.info("association accepted", calling_ae=event.assoc.requestor.ae_title.strip(),
-                 peer=event.assoc.requestor.address)
+        log.info(
+            "association accepted",
+            calling_ae=event.assoc.requestor.ae_title.strip(),
+            peer=event.assoc.requestor.address,
+        )
 
     def _on_rejected(self, event: evt.Event) -> None:
         # pynetdicom's own rejections: wrong called AE title, too many associations.
-        prim = event.assoc.requestor.primitive
+        prim = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
         self.metrics.associations.labels(outcome="rejected").inc()
         log.warning(
-            "association rejected", calling_ae=str(prim.calling_ae_title).strip(),
-            called_ae=str(prim.called_ae_title).strip(), peer=event.assoc.requestor.address,
-            expected_called_ae=self.cfg.ae_title, max_associations=self.cfg.max_associations,
+            "association rejected",
+            calling_ae=str(prim.calling_ae_title).strip(),
+            called_ae=str(prim.called_ae_title).strip(),
+            peer=event.assoc.requestor.address,
+            expected_called_ae=self.cfg.ae_title,
+            max_associations=self.cfg.max_associations,
         )
 
     def _on_closed(self, event: evt.Event) -> None:

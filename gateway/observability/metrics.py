@@ -37,7 +37,9 @@ class Metrics:
             "gateway_spool_errors", "Failed durable writes (spool or queue)", ["kind"], registry=r
         )
         self.queue_depth = Gauge(
-            "gateway_queue_jobs", "Jobs in the queue by stage and state", ["stage", "state"],
+            "gateway_queue_jobs",
+            "Jobs in the queue by stage and state",
+            ["stage", "state"],
             registry=r,
         )
         self.studies = Gauge("gateway_studies", "Studies by assembly state", ["state"], registry=r)
@@ -53,7 +55,11 @@ class HealthServer:
     """/healthz (process alive), /readyz (listeners bound, store writable), /metrics."""
 
     def __init__(
-        self, host: str, port: int, metrics: Metrics, ready: Callable[[], dict[str, bool]],
+        self,
+        host: str,
+        port: int,
+        metrics: Metrics,
+        ready: Callable[[], dict[str, bool]],
         refresh: Callable[[], None],
     ) -> None:
         outer = self
@@ -81,7 +87,7 @@ class HealthServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass  # health probes every few seconds would flood the log
 
         self.metrics = metrics
@@ -89,9 +95,7 @@ class HealthServer:
         self.refresh = refresh
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="http", daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 
     @property
     def port(self) -> int:

@@ -72,12 +72,16 @@ class KeyStore:
             raw = json.loads(path.read_text(encoding="utf-8"))
             master = base64.b64decode(raw["master_key"])
             keys = [
-                DataKey(k["id"], aes_key_unwrap(master, base64.b64decode(k["wrapped"])), k["created"])
+                DataKey(
+                    k["id"], aes_key_unwrap(master, base64.b64decode(k["wrapped"])), k["created"]
+                )
                 for k in raw["data_keys"]
             ]
             store = cls(path, master, keys, raw["current"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise KeyStoreError(f"encryption key file '{path}' is unreadable or corrupt: {exc}") from None
+            raise KeyStoreError(
+                f"encryption key file '{path}' is unreadable or corrupt: {exc}"
+            ) from None
         if store.current not in store._keys:
             raise KeyStoreError(f"encryption key file '{path}': current key is missing")
         mode = path.stat().st_mode & 0o777
@@ -210,5 +214,7 @@ class Sealer:
         try:
             return AESGCM(key).decrypt(nonce, blob[start:], header + context)
         except InvalidTag:
-            raise IntegrityError("encrypted blob failed authentication (tampered, "
-                                 "truncated, or moved from another object)") from None
+            raise IntegrityError(
+                "encrypted blob failed authentication (tampered, "
+                "truncated, or moved from another object)"
+            ) from None

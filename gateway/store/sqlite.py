@@ -7,6 +7,7 @@ allows one writer at a time anyway); several processes share the file with a bus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -118,23 +119,36 @@ class SQLiteQueue:
                 raise
 
     def _rollback(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
 
     # --- ingest ------------------------------------------------------------------------
 
     def _insert_envelope(
-        self, db: sqlite3.Connection, env: Envelope, attrs: bytes, inline: bytes | None,
+        self,
+        db: sqlite3.Connection,
+        env: Envelope,
+        attrs: bytes,
+        inline: bytes | None,
         ack: bytes | None,
     ) -> sqlite3.Row | None:
         cur = db.execute(
             "INSERT INTO envelopes (id, kind, source, received_at, dedup_key, spool_key,"
             " inline_blob, study_key, size, attrs, ack) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
-            (env.id, env.kind.value, env.source, env.received_at, env.dedup_key, env.spool_key,
-             inline, env.study_key, env.size, attrs, ack),
+            (
+                env.id,
+                env.kind.value,
+                env.source,
+                env.received_at,
+                env.dedup_key,
+                env.spool_key,
+                inline,
+                env.study_key,
+                env.size,
+                attrs,
+                ack,
+            ),
         )
         row = cur.fetchone()
         if row is not None:
@@ -202,8 +216,12 @@ class SQLiteQueue:
                     (now, row["study_key"]),
                 )
                 self._enqueue(
-                    db, Stage.ROUTE, row["study_key"], now,
-                    {"generation": row["generation"], "reopened": bool(row["reopened"])}, now,
+                    db,
+                    Stage.ROUTE,
+                    row["study_key"],
+                    now,
+                    {"generation": row["generation"], "reopened": bool(row["reopened"])},
+                    now,
                 )
         return [r["study_key"] for r in rows]
 
@@ -215,9 +233,13 @@ class SQLiteQueue:
         if row is None:
             return None
         return StudyInfo(
-            study_key=row["study_key"], state=row["state"], instances=row["instances"],
-            generation=row["generation"], reopened=bool(row["reopened"]),
-            last_at=row["last_at"], complete_due=row["complete_due"],
+            study_key=row["study_key"],
+            state=row["state"],
+            instances=row["instances"],
+            generation=row["generation"],
+            reopened=bool(row["reopened"]),
+            last_at=row["last_at"],
+            complete_due=row["complete_due"],
         )
 
     def next_study_due(self) -> float | None:
@@ -230,8 +252,13 @@ class SQLiteQueue:
     # --- jobs --------------------------------------------------------------------------
 
     def _enqueue(
-        self, db: sqlite3.Connection, stage: Stage, subject: str, run_at: float,
-        payload: dict[str, Any], now: float,
+        self,
+        db: sqlite3.Connection,
+        stage: Stage,
+        subject: str,
+        run_at: float,
+        payload: dict[str, Any],
+        now: float,
     ) -> int:
         row = db.execute(
             "INSERT INTO jobs (stage, subject, state, run_at, payload, created_at, updated_at)"
@@ -266,7 +293,7 @@ class SQLiteQueue:
 
     def _guarded(self, job: Job, sql: str, params: tuple[Any, ...]) -> sqlite3.Row:
         with self._tx() as db:
-            row = db.execute(
+            row: sqlite3.Row | None = db.execute(
                 sql + " WHERE id = ? AND state = 'leased' AND lease_token = ? RETURNING *",
                 (*params, job.id, job.lease_token),
             ).fetchone()
@@ -275,9 +302,11 @@ class SQLiteQueue:
         return row
 
     def heartbeat(self, job: Job, seconds: float, now: float) -> Job:
-        return _job(self._guarded(
-            job, "UPDATE jobs SET lease_expires = ?, updated_at = ?", (now + seconds, now)
-        ))
+        return _job(
+            self._guarded(
+                job, "UPDATE jobs SET lease_expires = ?, updated_at = ?", (now + seconds, now)
+            )
+        )
 
     def complete(self, job: Job, now: float) -> None:
         self._guarded(
@@ -305,13 +334,15 @@ class SQLiteQueue:
             if job_ids is None:
                 cur = db.execute(
                     "UPDATE jobs SET state = 'ready', run_at = ?, attempts = 0, updated_at = ?"
-                    " WHERE state = 'dead'", (now, now),
+                    " WHERE state = 'dead'",
+                    (now, now),
                 )
             else:
                 marks = ",".join("?" for _ in job_ids)
                 cur = db.execute(
                     "UPDATE jobs SET state = 'ready', run_at = ?, attempts = 0, updated_at = ?"
-                    f" WHERE state = 'dead' AND id IN ({marks})", (now, now, *job_ids),
+                    f" WHERE state = 'dead' AND id IN ({marks})",
+                    (now, now, *job_ids),
                 )
             return cur.rowcount
 
@@ -321,7 +352,8 @@ class SQLiteQueue:
             cur = db.execute(
                 "UPDATE jobs SET state = 'ready', lease_token = NULL, updated_at = ?,"
                 " last_error = COALESCE(last_error, 'lease expired')"
-                " WHERE state = 'leased' AND lease_expires < ?", (now, now),
+                " WHERE state = 'leased' AND lease_expires < ?",
+                (now, now),
             )
             return cur.rowcount
 
@@ -389,16 +421,27 @@ class SQLiteQueue:
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(
-        id=row["id"], stage=Stage(row["stage"]), subject=row["subject"],
-        state=JobState(row["state"]), attempts=row["attempts"], run_at=row["run_at"],
-        lease_token=row["lease_token"], lease_expires=row["lease_expires"],
-        last_error=row["last_error"], payload=json.loads(row["payload"]),
+        id=row["id"],
+        stage=Stage(row["stage"]),
+        subject=row["subject"],
+        state=JobState(row["state"]),
+        attempts=row["attempts"],
+        run_at=row["run_at"],
+        lease_token=row["lease_token"],
+        lease_expires=row["lease_expires"],
+        last_error=row["last_error"],
+        payload=json.loads(row["payload"]),
     )
 
 
 def _envelope(row: sqlite3.Row) -> Envelope:
     return Envelope(
-        id=row["id"], kind=Kind(row["kind"]), source=row["source"],
-        received_at=row["received_at"], dedup_key=row["dedup_key"], spool_key=row["spool_key"],
-        study_key=row["study_key"], size=row["size"],
+        id=row["id"],
+        kind=Kind(row["kind"]),
+        source=row["source"],
+        received_at=row["received_at"],
+        dedup_key=row["dedup_key"],
+        spool_key=row["spool_key"],
+        study_key=row["study_key"],
+        size=row["size"],
     )

@@ -45,10 +45,13 @@ class Store:
         before is acknowledged as a duplicate and not stored again."""
         spool_key = self.spool.put(data)
         env = Envelope(
-            id=new_id(), kind=Kind.DICOM, source=source,
+            id=new_id(),
+            kind=Kind.DICOM,
+            source=source,
             received_at=time.time() if now is None else now,
             dedup_key=self.keys.index("dicom", sop_instance_uid),
-            spool_key=spool_key, study_key=self.keys.index("study", study_instance_uid),
+            spool_key=spool_key,
+            study_key=self.keys.index("study", study_instance_uid),
             size=len(data),
         )
         return self.queue.record_instance(env, self._seal_attrs(env.id, attrs), quiet)
@@ -67,7 +70,9 @@ class Store:
         """Durably store one HL7 message with its ACK.  A control id (MSH-10) already
         received from the same sender returns the stored ACK and stores nothing."""
         env = Envelope(
-            id=new_id(), kind=Kind.HL7, source=source,
+            id=new_id(),
+            kind=Kind.HL7,
+            source=source,
             received_at=time.time() if now is None else now,
             dedup_key=self.keys.index("hl7", sender[0], sender[1], control_id),
             size=len(raw),
@@ -98,7 +103,9 @@ class Store:
 
     def attrs(self, envelope_id: str) -> dict[str, Any]:
         _, sealed, _ = self.queue.envelope(envelope_id)
-        value: dict[str, Any] = json.loads(self.sealer.open(sealed, b"attrs:" + envelope_id.encode()))
+        value: dict[str, Any] = json.loads(
+            self.sealer.open(sealed, b"attrs:" + envelope_id.encode())
+        )
         return value
 
     def close(self) -> None:

@@ -34,14 +34,16 @@ def open_store(gw: GatewayProcess) -> Store:
 
 
 def test_echo_from_allowed_caller_succeeds(gateway: GatewayProcess) -> None:
-    r = run_dcmtk(["echoscu", "-aet", "ECHOSCU", "-aec", "AI_GATEWAY", "127.0.0.1",
-                   str(gateway.dicom_port)])
+    r = run_dcmtk(
+        ["echoscu", "-aet", "ECHOSCU", "-aec", "AI_GATEWAY", "127.0.0.1", str(gateway.dicom_port)]
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_unknown_calling_ae_is_rejected_with_reason(gateway: GatewayProcess) -> None:
-    r = run_dcmtk(["echoscu", "-aet", "INTRUDER", "-aec", "AI_GATEWAY", "127.0.0.1",
-                   str(gateway.dicom_port)])
+    r = run_dcmtk(
+        ["echoscu", "-aet", "INTRUDER", "-aec", "AI_GATEWAY", "127.0.0.1", str(gateway.dicom_port)]
+    )
     assert r.returncode != 0
     assert "Calling AE Title Not Recognized" in r.stderr
     events = [e for e in gateway.log_events() if "rejected" in str(e.get("event"))]
@@ -49,8 +51,9 @@ def test_unknown_calling_ae_is_rejected_with_reason(gateway: GatewayProcess) -> 
 
 
 def test_wrong_called_ae_is_rejected(gateway: GatewayProcess) -> None:
-    r = run_dcmtk(["echoscu", "-aet", "ECHOSCU", "-aec", "SOMEONE_ELSE", "127.0.0.1",
-                   str(gateway.dicom_port)])
+    r = run_dcmtk(
+        ["echoscu", "-aet", "ECHOSCU", "-aec", "SOMEONE_ELSE", "127.0.0.1", str(gateway.dicom_port)]
+    )
     assert r.returncode != 0
     assert "Called AE Title Not Recognized" in r.stderr
 
@@ -74,13 +77,15 @@ def test_multi_series_study_in_five_transfer_syntaxes_is_stored_as_received(
             assert dataset_bytes(data) == dataset_bytes(f.read_bytes()), f.name
             stored = dcmread(__import__("io").BytesIO(data), stop_before_pixels=True)
             assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
-            assert env.source == f"STORESCU@127.0.0.1"
+            assert env.source == "STORESCU@127.0.0.1"
         assert store.queue.counts()["received"]["dicom"] == len(files)
     finally:
         store.close()
 
 
-def test_resent_instance_is_success_and_stored_once(gateway: GatewayProcess, tmp_path: Path) -> None:
+def test_resent_instance_is_success_and_stored_once(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
     files = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=2, rows=64, cols=64)])
     for _ in range(2):
         r = run_dcmtk(storescu_args(files, port=gateway.dicom_port, aet="STORESCU"))
@@ -137,7 +142,9 @@ def test_study_completes_after_quiet_period_and_reopens_for_a_late_instance(
     ).start()
     try:
         files = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=3, rows=64, cols=64)])
-        assert run_dcmtk(storescu_args(files[:2], port=gw.dicom_port, aet="STORESCU")).returncode == 0
+        assert (
+            run_dcmtk(storescu_args(files[:2], port=gw.dicom_port, aet="STORESCU")).returncode == 0
+        )
         status = json.loads(gw.cli("queue", "status", "--json").stdout)
         assert status["studies"] == {"open": 1}
         time.sleep(2.5)
@@ -145,7 +152,9 @@ def test_study_completes_after_quiet_period_and_reopens_for_a_late_instance(
         assert status["studies"] == {"complete": 1}
         assert status["jobs:route"] == {"ready": 1}
         # a late instance reopens the study; once quiet again it is queued again, marked reopened
-        assert run_dcmtk(storescu_args(files[2:], port=gw.dicom_port, aet="STORESCU")).returncode == 0
+        assert (
+            run_dcmtk(storescu_args(files[2:], port=gw.dicom_port, aet="STORESCU")).returncode == 0
+        )
         time.sleep(2.5)
         store = open_store(gw)
         try:
@@ -153,7 +162,11 @@ def test_study_completes_after_quiet_period_and_reopens_for_a_late_instance(
             info = store.queue.study(study_key)
             assert info is not None
             assert (info.state, info.instances, info.generation, info.reopened) == (
-                "complete", 3, 2, True)
+                "complete",
+                3,
+                2,
+                True,
+            )
         finally:
             store.close()
     finally:

@@ -42,7 +42,9 @@ def sample() -> Dataset:
     return ds
 
 
-@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+@pytest.mark.parametrize(
+    "ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+)
 def test_well_formed_data_sets_pass(ts: str) -> None:
     check_dataset(encode(sample(), ts), ts)
 
@@ -63,11 +65,19 @@ def test_trailing_garbage_is_malformed() -> None:
 def test_generated_study_in_every_transfer_syntax_passes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.dicomgen import dataset_bytes
 
-    for f in make_study(tmp_path, series=[
-        SeriesSpec("CT", count=1, rows=32, cols=32, transfer_syntax=ts)
-        for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
-                   DeflatedExplicitVRLittleEndian, RLELossless)
-    ]):
+    for f in make_study(
+        tmp_path,
+        series=[
+            SeriesSpec("CT", count=1, rows=32, cols=32, transfer_syntax=ts)
+            for ts in (
+                ExplicitVRLittleEndian,
+                ImplicitVRLittleEndian,
+                ExplicitVRBigEndian,
+                DeflatedExplicitVRLittleEndian,
+                RLELossless,
+            )
+        ],
+    ):
         ts = str(dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
         check_dataset(dataset_bytes(f.read_bytes()), ts)
 

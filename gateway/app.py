@@ -31,7 +31,11 @@ class Gateway:
         hl7_tls = server_context(cfg.hl7.tls, cfg.path) if cfg.hl7.tls else None
         self.dicom = DicomSCP(cfg.dicom, self.store, self.metrics, ssl_context=dicom_tls)
         self.hl7 = HL7Listener(
-            cfg.hl7, self.store, ssl_context=hl7_tls, on_message=self._count_message
+            cfg.hl7,
+            self.store,
+            ssl_context=hl7_tls,
+            on_message=self._count_message,
+            on_connection=lambda outcome: self.metrics.hl7_connections.labels(outcome).inc(),
         )
         self.assembler = Assembler(self.store.queue, self.metrics)
         self.http = HealthServer(

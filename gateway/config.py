@@ -26,6 +26,7 @@ class _Strict(BaseModel):
 
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+ListenPort = Annotated[int, Field(ge=0, le=65535)]  # 0 = any free port (tests)
 Seconds = Annotated[float, Field(gt=0)]
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*$")]
 
@@ -43,7 +44,7 @@ def _check_host(value: str) -> str:
 
 class HTTPConfig(_Strict):
     host: str = "127.0.0.1"
-    port: Port = 8080
+    port: ListenPort = 8080
 
 
 class GatewaySection(_Strict):
@@ -55,7 +56,7 @@ class GatewaySection(_Strict):
 class ServerTLS(_Strict):
     """TLS on a listening port: our certificate, and the CA client certificates chain to."""
 
-    port: Port
+    port: ListenPort
     cert: Path
     key: Path
     ca: Path | None = None
@@ -92,7 +93,7 @@ class AllowedCaller(_Strict):
 class DicomSection(_Strict):
     ae_title: AETitle = "AI_GATEWAY"
     host: str = "127.0.0.1"
-    port: Port = 11112
+    port: ListenPort = 11112
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
     max_pdu: Annotated[int, Field(ge=0)] = 0
     tls: ServerTLS | None = None
@@ -111,7 +112,7 @@ class AllowedSender(_Strict):
 
 class HL7Section(_Strict):
     host: str = "127.0.0.1"
-    port: Port = 2575
+    port: ListenPort = 2575
     tls: ServerTLS | None = None
     allowed_senders: list[AllowedSender] = Field(min_length=1)
     max_frame_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024

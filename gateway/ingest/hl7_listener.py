@@ -1,0 +1,407 @@
+"""The HL7 v2 ingest edge: an asyncio MLLP server that stores each message, then ACKs it.
+
+Per connection: read a frame, decide, answer, repeat.  The decision, in order:
+
+1. the MSH segment cannot be read or names an unsupported version -> AR with its ERR code;
+2. the sender (MSH-3, MSH-4 when configured, peer address) is not allowed -> AR, ERR 207;
+3. the store keeps it durably (one SQLite commit, in a dedicated thread so the event loop
+   keeps serving other connections) -> AA, *after* the commit; a resent MSH-10 from the
+   same sender gets the ACK stored with the first copy and is not stored again;
+4. the store cannot write now (:class:`~gateway.errors.Transient`) -> AE, ERR 207, nothing
+   stored, the sender resends later; anything unexpected -> AE, ERR 207, logged.
+
+Enhanced acknowledgement mode (MSH-15 valued) answers with the accept ACK instead:
+CA / CE / CR for AA / AE / AR, sent according to MSH-15 (AL always, ER on error only,
+SU on success only, NE never).  Application-level ACKs (MSH-16) are not sent here: they
+come from later stages, once the message has been processed.
+
+A framing error closes that connection (others keep running); so does a connection idle
+for ``hl7.idle_timeout``.  Logs carry ids only: envelope id, sender application/facility,
+peer address, message type, ACK code, sizes, and a keyed hash of MSH-10, never content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import socket
+import ssl
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+
+from gateway.config import AllowedSender, HL7Section
+from gateway.errors import Transient
+from gateway.hl7.ack import COMMIT_CODE, ERROR_CODES, build_ack
+from gateway.hl7.mllp import FramingError, frame, read_frame
+from gateway.hl7.msh import ERR_APPLICATION_INTERNAL, Header, HeaderError, parse_header
+from gateway.store.store import Store
+
+log = structlog.get_logger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_LOOPBACK: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
+)
+_ANY: tuple[IPNetwork, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+OnMessage = Callable[[str, str], None]
+"""Metrics hook: called once per message with (message type, ACK code) e.g. ("ORU^R01", "AA");
+the code is the one decided even when MSH-15 says not to send it."""
+
+OnConnection = Callable[[str], None]
+"""Metrics hook: called once per closed connection with its outcome: closed_by_peer,
+idle_timeout, framing_error, gateway_stopping, connection_lost or internal_error."""
+
+STORE_FAILED_TEXT = "gateway cannot store the message now (disk full?); resend later"
+INTERNAL_ERROR_TEXT = "gateway internal error; the message was not stored, resend later"
+
+
+@dataclass(frozen=True)
+class _Sender:
+    application: str
+    facility: str | None
+    networks: tuple[IPNetwork, ...]
+
+    def allows(self, header: Header, peer: IPAddress | None) -> bool:
+        if header.sending_application.casefold() != self.application:
+            return False
+        if self.facility is not None and header.sending_facility.casefold() != self.facility:
+            return False
+        return peer is not None and any(peer in net for net in self.networks)
+
+
+@dataclass(eq=False)  # compared and hashed by identity: kept in a set
+class _Connection:
+    peer: str
+    task: asyncio.Task[None] | None = None
+    busy: bool = False
+    messages: int = 0
+
+
+def _peer_address(host: str) -> IPAddress | None:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+class HL7Listener:
+    """MLLP listener on ``hl7.host:hl7.port`` (plain) and, when ``hl7.tls`` is set, on
+    ``hl7.tls.port`` with *ssl_context*.  Port 0 binds a free port: see :attr:`port`."""
+
+    def __init__(
+        self,
+        config: HL7Section,
+        store: Store,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        on_message: OnMessage | None = None,
+        on_connection: OnConnection | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        if (config.tls is None) != (ssl_context is None):
+            raise ValueError("hl7.tls and the ssl context go together: give both or neither")
+        self.config = config
+        self.store = store
+        self.ssl_context = ssl_context
+        self.on_message = on_message
+        self.on_connection = on_connection
+        self._clock = clock or (lambda: datetime.now().astimezone())
+        self._executor: ThreadPoolExecutor | None = None
+        self._servers: list[asyncio.Server] = []
+        self._ports: dict[str, int] = {}
+        self._senders: list[_Sender] = []
+        self._connections: set[_Connection] = set()
+        self._stopping = False
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resolve the allow-list and start listening."""
+        self._stopping = False
+        self._senders = [await self._resolve(s) for s in self.config.allowed_senders]
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hl7-store")
+        plain = await asyncio.start_server(
+            self._serve, self.config.host, self.config.port,
+            limit=_reader_limit(self.config.max_frame_bytes),
+        )
+        self._servers.append(plain)
+        self._ports["mllp"] = _bound_port(plain)
+        if self.config.tls is not None and self.ssl_context is not None:
+            secure = await asyncio.start_server(
+                self._serve, self.config.host, self.config.tls.port, ssl=self.ssl_context,
+                limit=_reader_limit(self.config.max_frame_bytes),
+            )
+            self._servers.append(secure)
+            self._ports["mllp+tls"] = _bound_port(secure)
+        log.info("hl7.listening", host=self.config.host, ports=dict(self._ports))
+
+    async def stop(self) -> None:
+        """Stop accepting, let each connection finish (and ACK) the message it is handling,
+        then close every connection."""
+        self._stopping = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self._connections):
+            if not conn.busy and conn.task is not None:
+                conn.task.cancel()  # waiting for a frame: nothing to finish
+        tasks = [c.task for c in self._connections if c.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        log.info("hl7.stopped")
+
+    @property
+    def port(self) -> int:
+        """The bound plain MLLP port (the real one when the config says 0)."""
+        return self._ports["mllp"]
+
+    @property
+    def tls_port(self) -> int | None:
+        """The bound MLLP-over-TLS port, or ``None`` when TLS is not configured."""
+        return self._ports.get("mllp+tls")
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """All bound ports by name: ``mllp`` and, with TLS, ``mllp+tls``."""
+        return dict(self._ports)
+
+    async def _resolve(self, sender: AllowedSender) -> _Sender:
+        networks: list[IPNetwork] = []
+        loop = asyncio.get_running_loop()
+        for host in sender.hosts:
+            if host == "*":
+                networks.extend(_ANY)
+            elif host == "localhost":
+                networks.extend(_LOOPBACK)
+            else:
+                try:
+                    networks.append(ipaddress.ip_network(host, strict=False))
+                except ValueError:
+                    try:
+                        infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+                    except OSError as exc:
+                        log.warning("hl7.allowlist.unresolved", host=host, error=str(exc))
+                        continue
+                    for info in infos:
+                        addr = _peer_address(str(info[4][0]))
+                        if addr is not None:
+                            networks.append(ipaddress.ip_network(addr))
+        return _Sender(
+            application=sender.application.casefold(),
+            facility=sender.facility.casefold() if sender.facility is not None else None,
+            networks=tuple(networks),
+        )
+
+    # --- connections --------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        host = str(peername[0]) if isinstance(peername, tuple) and peername else "unknown"
+        conn = _Connection(peer=host, task=asyncio.current_task())
+        if self._stopping:
+            writer.close()
+            return
+        self._connections.add(conn)
+        bound = log.bind(peer=host, tls=writer.get_extra_info("sslcontext") is not None)
+        bound.info("hl7.connection.open")
+        reason = "closed_by_peer"
+        error_type: str | None = None
+        try:
+            while not self._stopping:
+                try:
+                    async with asyncio.timeout(self.config.idle_timeout):
+                        payload = await read_frame(reader, self.config.max_frame_bytes)
+                except TimeoutError:
+                    reason = "idle_timeout"
+                    break
+                if payload is None:
+                    break
+                conn.busy = True
+                reply = await self._handle(payload, host)
+                if reply is not None:
+                    writer.write(frame(reply))
+                    async with asyncio.timeout(self.config.idle_timeout):
+                        await writer.drain()
+                conn.messages += 1
+                conn.busy = False
+            else:
+                reason = "gateway_stopping"
+        except FramingError as exc:
+            reason = "framing_error"
+            bound.warning("hl7.framing_error", error=exc.message)
+        except asyncio.CancelledError:
+            reason = "gateway_stopping"
+            if not self._stopping:
+                raise
+            if conn.task is not None:
+                conn.task.uncancel()  # our own stop(): end quietly
+        except (OSError, TimeoutError) as exc:  # reset, broken pipe, TLS error, stuck writer
+            reason = "connection_lost"
+            error_type = type(exc).__name__
+        except Exception as exc:
+            reason = "internal_error"
+            error_type = type(exc).__name__
+            bound.error("hl7.connection.failed", error_type=error_type,
+                        stack="".join(traceback.format_tb(exc.__traceback__)[-4:]))
+        finally:
+            self._connections.discard(conn)
+            writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                async with asyncio.timeout(5):
+                    await writer.wait_closed()
+            bound.info("hl7.connection.closed", reason=reason, messages=conn.messages,
+                       error_type=error_type)
+            self._hook(self.on_connection, reason)
+
+    async def _handle(self, raw: bytes, host: str) -> bytes | None:
+        """Decide and build the reply to one message; ``None`` when MSH-15 says no reply."""
+        started = time.perf_counter()
+        try:
+            header = parse_header(raw)
+        except HeaderError as exc:
+            partial = exc.partial
+            reply = self._refuse(partial, "AR", exc.message, exc.code, exc.location)
+            log.warning(
+                "hl7.message.rejected", peer=host, size=len(raw), error_code=exc.code,
+                error=exc.message, ack_code=_code(partial, "AR"),
+                sender_app=partial.sending_application if partial else None,
+                sender_facility=partial.sending_facility if partial else None,
+            )
+            self._count(partial.message_type if partial else "", _code(partial, "AR"))
+            return _send_policy(partial, "AR", reply)
+        fields = {
+            "peer": host, "sender_app": header.sending_application,
+            "sender_facility": header.sending_facility, "message_type": header.message_type,
+            "version": header.version, "size": len(raw),
+        }
+        if not self._allowed(header, host):
+            text = (
+                f"sender {header.sending_application}^{header.sending_facility} "
+                f"from {host} is not allowed"
+            )
+            reply = self._refuse(header, "AR", text, ERR_APPLICATION_INTERNAL, ("MSH", 1, 3))
+            log.warning("hl7.message.rejected", **fields, ack_code=_code(header, "AR"),
+                        error="sender not allowed")
+            self._count(header.message_type, _code(header, "AR"))
+            return _send_policy(header, "AR", reply)
+
+        success = _code(header, "AA")
+        now = self._clock()
+
+        def accept(envelope_id: str) -> bytes:
+            return build_ack(header, success, control_id=envelope_id[:20], now=now)
+
+        ingest = functools.partial(
+            self.store.ingest_message, raw,
+            sender=(header.sending_application, header.sending_facility),
+            control_id=header.control_id,
+            attrs={
+                "message_type": header.message_type, "trigger": header.trigger,
+                "structure": header.structure, "version": header.version,
+                "segments": list(header.segment_ids),
+                "sending_application": header.sending_application,
+                "sending_facility": header.sending_facility,
+                "processing_id": header.processing_id, "charset": header.charset,
+            },
+            source=f"{header.sending_application}^{header.sending_facility}@{host}",
+            build_ack=accept,
+        )
+        try:
+            assert self._executor is not None, "HL7Listener.start() was not called"
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, ingest)
+        except Transient as exc:
+            reply = self._refuse(header, "AE", STORE_FAILED_TEXT, ERR_APPLICATION_INTERNAL, None)
+            log.error("hl7.message.not_stored", **fields, ack_code=_code(header, "AE"),
+                      error=f"{type(exc).__name__}: {exc.message}")
+            self._count(header.message_type, _code(header, "AE"))
+            return _send_policy(header, "AE", reply)
+        except Exception as exc:
+            reply = self._refuse(header, "AE", INTERNAL_ERROR_TEXT, ERR_APPLICATION_INTERNAL, None)
+            # The exception's text and the frames' locals may hold message content: log the
+            # type and the code lines of the stack only.
+            log.error(
+                "hl7.message.failed", **fields, ack_code=_code(header, "AE"),
+                error_type=type(exc).__name__,
+                stack="".join(traceback.format_tb(exc.__traceback__)[-4:]),
+            )
+            self._count(header.message_type, _code(header, "AE"))
+            return _send_policy(header, "AE", reply)
+        assert result.ack is not None
+        log.info(
+            "hl7.message.stored" if result.new else "hl7.message.duplicate", **fields,
+            envelope_id=result.envelope_id, ack_code=success,
+            control_id_hash=self.store.keys.index("log", header.control_id)[:12],
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        self._count(header.message_type, success)
+        return _send_policy(header, "AA", result.ack)
+
+    def _allowed(self, header: Header, host: str) -> bool:
+        peer = _peer_address(host)
+        return any(s.allows(header, peer) for s in self._senders)
+
+    def _refuse(
+        self, header: Header | None, code: str, text: str, error_code: int,
+        location: tuple[str, int, int] | None,
+    ) -> bytes:
+        return build_ack(
+            header, _code(header, code), control_id=uuid.uuid4().hex[:20], text=text,
+            error_code=error_code, error_location=location, now=self._clock(),
+        )
+
+    def _count(self, message_type: str, code: str) -> None:
+        self._hook(self.on_message, message_type, code)
+
+    @staticmethod
+    def _hook(hook: Callable[..., None] | None, *args: str) -> None:
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception as exc:  # a metrics problem must not cost an ACK
+                log.error("hl7.metrics_hook_failed", error_type=type(exc).__name__)
+
+
+def _code(header: Header | None, original: str) -> str:
+    """The ACK code to send: the original-mode code, or its commit code in enhanced mode."""
+    return COMMIT_CODE[original] if header is not None and header.enhanced_mode else original
+
+
+def _send_policy(header: Header | None, original: str, reply: bytes) -> bytes | None:
+    """Apply MSH-15 (accept acknowledgement type) in enhanced mode."""
+    if header is None or not header.enhanced_mode:
+        return reply
+    wanted = header.accept_ack_type.upper()
+    error = COMMIT_CODE[original] in ERROR_CODES
+    if wanted == "NE" or (wanted == "ER" and not error) or (wanted == "SU" and error):
+        return None
+    return reply  # AL, or a value we do not know: always answer
+
+
+def _reader_limit(max_frame_bytes: int) -> int:
+    # The reader buffers up to this much while looking for the end block, so an oversized
+    # frame is noticed early; read_frame copes with frames longer than the limit.
+    return min(max_frame_bytes + 2, 1024 * 1024)
+
+
+def _bound_port(server: asyncio.Server) -> int:
+    port: int = server.sockets[0].getsockname()[1]
+    return port

@@ -28,7 +28,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +55,10 @@ __all__ = [
     "DEFAULT_SERIES",
     "SUPPORTED_TRANSFER_SYNTAXES",
     "SeriesSpec",
+    "dataset_bytes",
     "dcmtk_env",
     "free_port",
+    "iter_transfer_syntaxes",
     "make_ct_series",
     "make_large_instance",
     "make_study",
@@ -550,26 +552,38 @@ def storescp_args(output_dir: Path | str, *, port: int, aet: str = "STORESCP") -
     return ["storescp", "+xa", "-dhl", "-aet", aet, "-od", str(output_dir), str(port)]
 
 
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
+
+
+def dataset_bytes(data: bytes) -> bytes:
+    """The data set of a Part 10 stream: ``data`` without preamble, ``DICM`` and the file
+    meta information (group 0002, always explicit VR little endian). This is what goes over
+    the wire in a C-STORE, so a receiver that keeps the bytes "as sent" can be compared
+    with the file that was sent."""
+    if data[128:132] == b"DICM":
+        pos = 132
+    elif data[:4] == b"DICM":
+        pos = 4
+    else:
+        pos = 0
+    while pos + 8 <= len(data):
+        group, _element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            pos += 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            pos += 8 + length
+    return data[pos:]
+
+
 def iter_transfer_syntaxes(paths: Sequence[Path]) -> Iterator[tuple[Path, UID]]:
     """(path, transfer syntax) for each file, reading the file meta only."""
     from pydicom.filereader import read_file_meta_info
 
     for p in paths:
         yield p, UID(read_file_meta_info(p).TransferSyntaxUID)
-
-
-def with_count(spec: SeriesSpec, count: int) -> SeriesSpec:
-    """``spec`` with another instance count (handy for scaling :data:`DEFAULT_SERIES`)."""
-    return replace(spec, count=count)
-
-
-def dataset_bytes(data: bytes) -> bytes:
-    """The data set of a Part 10 byte stream, without preamble and file meta information."""
-    import io
-
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-
-    fp = io.BytesIO(data)
-    read_preamble(fp, False)
-    _read_file_meta_info(fp)
-    return fp.read()

@@ -25,6 +25,7 @@ from pydicom.uid import (
 from tests.dicomgen import (
     DEFAULT_SERIES,
     SeriesSpec,
+    dataset_bytes,
     dcmtk_env,
     free_port,
     make_ct_series,
@@ -164,3 +165,20 @@ def test_storescu_args_for_one_transfer_syntax_use_its_propose_option(tmp_path: 
     args = storescu_args(paths, port=104)
     assert args[:3] == ["storescu", "-R", "-xr"]
     assert args[-2:] == [str(p) for p in paths]
+
+
+def test_dataset_bytes_strips_preamble_and_file_meta(tmp_path: Path) -> None:
+    """Same cut as pydicom's own reader makes, for every uncompressed transfer syntax."""
+    import io
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    series = [SeriesSpec("CT", 1, 16, 16, ts) for ts in (
+        ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)]
+    for path in make_study(tmp_path, series=series):
+        raw = path.read_bytes()
+        fp = io.BytesIO(raw)
+        read_preamble(fp, False)
+        _read_file_meta_info(fp)
+        assert dataset_bytes(raw) == fp.read()
+        assert dataset_bytes(raw[128:]) == dataset_bytes(raw)  # no preamble, starts at DICM

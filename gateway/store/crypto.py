@@ -181,10 +181,15 @@ class Sealer:
         return MAGIC + bytes([len(kid)]) + kid + nonce
 
     def seal(self, plaintext: bytes, context: bytes) -> bytes:
+        header, body = self.seal_parts(plaintext, context)
+        return header + body
+
+    def seal_parts(self, plaintext: bytes, context: bytes) -> tuple[bytes, bytes]:
+        """The blob as (header, ciphertext + tag), so a large one is never copied to join."""
         dk = self.keys.current_key()
         nonce = os.urandom(NONCE_BYTES)
         header = self._header(dk.key_id, nonce)
-        return header + AESGCM(dk.key).encrypt(nonce, plaintext, header + context)
+        return header, AESGCM(dk.key).encrypt(nonce, plaintext, header + context)
 
     def seal_stream(self, chunks: Iterable[bytes], context: bytes) -> Iterator[bytes]:
         """Encrypt a stream chunk by chunk: header, ciphertext pieces, then the tag."""

@@ -1,18 +1,21 @@
-"""The spool: encrypted, content-addressed, fsync'd blobs on the local disk.
+"""The spool: encrypted, fsync'd blobs on the local disk, one file per object.
 
-A blob's name is a keyed hash of its plaintext, so the same bytes received twice are
-stored once and a name reveals nothing about the content.  :meth:`Spool.put` returns only
-after the file and its directory entry are on disk; the caller then commits the queue row
-that references it, and only then answers the peer.
+A blob's name is ``<UTC hour>-<random>``: it reveals nothing about the content, it is
+never reused (so a file is written once, in place, with no rename), and objects of the
+same hour share a directory, so a new directory (and its extra fsync) is needed once an
+hour.  :meth:`Spool.put` returns only after the file and its directory entry are on
+disk; the caller then commits the queue row that references it, and only then answers
+the peer.  A crash before that commit leaves an unreferenced file, never a referenced
+partial one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import hmac
 import os
+import secrets
+import time
 from pathlib import Path
 
 from gateway.errors import IntegrityError, SpoolFull
@@ -28,45 +31,45 @@ class Spool:
         self._known_dirs: set[Path] = set()
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def key_for(self, data: bytes) -> str:
-        return hmac.new(self.sealer.keys.index_key, data, hashlib.sha256).hexdigest()[:40]
+    @staticmethod
+    def new_key(now: float | None = None) -> str:
+        hour = time.strftime("%Y%m%d%H", time.gmtime(time.time() if now is None else now))
+        return f"{hour}-{secrets.token_hex(16)}"
 
     def path_for(self, key: str) -> Path:
-        return self.root / key[:2] / key[2:4] / f"{key}.blob"
+        return self.root / key[:8] / key[8:10] / f"{key}.blob"
 
     def put(self, data: bytes) -> str:
-        """Encrypt and durably write *data*; return its spool key.
+        """Encrypt and durably write *data* under a new key; return the key.
 
         Raises :class:`SpoolFull` (a transient error) when the disk refuses the write.
         """
-        key = self.key_for(data)
+        key = self.new_key()
         path = self.path_for(key)
-        if path.exists():
-            # Same plaintext already stored (name = keyed hash of content).  Its writer may
-            # have died between rename and directory fsync, so make the entry durable now.
-            fsync_dir(path.parent)
-            return key
-        sealed = self.sealer.seal(data, key.encode())
-        tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
+        header, body = self.sealer.seal_parts(data, key.encode())
         try:
-            self._ensure_dir(path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                view = memoryview(sealed)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
+                fd = self._create(path)
+            except FileNotFoundError:  # the directory went away under us: make it again
+                self._known_dirs.discard(path.parent)
+                fd = self._create(path)
+            try:
+                _write_all(fd, header)
+                _write_all(fd, body)
+                os.fdatasync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
             fsync_dir(path.parent)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            _unlink_quietly(path)
             if exc.errno in _FULL_ERRNOS:
                 raise SpoolFull(f"spool cannot write: {os.strerror(exc.errno or 0)}") from exc
             raise SpoolFull(f"spool write failed: {exc}") from exc
         return key
+
+    def _create(self, path: Path) -> int:
+        self._ensure_dir(path.parent)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:
@@ -90,6 +93,16 @@ class Spool:
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).exists()
+
+    def discard(self, key: str) -> None:
+        """Remove a blob that no queue row references (e.g. the loser of a duplicate race)."""
+        _unlink_quietly(self.path_for(key))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -43,18 +43,29 @@ class Store:
     ) -> Ack:
         """Durably store one DICOM instance (bytes as received).  A SOP Instance UID seen
         before is acknowledged as a duplicate and not stored again."""
+        dedup_key = self.keys.index("dicom", sop_instance_uid)
+        existing = self.queue.find(dedup_key)
+        if existing is not None:
+            return Ack(new=False, envelope_id=existing)
         spool_key = self.spool.put(data)
         env = Envelope(
             id=new_id(),
             kind=Kind.DICOM,
             source=source,
             received_at=time.time() if now is None else now,
-            dedup_key=self.keys.index("dicom", sop_instance_uid),
+            dedup_key=dedup_key,
             spool_key=spool_key,
             study_key=self.keys.index("study", study_instance_uid),
             size=len(data),
         )
-        return self.queue.record_instance(env, self._seal_attrs(env.id, attrs), quiet)
+        try:
+            ack = self.queue.record_instance(env, self._seal_attrs(env.id, attrs), quiet)
+        except BaseException:
+            self.spool.discard(spool_key)
+            raise
+        if not ack.new:  # another association stored the same instance meanwhile
+            self.spool.discard(spool_key)
+        return ack
 
     def ingest_message(
         self,

@@ -225,7 +225,7 @@ def test_no_phi_in_logs_or_in_plaintext_at_rest(tmp_path: Path) -> None:
     finally:
         gw.stop()
     log = gw.log()
-    assert "instance stored" in log and "message" in log
+    assert "association released" in log and "hl7.message" in log
     for value in PHI:
         assert value not in log, f"{value!r} appears in the log"
     for root, _, names in os.walk(gw.data_dir):

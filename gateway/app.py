@@ -84,7 +84,7 @@ class Gateway:
         self.assembler.start()
         self._started = True
         log.info(
-            "gateway started",
+            "gateway.started",
             dicom_ports=self.dicom.ports,
             hl7_ports=self.hl7.ports,
             http_port=self.http.port,
@@ -96,7 +96,7 @@ class Gateway:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        log.info("gateway stopping")
+        log.info("gateway.stopping")
         self.dicom.stop()
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(self.hl7.stop(), self._loop).result(timeout=30)
@@ -105,14 +105,14 @@ class Gateway:
         self.assembler.stop()
         self.http.stop()
         self.store.close()
-        log.info("gateway stopped")
+        log.info("gateway.stopped")
 
     def run_forever(self) -> None:
         """Start, then block until SIGTERM/SIGINT, then drain and return."""
         done = threading.Event()
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("signal received", signal=signal.Signals(signum).name)
+            log.info("gateway.signal", signal=signal.Signals(signum).name)
             done.set()
 
         signal.signal(signal.SIGTERM, on_signal)
@@ -124,4 +124,4 @@ class Gateway:
         finally:
             started = time.monotonic()
             self.stop()
-            log.info("drained", seconds=round(time.monotonic() - started, 2))
+            log.info("gateway.drained", seconds=round(time.monotonic() - started, 2))

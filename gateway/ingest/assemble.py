@@ -9,6 +9,7 @@ import time
 
 import structlog
 
+from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
 from gateway.store.sqlite import SQLiteQueue
 
@@ -37,7 +38,7 @@ class Assembler:
             info = self.queue.study(study_key)
             self.metrics.studies_completed.inc()
             log.info(
-                "study complete",
+                "study.complete",
                 study=study_key[:12],
                 instances=info.instances if info else None,
                 reopened=info.reopened if info else None,
@@ -45,15 +46,15 @@ class Assembler:
             )
         swept = self.queue.sweep_expired(now)
         if swept:
-            log.warning("expired leases returned to the queue", jobs=swept)
+            log.warning("queue.leases_expired", jobs=swept)
         return done
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.run_once()
-            except Exception:  # keep assembling; the next tick retries
-                log.exception("study assembly failed; retrying")
+            except Exception as exc:  # keep assembling; the next tick retries
+                log.error("study.assembly_failed", **exception_fields(exc))
             due = self.queue.next_study_due()
             wait = self.tick if due is None else min(self.tick, max(0.05, due - time.time()))
             self._stop.wait(wait)

@@ -37,6 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from gateway.config import AllowedCaller, DicomSection
 from gateway.errors import MalformedInput, Permanent, Transient
 from gateway.ingest.dicom_check import check_dataset
+from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
 from gateway.store.store import Store
 
@@ -184,16 +185,18 @@ class StoreHandler:
         except Transient as exc:
             self.metrics.spool_errors.labels(kind=type(exc).__name__).inc()
             self._count(event, "out_of_resources")
-            log.error("instance not stored", reason=exc.message, source=source, status="A700")
+            log.error("dicom.instance.not_stored", reason=exc.message, source=source, status="A700")
             return _status(OUT_OF_RESOURCES, f"Gateway cannot store now: {exc.message}")
         except Permanent as exc:
             self._count(event, "refused")
             code = getattr(exc, "status", CANNOT_UNDERSTAND)
-            log.warning("instance refused", reason=exc.message, source=source, status=f"{code:04X}")
+            log.warning(
+                "dicom.instance.refused", reason=exc.message, source=source, status=f"{code:04X}"
+            )
             return _status(code, exc.message)
-        except Exception:  # a bug must never answer success
+        except Exception as exc:  # a bug must never answer success
             self._count(event, "error")
-            log.exception("instance store failed unexpectedly", source=source)
+            log.error("dicom.instance.failed", source=source, **exception_fields(exc))
             return _status(PROCESSING_FAILURE, "Gateway internal error; see gateway log")
         return status
 
@@ -231,7 +234,7 @@ class StoreHandler:
         if ack.new:
             self.metrics.instance_bytes.inc(len(data))
         log.debug(
-            "instance stored" if ack.new else "instance already stored",
+            "dicom.instance.stored" if ack.new else "dicom.instance.duplicate",
             envelope_id=ack.envelope_id,
             source=source,
             bytes=len(data),
@@ -324,7 +327,7 @@ class DicomSCP:
                     ),
                 )
             )
-        log.info("dicom listening", ae_title=self.cfg.ae_title, ports=self.ports)
+        log.info("dicom.listening", ae_title=self.cfg.ae_title, ports=self.ports)
 
     @property
     def ports(self) -> list[int]:
@@ -348,7 +351,8 @@ class DicomSCP:
         if not caller_allowed(ae_title, req.address, self._callers()):
             self.metrics.associations.labels(outcome="rejected").inc()
             log.warning(
-                "association rejected: calling AE title and host are not on the allow-list",
+                "dicom.association.rejected",
+                reason="calling AE title and host are not on the allow-list",
                 calling_ae=ae_title,
                 peer=req.address,
                 hint="add them under dicom.allowed_callers",
@@ -362,7 +366,7 @@ class DicomSCP:
         self.metrics.active_associations.inc()
         self._open[id(event.assoc)] = time.monotonic()
         log.info(
-            "association accepted",
+            "dicom.association.accepted",
             calling_ae=event.assoc.requestor.ae_title.strip(),
             peer=event.assoc.requestor.address,
         )
@@ -372,7 +376,7 @@ class DicomSCP:
         prim = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
         self.metrics.associations.labels(outcome="rejected").inc()
         log.warning(
-            "association rejected",
+            "dicom.association.rejected",
             calling_ae=str(prim.calling_ae_title).strip(),
             called_ae=str(prim.called_ae_title).strip(),
             peer=event.assoc.requestor.address,
@@ -387,7 +391,9 @@ class DicomSCP:
         self.metrics.active_associations.dec()
         tally = self.store_handler.tallies.pop(id(event.assoc), Counter())
         log.info(
-            "association released" if event.event is evt.EVT_RELEASED else "association aborted",
+            "dicom.association.released"
+            if event.event is evt.EVT_RELEASED
+            else "dicom.association.aborted",
             calling_ae=event.assoc.requestor.ae_title.strip(),
             peer=event.assoc.requestor.address,
             seconds=round(time.monotonic() - started, 3),

@@ -29,7 +29,6 @@ import ipaddress
 import socket
 import ssl
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from gateway.errors import Transient
 from gateway.hl7.ack import COMMIT_CODE, ERROR_CODES, build_ack
 from gateway.hl7.mllp import FramingError, frame, read_frame
 from gateway.hl7.msh import ERR_APPLICATION_INTERNAL, Header, HeaderError, parse_header
+from gateway.observability.logging import exception_fields
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -260,8 +260,7 @@ class HL7Listener:
         except Exception as exc:
             reason = "internal_error"
             error_type = type(exc).__name__
-            bound.error("hl7.connection.failed", error_type=error_type,
-                        stack="".join(traceback.format_tb(exc.__traceback__)[-4:]))
+            bound.error("hl7.connection.failed", **exception_fields(exc))
         finally:
             self._connections.discard(conn)
             writer.close()
@@ -336,12 +335,9 @@ class HL7Listener:
             return _send_policy(header, "AE", reply)
         except Exception as exc:
             reply = self._refuse(header, "AE", INTERNAL_ERROR_TEXT, ERR_APPLICATION_INTERNAL, None)
-            # The exception's text and the frames' locals may hold message content: log the
-            # type and the code lines of the stack only.
             log.error(
                 "hl7.message.failed", **fields, ack_code=_code(header, "AE"),
-                error_type=type(exc).__name__,
-                stack="".join(traceback.format_tb(exc.__traceback__)[-4:]),
+                **exception_fields(exc),
             )
             self._count(header.message_type, _code(header, "AE"))
             return _send_policy(header, "AE", reply)

@@ -12,6 +12,7 @@ import enum
 import logging
 import re
 import sys
+import traceback
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -114,6 +115,18 @@ def _clean(value: Any, depth: int = 0) -> Any:
     if isinstance(value, (_dt.datetime, _dt.date)):
         return value.isoformat()
     return f"<{type(value).__name__}>"
+
+
+def exception_fields(exc: BaseException) -> dict[str, str]:
+    """How an unexpected exception is logged: its type and the last code lines of its stack.
+
+    Never its text or the frames' locals: those can hold patient data (a pydicom value, an
+    HL7 field).  The stack's source lines are code, not data.
+    """
+    return {
+        "error_type": type(exc).__name__,
+        "stack": "".join(traceback.format_tb(exc.__traceback__)[-4:]),
+    }
 
 
 def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:

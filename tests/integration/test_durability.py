@@ -225,7 +225,7 @@ def test_no_phi_in_logs_or_in_plaintext_at_rest(tmp_path: Path) -> None:
     finally:
         gw.stop()
     log = gw.log()
-    assert "association released" in log and "hl7.message" in log
+    assert "dicom.association.released" in log and "hl7.message.stored" in log
     for value in PHI:
         assert value not in log, f"{value!r} appears in the log"
     for root, _, names in os.walk(gw.data_dir):
@@ -240,4 +240,4 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     with socket.create_connection(("127.0.0.1", gw.hl7_port)):
         pass
     assert gw.stop() == 0
-    assert "gateway stopped" in gw.log()
+    assert "gateway.stopped" in gw.log()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 import structlog
 
 from gateway.config import Config
+from gateway.errors import ListenError
 from gateway.ingest.assemble import Assembler
 from gateway.ingest.dicom_scp import DicomSCP
 from gateway.ingest.hl7_listener import HL7Listener
@@ -20,6 +23,23 @@ from gateway.security.tls import server_context
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
+
+
+@contextlib.contextmanager
+def _listening(what: str, host: str, port: int) -> Iterator[None]:
+    """Turn a bind failure into an error that says which listener and what to do."""
+    try:
+        yield
+    except OSError as exc:
+        hint = {
+            errno.EADDRINUSE: "another program (or another gateway) uses it; stop it or "
+            "change the port in the config",
+            errno.EACCES: "ports below 1024 need privileges; use a higher port",
+            errno.EADDRNOTAVAIL: "this machine has no such address; check the host",
+        }.get(exc.errno or 0, "check the host and port in the config")
+        raise ListenError(
+            f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}; {hint}"
+        ) from None
 
 
 class Gateway:
@@ -38,13 +58,14 @@ class Gateway:
             on_connection=lambda outcome: self.metrics.hl7_connections.labels(outcome).inc(),
         )
         self.assembler = Assembler(self.store.queue, self.metrics)
-        self.http = HealthServer(
-            cfg.gateway.http.host,
-            cfg.gateway.http.port,
-            self.metrics,
-            self.readiness,
-            self.refresh_metrics,
-        )
+        with _listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
+            self.http = HealthServer(
+                cfg.gateway.http.host,
+                cfg.gateway.http.port,
+                self.metrics,
+                self.readiness,
+                self.refresh_metrics,
+            )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hl7", daemon=True)
         self._stopped = threading.Event()
@@ -79,8 +100,14 @@ class Gateway:
     def start(self) -> None:
         self.http.start()
         self._loop_thread.start()
-        asyncio.run_coroutine_threadsafe(self.hl7.start(), self._loop).result(timeout=30)
-        self.dicom.start()
+        try:
+            with _listening("hl7", self.cfg.hl7.host, self.cfg.hl7.port):
+                asyncio.run_coroutine_threadsafe(self.hl7.start(), self._loop).result(timeout=30)
+            with _listening("dicom", self.cfg.dicom.host, self.cfg.dicom.port):
+                self.dicom.start()
+        except BaseException:
+            self.stop()
+            raise
         self.assembler.start()
         self._started = True
         log.info(
@@ -102,7 +129,8 @@ class Gateway:
             asyncio.run_coroutine_threadsafe(self.hl7.stop(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
-        self.assembler.stop()
+        if self.assembler.running:
+            self.assembler.stop()
         self.http.stop()
         self.store.close()
         log.info("gateway.stopped")

@@ -52,6 +52,10 @@ class ConfigError(Permanent):
         super().__init__("\n".join(errors))
 
 
+class ListenError(Permanent):
+    """A listener cannot bind its address (port in use, no permission)."""
+
+
 class KeyStoreError(Permanent):
     """The encryption key file is missing, unreadable or corrupt."""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.envelope import Envelope, Kind, new_id
+from gateway.errors import KeyStoreError
 from gateway.store.crypto import KeyStore, Sealer
 from gateway.store.queue import Ack
 from gateway.store.spool import Spool
@@ -22,10 +23,18 @@ from gateway.store.sqlite import SQLiteQueue
 class Store:
     def __init__(self, data_dir: Path, key_file: Path, *, create: bool = True) -> None:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        queue_db = data_dir / "queue.sqlite3"
+        if not key_file.exists() and queue_db.exists() and create:
+            # A new key would silently make every stored object unreadable.
+            raise KeyStoreError(
+                f"encryption key file '{key_file}' is missing but '{data_dir}' holds data "
+                "encrypted with it; restore the key file from backup (refusing to create a "
+                "new key)"
+            )
         self.keys = KeyStore.open(key_file, create=create)
         self.sealer = Sealer(self.keys)
         self.spool = Spool(data_dir / "spool", self.sealer)
-        self.queue = SQLiteQueue(data_dir / "queue.sqlite3")
+        self.queue = SQLiteQueue(queue_db)
 
     def _seal_attrs(self, envelope_id: str, attrs: dict[str, Any]) -> bytes:
         return self.sealer.seal(json.dumps(attrs).encode(), b"attrs:" + envelope_id.encode())

@@ -49,7 +49,13 @@ class Gateway:
         self.store = Store(cfg.data_dir, cfg.key_file)
         dicom_tls = server_context(cfg.dicom.tls, cfg.path) if cfg.dicom.tls else None
         hl7_tls = server_context(cfg.hl7.tls, cfg.path) if cfg.hl7.tls else None
-        self.dicom = DicomSCP(cfg.dicom, self.store, self.metrics, ssl_context=dicom_tls)
+        self.dicom = DicomSCP(
+            cfg.dicom,
+            self.store,
+            self.metrics,
+            incoming=cfg.data_dir / "incoming",
+            ssl_context=dicom_tls,
+        )
         self.hl7 = HL7Listener(
             cfg.hl7,
             self.store,

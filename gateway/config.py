@@ -99,7 +99,10 @@ class DicomSection(_Strict):
     tls: ServerTLS | None = None
     allowed_callers: list[AllowedCaller] = Field(min_length=1)
     study_complete_after: Seconds = 5
-    processes: Annotated[int, Field(ge=1, le=64)] = 1
+    # Write each instance to data_dir/incoming as it arrives instead of holding it in
+    # memory: for sites sending instances of hundreds of MB (whole-slide, long multi-frame).
+    # Trade-off: a full disk then aborts the association instead of answering 0xA700.
+    receive_to_disk: bool = False
 
 
 class AllowedSender(_Strict):

@@ -25,8 +25,11 @@ SEQ_END = 0xFFFEE0DD
 MAX_DEPTH = 64
 
 
+Buffer = bytes | memoryview
+
+
 class _Walker:
-    def __init__(self, data: bytes, *, implicit: bool, big_endian: bool) -> None:
+    def __init__(self, data: Buffer, *, implicit: bool, big_endian: bool) -> None:
         self.data = data
         self.implicit = implicit
         e = ">" if big_endian else "<"
@@ -69,7 +72,7 @@ class _Walker:
             vr = b"SQ" if length == UNDEFINED else b""
             pos += 8
         else:
-            vr = self.data[pos + 4 : pos + 6]
+            vr = bytes(self.data[pos + 4 : pos + 6])
             if vr in _LONG_VRS:
                 if pos + 12 > end:
                     raise self._fail(pos, "truncated element header")
@@ -135,12 +138,12 @@ class _Walker:
         raise self._fail(pos, "encapsulated pixel data without its delimiter")
 
 
-def check_dataset(data: bytes, transfer_syntax: str) -> None:
+def check_dataset(data: Buffer, transfer_syntax: str) -> None:
     """Raise :class:`MalformedInput` unless *data* (a data set without file meta) is a
     well-formed sequence of elements in *transfer_syntax*."""
     if transfer_syntax in DEFLATED:
         try:
-            data = zlib.decompress(data, -zlib.MAX_WBITS)
+            data = zlib.decompress(data, -zlib.MAX_WBITS)  # whole: deflate is rare
         except zlib.error as exc:
             raise MalformedInput(f"deflated data set does not inflate: {exc}") from None
     walker = _Walker(
@@ -150,3 +153,12 @@ def check_dataset(data: bytes, transfer_syntax: str) -> None:
         walker.dataset(0, len(data), 0, until_item_end=False)
     except struct.error:
         raise MalformedInput("malformed data set: truncated element") from None
+
+
+def dataset_offset(part10: Buffer) -> int:
+    """Where the data set starts in Part 10 bytes: after preamble, 'DICM' and the file meta
+    group, whose length the (0002,0000) element gives."""
+    if bytes(part10[128:132]) != b"DICM" or bytes(part10[132:136]) != b"\x02\x00\x00\x00":
+        raise MalformedInput("not a DICOM file: no DICM prefix or group length")
+    (group_length,) = struct.unpack_from("<I", part10, 140)
+    return 144 + int(group_length)

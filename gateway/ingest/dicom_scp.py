@@ -8,13 +8,19 @@ routing attributes are read, with pixel data skipped.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
+import mmap
+import os
 import ssl
+import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import structlog
@@ -36,7 +42,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.config import AllowedCaller, DicomSection
 from gateway.errors import MalformedInput, Permanent, Transient
-from gateway.ingest.dicom_check import check_dataset
+from gateway.ingest.dicom_check import check_dataset, dataset_offset
 from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
 from gateway.store.store import Store
@@ -67,6 +73,8 @@ ROUTING_KEYWORDS = (
 # 0.86 s -> 0.70 s for 300 CT instances on one association, at ~2000 idle wake-ups/s.
 DUL_POLL_SECONDS = 0.0005
 
+NETWORK_TIMEOUT = 120  # seconds of silence after which pynetdicom drops a connection
+
 # Status codes (PS3.4 Annex B.2.3)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -76,17 +84,26 @@ MISSING_IDENTIFIER = 0xC211
 PROCESSING_FAILURE = 0xC212
 
 
-def configure_pynetdicom() -> None:
+def configure_pynetdicom(incoming: Path | None) -> None:
     """pynetdicom's switches are module globals: set them once, here, for our SCP.
 
     Identifiers are never logged, context variables follow association threads, and a
-    storage SOP class that pynetdicom does not know is still accepted.
+    storage SOP class that pynetdicom does not know is still accepted.  With *incoming*
+    (``dicom.receive_to_disk``), received data sets are written to a file as they arrive
+    instead of being held in memory; pynetdicom puts those files in
+    :func:`tempfile.gettempdir`, so that is pointed at *incoming* (inside the data
+    directory, mode 0700): plaintext never lands in a shared /tmp.
     """
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.PASS_CONTEXTVARS = True
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _config.STORE_RECV_CHUNKED_DATASET = incoming is not None
+    if incoming is not None:
+        incoming.mkdir(mode=0o700, parents=True, exist_ok=True)
+        incoming.chmod(0o700)
+        tempfile.tempdir = str(incoming)
 
 
 def host_allowed(peer: str, hosts: list[str]) -> bool:
@@ -123,14 +140,15 @@ class InstanceHeader:
     attrs: dict[str, Any]
 
 
-def read_header(data: bytes) -> InstanceHeader:
+def read_header(data: bytes | Path) -> InstanceHeader:
     """Read the identifiers and routing attributes of an encoded instance (Part 10 bytes).
 
     The structure was checked already (:func:`check_dataset`); this reads the header up to
     the pixel data.  Raises :class:`MalformedInput`.
     """
     try:
-        ds = dcmread(io.BytesIO(data), force=False, stop_before_pixels=True)
+        source = data if isinstance(data, Path) else io.BytesIO(data)
+        ds = dcmread(source, force=False, stop_before_pixels=True)
         values = {kw: _plain(ds.get(kw)) for kw in ROUTING_KEYWORDS if kw in ds}
         sop_instance = str(ds.SOPInstanceUID) if "SOPInstanceUID" in ds else ""
         sop_class = str(ds.SOPClassUID) if "SOPClassUID" in ds else ""
@@ -164,8 +182,9 @@ def _plain(value: Any) -> Any:
 class StoreHandler:
     """EVT_C_STORE: the only place that decides a C-STORE status."""
 
-    def __init__(self, store: Store, quiet: float, metrics: Metrics) -> None:
+    def __init__(self, store: Store, quiet: float, metrics: Metrics, *, on_disk: bool) -> None:
         self.store = store
+        self.on_disk = on_disk
         self.quiet = quiet
         self.metrics = metrics
         # per-association outcome counts, logged once when the association ends
@@ -201,9 +220,19 @@ class StoreHandler:
         return status
 
     def _store(self, event: evt.Event, source: str) -> int | Dataset:
-        body: bytes = event.encoded_dataset(include_meta=False)
-        check_dataset(body, str(event.context.transfer_syntax))
-        data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), body))
+        data: bytes | Path
+        if self.on_disk:
+            # pynetdicom wrote the instance, as received, to a Part 10 file in the incoming
+            # directory while the fragments arrived: memory stays small whatever its size.
+            # pynetdicom deletes the file after we answer.
+            data = event.dataset_path
+            check_file(data, str(event.context.transfer_syntax))
+            size = data.stat().st_size
+        else:
+            body: bytes = event.encoded_dataset(include_meta=False)
+            check_dataset(body, str(event.context.transfer_syntax))
+            data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), body))
+            size = len(data)
         header = read_header(data)
         request = cast(C_STORE, event.request)
         request_uid = str(request.AffectedSOPInstanceUID)
@@ -230,20 +259,31 @@ class StoreHandler:
             source=source,
             quiet=self.quiet,
         )
-        self._count(event, "stored" if ack.new else "duplicate", len(data) if ack.new else 0)
+        self._count(event, "stored" if ack.new else "duplicate", size if ack.new else 0)
         if ack.new:
-            self.metrics.instance_bytes.inc(len(data))
+            self.metrics.instance_bytes.inc(size)
         log.debug(
             "dicom.instance.stored" if ack.new else "dicom.instance.duplicate",
             envelope_id=ack.envelope_id,
             source=source,
-            bytes=len(data),
+            bytes=size,
             sop=self.store.keys.index("log", header.sop_instance_uid)[:12],
             study=self.store.keys.index("log", header.study_instance_uid)[:12],
             modality=header.attrs.get("Modality"),
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
         return SUCCESS
+
+
+def check_file(path: Path, transfer_syntax: str) -> None:
+    """:func:`check_dataset` on a Part 10 file, through a memory map (no copy in memory)."""
+    with path.open("rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file cannot be mapped
+            raise MalformedInput("empty data set") from None
+        with mm, memoryview(mm) as view, view[dataset_offset(view) :] as body:
+            check_dataset(body, transfer_syntax)
 
 
 class _Refusal(MalformedInput):
@@ -272,10 +312,12 @@ class DicomSCP:
         store: Store,
         metrics: Metrics,
         *,
+        incoming: Path,
         ssl_context: ssl.SSLContext | None = None,
         callers: Callable[[], list[AllowedCaller]] | None = None,
     ) -> None:
-        configure_pynetdicom()
+        configure_pynetdicom(incoming if cfg.receive_to_disk else None)
+        self.incoming = incoming
         self.cfg = cfg
         self.metrics = metrics
         self.ssl_context = ssl_context
@@ -286,11 +328,13 @@ class DicomSCP:
         ae.maximum_pdu_size = cfg.max_pdu
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
-        ae.network_timeout = 120
+        ae.network_timeout = NETWORK_TIMEOUT
         for cx in [*StoragePresentationContexts, *VerificationPresentationContexts]:
             ae.add_supported_context(cast(str, cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         self.ae = ae
-        self.store_handler = StoreHandler(store, cfg.study_complete_after, metrics)
+        self.store_handler = StoreHandler(
+            store, cfg.study_complete_after, metrics, on_disk=cfg.receive_to_disk
+        )
         self.handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -304,7 +348,26 @@ class DicomSCP:
         self.servers: list[ThreadedAssociationServer] = []
         self._open: dict[int, float] = {}
 
+    def purge_incoming(self, older_than: float = 0.0) -> int:
+        """Delete partial receptions: files of associations that aborted mid-instance, or
+        of a gateway that was killed.  Nothing in them was acknowledged.  A live transfer
+        touches its file with every fragment, so *older_than* seconds of silence mean dead.
+        """
+        removed = 0
+        if not self.incoming.is_dir():
+            return 0
+        cutoff = time.time() - older_than
+        for entry in os.scandir(self.incoming):
+            with contextlib.suppress(OSError):
+                if entry.is_file() and entry.stat().st_mtime <= cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+        if removed:
+            log.info("dicom.incoming.purged", files=removed)
+        return removed
+
     def start(self) -> None:
+        self.purge_incoming()
         self.servers.append(
             cast(
                 ThreadedAssociationServer,
@@ -385,6 +448,13 @@ class DicomSCP:
         )
 
     def _on_closed(self, event: evt.Event) -> None:
+        if event.event is evt.EVT_ABORTED:
+            # Its partial file, if any, goes once no live transfer could still be writing it.
+            timer = threading.Timer(
+                2 * NETWORK_TIMEOUT + 1, self.purge_incoming, kwargs={"older_than": NETWORK_TIMEOUT}
+            )
+            timer.daemon = True
+            timer.start()
         started = self._open.pop(id(event.assoc), None)
         if started is None:
             return

@@ -16,6 +16,7 @@ import errno
 import os
 import secrets
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gateway.errors import IntegrityError, SpoolFull
@@ -45,8 +46,22 @@ class Spool:
         Raises :class:`SpoolFull` (a transient error) when the disk refuses the write.
         """
         key = self.new_key()
+        return self._write_new(key, self.sealer.seal_parts(data, key.encode()))
+
+    def put_file(self, source: Path, chunk: int = 4 << 20) -> str:
+        """Like :meth:`put`, for the contents of a file, streamed: memory stays at *chunk*
+        bytes whatever the file's size."""
+        key = self.new_key()
+
+        def chunks() -> Iterator[bytes]:
+            with source.open("rb") as f:
+                while block := f.read(chunk):
+                    yield block
+
+        return self._write_new(key, self.sealer.seal_stream(chunks(), key.encode()))
+
+    def _write_new(self, key: str, parts: Iterable[bytes]) -> str:
         path = self.path_for(key)
-        header, body = self.sealer.seal_parts(data, key.encode())
         try:
             try:
                 fd = self._create(path)
@@ -54,8 +69,8 @@ class Spool:
                 self._known_dirs.discard(path.parent)
                 fd = self._create(path)
             try:
-                _write_all(fd, header)
-                _write_all(fd, body)
+                for part in parts:
+                    _write_all(fd, part)
                 os.fdatasync(fd)
             finally:
                 os.close(fd)

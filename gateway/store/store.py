@@ -41,7 +41,7 @@ class Store:
 
     def ingest_instance(
         self,
-        data: bytes,
+        data: bytes | Path,
         *,
         sop_instance_uid: str,
         study_instance_uid: str,
@@ -50,13 +50,19 @@ class Store:
         quiet: float,
         now: float | None = None,
     ) -> Ack:
-        """Durably store one DICOM instance (bytes as received).  A SOP Instance UID seen
-        before is acknowledged as a duplicate and not stored again."""
+        """Durably store one DICOM instance: Part 10 bytes as received, or a file holding
+        them (streamed, for instances larger than memory).  A SOP Instance UID seen before
+        is acknowledged as a duplicate and not stored again."""
         dedup_key = self.keys.index("dicom", sop_instance_uid)
         existing = self.queue.find(dedup_key)
         if existing is not None:
             return Ack(new=False, envelope_id=existing)
-        spool_key = self.spool.put(data)
+        if isinstance(data, Path):
+            size = data.stat().st_size
+            spool_key = self.spool.put_file(data)
+        else:
+            size = len(data)
+            spool_key = self.spool.put(data)
         env = Envelope(
             id=new_id(),
             kind=Kind.DICOM,
@@ -65,7 +71,7 @@ class Store:
             dedup_key=dedup_key,
             spool_key=spool_key,
             study_key=self.keys.index("study", study_instance_uid),
-            size=len(data),
+            size=size,
         )
         try:
             ack = self.queue.record_instance(env, self._seal_attrs(env.id, attrs), quiet)

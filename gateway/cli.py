@@ -160,8 +160,11 @@ def _queue(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
 
     db = cfg.data_dir / "queue.sqlite3"
     if not db.exists():
-        print(f"no queue yet at {db} (the gateway has not run with this config)", file=out)
-        return 0 if args.queue_command == "status" else 1
+        if getattr(args, "json", False):
+            out.write("{}\n" if args.queue_command == "status" else "[]\n")
+        else:
+            print(f"no queue yet at {db} (the gateway has not run with this config)", file=out)
+        return 1 if args.queue_command == "retry" else 0
     queue = SQLiteQueue(db)
     try:
         if args.queue_command == "status":

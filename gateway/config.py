@@ -212,23 +212,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        problems: list[str] = []
-        seen: set[str] = set()
-        for i, route in enumerate(self.routes):
-            if route.name in seen:
-                problems.append(f"@routes.{i}.name: duplicate route name '{route.name}'")
-            seen.add(route.name)
-            for j, name in enumerate(route.run):
-                if name not in self.models:
-                    hint = _did_you_mean(name, self.models)
-                    problems.append(f"@routes.{i}.run.{j}: unknown model '{name}'{hint}")
-            for field in ("send", "forward"):
-                for j, name in enumerate(getattr(route, field)):
-                    if name not in self.destinations:
-                        problems.append(
-                            f"@routes.{i}.{field}.{j}: unknown destination "
-                            f"'{name}'{_did_you_mean(name, self.destinations)}"
-                        )
+        problems = reference_problems(
+            [r.model_dump() for r in self.routes], self.models, self.destinations
+        )
         if problems:
             # '@path: message' lines: the loader turns each into its own FILE:LINE error.
             raise ValueError("\n".join(problems))
@@ -249,6 +235,39 @@ class Config(_Strict):
     @property
     def key_file(self) -> Path:
         return self.path(self.gateway.encryption_key_file)
+
+
+def reference_problems(routes: Any, models: Any, destinations: Any) -> list[str]:
+    """Routes naming models or destinations that do not exist, and duplicate route names,
+    as '@path: message' lines.  Works on plain data too, so these are reported even when
+    other parts of the file are invalid."""
+    problems: list[str] = []
+    if not isinstance(routes, list):
+        return problems
+    models = list(models) if isinstance(models, dict | list) else []
+    destinations = list(destinations) if isinstance(destinations, dict | list) else []
+    seen: set[str] = set()
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(f"@routes.{i}.name: duplicate route name '{name}'")
+            seen.add(name)
+        for field, known, what in (
+            ("run", models, "model"),
+            ("send", destinations, "destination"),
+            ("forward", destinations, "destination"),
+        ):
+            names = route.get(field) or []
+            for j, ref in enumerate(names if isinstance(names, list) else []):
+                if isinstance(ref, str) and ref not in known:
+                    problems.append(
+                        f"@routes.{i}.{field}.{j}: unknown {what} '{ref}'"
+                        f"{_did_you_mean(ref, known)}"
+                    )
+    return problems
 
 
 def _did_you_mean(name: str, choices: Any) -> str:
@@ -331,6 +350,17 @@ def _format_errors(exc: ValidationError, filename: str, lines: LineMap) -> list[
     return out
 
 
+def _at_lines(
+    problems: list[str], filename: str, lines: LineMap, loc: tuple[str, ...] = ()
+) -> list[str]:
+    out = []
+    for sub in problems:
+        sub_path, _, sub_msg = sub.removeprefix("@").partition(": ")
+        sub_loc = (*loc, *sub_path.split("."))
+        out.append(f"{filename}:{_line_for(sub_loc, lines)}: {'.'.join(sub_loc)}: {sub_msg}")
+    return out
+
+
 def _is_type_tag(part: str) -> bool:
     return (
         part in {"str", "int", "float", "bool"}
@@ -344,13 +374,16 @@ def _is_type_tag(part: str) -> bool:
 
 def _known_keys(parent: tuple[str, ...]) -> list[str]:
     model: Any = Config
+    skip_name = False  # under dict[str, Model] the next part is the user's own name
     for part in parent:
-        if part.isdigit():
+        if part.isdigit() or skip_name:
+            skip_name = False
             continue
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return []
         ann = field.annotation
+        skip_name = getattr(ann, "__origin__", None) is dict
         model = _model_in(ann)
         if model is None:
             return []
@@ -381,7 +414,10 @@ def load_config(path: Path | str) -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, filename, lines)) from None
+        errors = _format_errors(exc, filename, lines)
+        refs = reference_problems(data.get("routes"), data.get("models"), data.get("destinations"))
+        errors += [e for e in _at_lines(refs, filename, lines) if e not in errors]
+        raise ConfigError(errors) from None
     cfg = cfg.model_copy(update={"source": path.resolve()})
     _check_files(cfg, filename, lines)
     return cfg

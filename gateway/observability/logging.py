@@ -69,7 +69,8 @@ REDACTED = "[redacted]"
 
 # Values that look like PHI whatever key they come under (e.g. inside a library's message).
 _PHI_PATTERNS = [
-    re.compile(r"(?<![\w^])[A-Z][A-Za-z'-]+\^[A-Z][A-Za-z'-]+(?:\^[\w'-]*)*"),  # DOE^JANE (PN)
+    # DOE^JANE, SMITH^J (PN); the lookahead spares HL7 types such as ORU^R01, ADT^A08
+    re.compile(r"(?<![\w^])[A-Z][A-Za-z'-]+\^[A-Z][A-Za-z'-]*(?![0-9])(?:\^[\w'-]*)*"),
     re.compile(r"\b(?:PID|NK1|OBX|NTE|PV1|OBR|ORC|DG1|AL1|IN1|GT1)\|[^\r\n]*"),  # HL7 segments
     re.compile(r"\b(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\b"),  # DA dates
 ]

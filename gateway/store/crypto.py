@@ -210,7 +210,10 @@ class Sealer:
         start = 5 + n + NONCE_BYTES
         if len(blob) < start + TAG_BYTES:
             raise IntegrityError("encrypted blob is truncated")
-        key_id = blob[5 : 5 + n].decode("ascii")
+        try:
+            key_id = blob[5 : 5 + n].decode("ascii")
+        except UnicodeDecodeError:
+            raise IntegrityError("encrypted blob header is damaged") from None
         return self.keys.key(key_id), blob[:start], start
 
     def open(self, blob: bytes, context: bytes) -> bytes:

@@ -73,6 +73,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_ready ON jobs (stage, subject) WHERE 
 """
 
 
+SUPERSEDED = "superseded: a newer job for the same subject is waiting"
+
+
 class LeaseLost(QueueUnavailable):
     """The job's lease expired and another worker took it over."""
 
@@ -313,13 +316,43 @@ class SQLiteQueue:
             job, "UPDATE jobs SET state = 'done', lease_token = NULL, updated_at = ?", (now,)
         )
 
+    def _make_ready(
+        self,
+        db: sqlite3.Connection,
+        ids: list[int],
+        set_sql: str,
+        set_params: tuple[Any, ...],
+        now: float,
+    ) -> tuple[int, int]:
+        """Move jobs *ids* back to 'ready'.  Only one job per (stage, subject) may wait
+        (``jobs_one_ready``): the newest of them goes back unless a job for that subject is
+        waiting already, and the others are closed as superseded (the waiting job does the
+        same work, on newer data).  Returns (moved, superseded)."""
+        if not ids:
+            return 0, 0
+        marks = ",".join("?" for _ in ids)
+        moved = db.execute(
+            f"UPDATE jobs SET state = 'ready', lease_token = NULL, {set_sql}, updated_at = ?"
+            f" WHERE id IN ({marks})"
+            f" AND id IN (SELECT MAX(id) FROM jobs WHERE id IN ({marks}) GROUP BY stage, subject)"
+            " AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.stage = jobs.stage"
+            " AND r.subject = jobs.subject AND r.state = 'ready')",
+            (*set_params, now, *ids, *ids),
+        ).rowcount
+        superseded = db.execute(
+            "UPDATE jobs SET state = 'done', lease_token = NULL, last_error = ?, updated_at = ?"
+            f" WHERE id IN ({marks}) AND state != 'ready'",
+            (SUPERSEDED, now, *ids),
+        ).rowcount
+        return moved, superseded
+
     def fail(self, job: Job, error: str, retry_at: float, now: float) -> None:
-        self._guarded(
-            job,
-            "UPDATE jobs SET state = 'ready', lease_token = NULL, run_at = ?, last_error = ?,"
-            " updated_at = ?",
-            (retry_at, error[:2000], now),
-        )
+        """Back to 'ready' at *retry_at* with *error* kept (or superseded, see _make_ready)."""
+        with self._tx() as db:
+            self._check_lease(db, job)
+            self._make_ready(
+                db, [job.id], "run_at = ?, last_error = ?", (retry_at, error[:2000]), now
+            )
 
     def dead(self, job: Job, error: str, now: float) -> None:
         self._guarded(
@@ -329,33 +362,43 @@ class SQLiteQueue:
         )
 
     def replay(self, job_ids: list[int] | None, now: float) -> int:
-        """Put dead jobs back to ready (all of them when *job_ids* is None)."""
+        """Put dead jobs back to ready (all of them when *job_ids* is None); return how many
+        went back.  A dead job whose subject already has a waiting job is superseded."""
         with self._tx() as db:
             if job_ids is None:
-                cur = db.execute(
-                    "UPDATE jobs SET state = 'ready', run_at = ?, attempts = 0, updated_at = ?"
-                    " WHERE state = 'dead'",
-                    (now, now),
-                )
+                rows = db.execute("SELECT id FROM jobs WHERE state = 'dead'").fetchall()
             else:
                 marks = ",".join("?" for _ in job_ids)
-                cur = db.execute(
-                    "UPDATE jobs SET state = 'ready', run_at = ?, attempts = 0, updated_at = ?"
-                    f" WHERE state = 'dead' AND id IN ({marks})",
-                    (now, now, *job_ids),
-                )
-            return cur.rowcount
+                rows = db.execute(
+                    f"SELECT id FROM jobs WHERE state = 'dead' AND id IN ({marks})", job_ids
+                ).fetchall()
+            moved, _ = self._make_ready(
+                db, [r["id"] for r in rows], "run_at = ?, attempts = 0", (now,), now
+            )
+            return moved
 
     def sweep_expired(self, now: float) -> int:
         """Return jobs whose lease expired (a crashed or stuck worker) to the ready state."""
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state = 'ready', lease_token = NULL, updated_at = ?,"
-                " last_error = COALESCE(last_error, 'lease expired')"
-                " WHERE state = 'leased' AND lease_expires < ?",
-                (now, now),
+            rows = db.execute(
+                "SELECT id FROM jobs WHERE state = 'leased' AND lease_expires < ?", (now,)
+            ).fetchall()
+            moved, superseded = self._make_ready(
+                db,
+                [r["id"] for r in rows],
+                "worker = NULL, last_error = COALESCE(last_error, 'lease expired')",
+                (),
+                now,
             )
-            return cur.rowcount
+            return moved + superseded
+
+    def _check_lease(self, db: sqlite3.Connection, job: Job) -> None:
+        row = db.execute(
+            "SELECT 1 FROM jobs WHERE id = ? AND state = 'leased' AND lease_token = ?",
+            (job.id, job.lease_token),
+        ).fetchone()
+        if row is None:
+            raise LeaseLost(f"job {job.id} ({job.stage}) is no longer leased by this worker")
 
     # --- reading -----------------------------------------------------------------------
 

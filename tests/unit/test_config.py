@@ -140,11 +140,6 @@ def test_unknown_key_with_nothing_close_has_no_suggestion(tmp_path: Path) -> Non
     assert errors_of(path) == [f"{path}:7: hl7.zzzzzz: unknown key"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: _known_keys (gateway/config.py:345) stops at the user-chosen name under "
-    "dict sections (destinations.NAME, models.NAME), so no did-you-mean is offered there",
-    strict=True,
-)
 def test_unknown_key_under_a_named_destination_suggests_the_closest_name(
     tmp_path: Path,
 ) -> None:
@@ -442,12 +437,6 @@ def test_every_error_in_a_file_is_reported_one_line_each(tmp_path: Path) -> None
     assert all("\n" not in e for e in errors)
 
 
-@pytest.mark.xfail(
-    reason="BUG: Config._references (gateway/config.py:214) is a model 'after' validator, so "
-    "pydantic skips it when any field error exists: unknown models/destinations and duplicate "
-    "route names are only reported after every other error is fixed",
-    strict=True,
-)
 def test_route_reference_errors_are_reported_together_with_field_errors(tmp_path: Path) -> None:
     path = write(
         tmp_path,

@@ -98,12 +98,6 @@ def test_a_key_id_changed_to_another_ascii_name_is_an_unknown_key(sealer: Sealer
         sealer.open(bytes(blob), b"ctx")
 
 
-@pytest.mark.xfail(
-    reason="BUG: Sealer._parse_header (gateway/store/crypto.py:213) decodes the key id with "
-    ".decode('ascii') unguarded, so a flipped bit in the key id (or its length byte) raises "
-    "UnicodeDecodeError instead of IntegrityError",
-    strict=True,
-)
 def test_every_single_flipped_byte_raises_integrity_error(sealer: Sealer) -> None:
     blob = sealer.seal(PLAINTEXT, b"ctx")
     for i in range(len(blob)):

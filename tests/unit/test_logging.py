@@ -76,11 +76,6 @@ def test_mixed_case_person_name_is_scrubbed() -> None:
     assert scrub_text("from Doe^Jane") == f"from {REDACTED}"
 
 
-@pytest.mark.xfail(
-    reason="BUG: the PN pattern (gateway/observability/logging.py:72) needs 2+ letters in the "
-    "given name, so the very common 'FAMILY^INITIAL' form (SMITH^J) reaches the log",
-    strict=True,
-)
 def test_person_name_with_an_initial_as_given_name_is_scrubbed() -> None:
     assert scrub_text("failed for SMITH^J") == f"failed for {REDACTED}"
 

@@ -69,3 +69,16 @@ class Job:
     lease_expires: float | None
     last_error: str | None
     payload: dict[str, Any] = field(default_factory=dict)
+    lane: str = ""
+    first_failed_at: float | None = None
+
+
+@dataclass(frozen=True)
+class NextJob:
+    """A job that a finished stage asks for; enqueued in the same transaction."""
+
+    stage: Stage
+    subject: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    lane: str = ""
+    run_at: float | None = None

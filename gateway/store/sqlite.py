@@ -12,16 +12,16 @@ import json
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gateway.envelope import Envelope, Job, JobState, Kind, Stage
+from gateway.envelope import Envelope, Job, JobState, Kind, NextJob, Stage
 from gateway.errors import QueueUnavailable
 from gateway.store.queue import Ack, StudyInfo
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,12 +65,32 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_error     TEXT,
     payload        TEXT NOT NULL DEFAULT '{}',
     created_at     REAL NOT NULL,
-    updated_at     REAL NOT NULL
+    updated_at     REAL NOT NULL,
+    lane           TEXT NOT NULL DEFAULT '',
+    first_failed_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, stage, run_at);
+-- deliveries go by lane (one per destination): a destination that is down delays no other
+CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (state, lane, run_at);
 -- one waiting job per (stage, subject): a study completed twice before routing is routed once
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_ready ON jobs (stage, subject) WHERE state = 'ready';
+-- which stored objects reached which destination: a retried delivery skips them
+CREATE TABLE IF NOT EXISTS deliveries (
+    envelope_id   TEXT NOT NULL,
+    destination   TEXT NOT NULL,
+    delivered_at  REAL NOT NULL,
+    status        INTEGER NOT NULL,
+    PRIMARY KEY (envelope_id, destination)
+);
 """
+
+# Upgrades of an existing database, by the version they produce.
+MIGRATIONS: dict[int, list[str]] = {
+    2: [
+        "ALTER TABLE jobs ADD COLUMN lane TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE jobs ADD COLUMN first_failed_at REAL",
+    ],
+}
 
 
 SUPERSEDED = "superseded: a newer job for the same subject is waiting"
@@ -95,13 +115,29 @@ class SQLiteQueue:
         self._init_schema()
 
     def _init_schema(self) -> None:
-        with self._lock:
-            self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+        """Create the schema, or upgrade an older one, in one transaction."""
+        with self._tx() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            version = SCHEMA_VERSION if row is None else int(row["value"])
+            if version > SCHEMA_VERSION:
+                raise QueueUnavailable(
+                    f"queue database {self.path} has schema {version}, newer than this "
+                    f"gateway's {SCHEMA_VERSION}: run the newer gateway version"
                 )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    db.execute(statement)
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -262,35 +298,54 @@ class SQLiteQueue:
         run_at: float,
         payload: dict[str, Any],
         now: float,
+        lane: str = "",
     ) -> int:
         row = db.execute(
-            "INSERT INTO jobs (stage, subject, state, run_at, payload, created_at, updated_at)"
-            " VALUES (?, ?, 'ready', ?, ?, ?, ?)"
+            "INSERT INTO jobs (stage, subject, state, run_at, payload, created_at, updated_at,"
+            " lane) VALUES (?, ?, 'ready', ?, ?, ?, ?, ?)"
             " ON CONFLICT (stage, subject) WHERE state = 'ready'"
-            " DO UPDATE SET payload = excluded.payload, updated_at = excluded.updated_at"
+            " DO UPDATE SET payload = excluded.payload, updated_at = excluded.updated_at,"
+            " run_at = MIN(run_at, excluded.run_at)"
             " RETURNING id",
-            (stage.value, subject, run_at, json.dumps(payload), now, now),
+            (stage.value, subject, run_at, json.dumps(payload), now, now, lane),
         ).fetchone()
         return int(row["id"])
 
     def enqueue(
-        self, stage: Stage, subject: str, run_at: float, payload: dict[str, Any] | None = None
+        self,
+        stage: Stage,
+        subject: str,
+        run_at: float,
+        payload: dict[str, Any] | None = None,
+        *,
+        lane: str = "",
     ) -> int:
         with self._tx() as db:
-            return self._enqueue(db, stage, subject, run_at, payload or {}, run_at)
+            return self._enqueue(db, stage, subject, run_at, payload or {}, run_at, lane)
 
-    def lease(self, stages: list[Stage], worker: str, seconds: float, now: float) -> Job | None:
-        """Take the next ready job of the given stages in one statement."""
+    def lease(
+        self,
+        stages: list[Stage],
+        worker: str,
+        seconds: float,
+        now: float,
+        *,
+        lane: str | None = None,
+    ) -> Job | None:
+        """Take the next ready job of the given stages (and *lane*, when given) in one
+        statement: no gap between choosing and taking."""
         marks = ",".join("?" for _ in stages)
+        lane_sql, lane_params = ("AND lane = ?", (lane,)) if lane is not None else ("", ())
         token = secrets.token_hex(8)
         with self._tx() as db:
             row = db.execute(
                 "UPDATE jobs SET state = 'leased', lease_token = ?, lease_expires = ?,"
                 " worker = ?, attempts = attempts + 1, updated_at = ?"
                 " WHERE id = (SELECT id FROM jobs WHERE state = 'ready'"
-                f" AND stage IN ({marks}) AND run_at <= ? ORDER BY run_at, id LIMIT 1)"
+                f" AND stage IN ({marks}) {lane_sql} AND run_at <= ?"
+                " ORDER BY run_at, id LIMIT 1)"
                 " RETURNING *",
-                (token, now + seconds, worker, now, *[s.value for s in stages], now),
+                (token, now + seconds, worker, now, *[s.value for s in stages], *lane_params, now),
             ).fetchone()
         return None if row is None else _job(row)
 
@@ -311,10 +366,19 @@ class SQLiteQueue:
             )
         )
 
-    def complete(self, job: Job, now: float) -> None:
-        self._guarded(
-            job, "UPDATE jobs SET state = 'done', lease_token = NULL, updated_at = ?", (now,)
-        )
+    def complete(self, job: Job, now: float, then: Sequence[NextJob] = ()) -> None:
+        """Mark the job done and enqueue the jobs that follow from it, in one transaction:
+        a crash leaves either both or neither."""
+        with self._tx() as db:
+            self._check_lease(db, job)
+            db.execute(
+                "UPDATE jobs SET state = 'done', lease_token = NULL, updated_at = ? WHERE id = ?",
+                (now, job.id),
+            )
+            for nxt in then:
+                self._enqueue(
+                    db, nxt.stage, nxt.subject, nxt.run_at or now, dict(nxt.payload), now, nxt.lane
+                )
 
     def _make_ready(
         self,
@@ -351,7 +415,11 @@ class SQLiteQueue:
         with self._tx() as db:
             self._check_lease(db, job)
             self._make_ready(
-                db, [job.id], "run_at = ?, last_error = ?", (retry_at, error[:2000]), now
+                db,
+                [job.id],
+                "run_at = ?, last_error = ?, first_failed_at = COALESCE(first_failed_at, ?)",
+                (retry_at, error[:2000], now),
+                now,
             )
 
     def dead(self, job: Job, error: str, now: float) -> None:
@@ -399,6 +467,36 @@ class SQLiteQueue:
         ).fetchone()
         if row is None:
             raise LeaseLost(f"job {job.id} ({job.stage}) is no longer leased by this worker")
+
+    # --- deliveries ---------------------------------------------------------------------
+
+    def record_delivery(self, envelope_id: str, destination: str, status: int, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO deliveries (envelope_id, destination, delivered_at, status)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (envelope_id, destination, now, status),
+            )
+
+    def delivered(self, destination: str, envelope_ids: Sequence[str]) -> set[str]:
+        """Which of *envelope_ids* reached *destination* already."""
+        if not envelope_ids:
+            return set()
+        marks = ",".join("?" for _ in envelope_ids)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT envelope_id FROM deliveries WHERE destination = ?"
+                f" AND envelope_id IN ({marks})",
+                (destination, *envelope_ids),
+            ).fetchall()
+        return {str(r["envelope_id"]) for r in rows}
+
+    def study_envelopes(self, study_key: str) -> list[Envelope]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM envelopes WHERE study_key = ? ORDER BY received_at", (study_key,)
+            ).fetchall()
+        return [_envelope(r) for r in rows]
 
     # --- reading -----------------------------------------------------------------------
 
@@ -474,6 +572,8 @@ def _job(row: sqlite3.Row) -> Job:
         lease_expires=row["lease_expires"],
         last_error=row["last_error"],
         payload=json.loads(row["payload"]),
+        lane=row["lane"],
+        first_failed_at=row["first_failed_at"],
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.envelope import Envelope, JobState, Kind, Stage, new_id
-from gateway.store.sqlite import SCHEMA, LeaseLost, SQLiteQueue
+from gateway.store.sqlite import SCHEMA, SCHEMA_VERSION, LeaseLost, SQLiteQueue
 
 QUIET = 5.0
 
@@ -515,7 +515,7 @@ def test_queue_survives_reopening_the_same_file(tmp_path: Path) -> None:
         again.complete(job, now=11.0)  # the lease token is durable too
         assert again.counts()["jobs:infer"] == {"done": 1}
         version = again._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        assert version["value"] == "1"
+        assert version["value"] == str(SCHEMA_VERSION)
     finally:
         again.close()
 
@@ -558,3 +558,57 @@ def test_schema_check_constraint_rejects_an_unknown_job_state(queue: SQLiteQueue
             "INSERT INTO jobs (stage, subject, state, run_at, created_at, updated_at)"
             " VALUES ('route', 's', 'paused', 0, 0, 0)"
         )
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A queue made by the first release keeps its rows and gains lanes and deliveries."""
+    import sqlite3
+
+    path = tmp_path / "v1.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema', '1');"
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, stage TEXT NOT NULL,"
+        " subject TEXT NOT NULL, state TEXT NOT NULL, run_at REAL NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, lease_token TEXT, lease_expires REAL,"
+        " worker TEXT, last_error TEXT, payload TEXT NOT NULL DEFAULT '{}',"
+        " created_at REAL NOT NULL, updated_at REAL NOT NULL);"
+        "INSERT INTO jobs (stage, subject, state, run_at, created_at, updated_at)"
+        " VALUES ('route', 'study-1', 'ready', 1.0, 1.0, 1.0);"
+    )
+    db.commit()
+    db.close()
+    queue = SQLiteQueue(path)
+    try:
+        job = queue.lease([Stage.ROUTE], "w", 30, now=2.0)
+        assert job is not None and (job.subject, job.lane) == ("study-1", "")
+        queue.record_delivery("env-1", "pacs", 0, now=3.0)
+        assert queue.delivered("pacs", ["env-1", "env-2"]) == {"env-1"}
+    finally:
+        queue.close()
+
+
+def test_complete_enqueues_the_next_jobs_in_the_same_transaction(queue: SQLiteQueue) -> None:
+    from gateway.envelope import NextJob
+
+    queue.enqueue(Stage.ROUTE, "study", 1.0)
+    job = queue.lease([Stage.ROUTE], "w", 30, now=2.0)
+    assert job is not None
+    queue.complete(job, now=3.0, then=[
+        NextJob(Stage.DELIVER, "pacs|study", {"destination": "pacs"}, lane="pacs"),
+        NextJob(Stage.DELIVER, "ehr|study", {"destination": "ehr"}, lane="ehr"),
+    ])
+    assert queue.lease([Stage.DELIVER], "w", 30, now=4.0, lane="ehr").subject == "ehr|study"  # type: ignore[union-attr]
+    assert queue.lease([Stage.DELIVER], "w", 30, now=4.0, lane="ehr") is None
+    assert queue.counts()["jobs:deliver"] == {"leased": 1, "ready": 1}
+
+
+def test_first_failure_time_is_kept_across_retries(queue: SQLiteQueue) -> None:
+    queue.enqueue(Stage.DELIVER, "pacs|s", 1.0, lane="pacs")
+    for now in (2.0, 20.0):
+        job = queue.lease([Stage.DELIVER], "w", 30, now=now, lane="pacs")
+        assert job is not None
+        queue.fail(job, "peer down", retry_at=now + 1, now=now)
+    job = queue.lease([Stage.DELIVER], "w", 30, now=40.0, lane="pacs")
+    assert job is not None and job.first_failed_at == 2.0 and job.attempts == 3

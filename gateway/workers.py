@@ -1,0 +1,172 @@
+"""Workers: take a job by stage (and lane), do one step, persist the outcome.
+
+A stage handler is a plain function ``(job, beat) -> next jobs``.  The worker owns the
+rest, in one place: ``complete`` with the next jobs in the same transaction on success;
+:class:`~gateway.errors.Transient` -> retry at the time the job's retry policy gives, or
+dead letter once it gives up; :class:`~gateway.errors.Permanent` -> dead letter at once,
+keeping the error.  Network threads never wait on workers: they only enqueue.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import structlog
+
+from gateway.envelope import Job, NextJob, Stage
+from gateway.errors import Permanent, Transient
+from gateway.observability.logging import exception_fields
+from gateway.store.sqlite import LeaseLost, SQLiteQueue
+
+log = structlog.get_logger(__name__)
+
+Beat = Callable[[], None]
+
+
+class Handler(Protocol):
+    def __call__(self, job: Job, beat: Beat) -> Sequence[NextJob]: ...
+
+
+class RetryDecider(Protocol):
+    def decide(
+        self, *, attempts: int, first_failure_at: float, now: float, rand: float
+    ) -> float | None: ...
+
+
+class Worker:
+    """One thread taking jobs of *stages* (only from *lane* when given) one at a time."""
+
+    def __init__(
+        self,
+        name: str,
+        queue: SQLiteQueue,
+        stages: list[Stage],
+        handler: Handler,
+        retry_policy: Callable[[Job], RetryDecider],
+        *,
+        lane: str | None = None,
+        lease_seconds: float = 300.0,
+        idle_wait: float = 0.25,
+        on_outcome: Callable[[Job, str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.name = name
+        self.queue = queue
+        self.stages = stages
+        self.handler = handler
+        self.retry_policy = retry_policy
+        self.lane = lane
+        self.lease_seconds = lease_seconds
+        self.idle_wait = idle_wait
+        self.on_outcome = on_outcome
+        self.clock = clock
+        self.rand = rand
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """New work may be waiting: look now instead of after the idle wait."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the job in hand (its outcome is persisted), then stop."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception as exc:  # the queue itself failed: wait, then try again
+                log.error("worker.failed", worker=self.name, **exception_fields(exc))
+                worked = False
+            if not worked:
+                self._wake.wait(self.idle_wait)
+                self._wake.clear()
+
+    def run_once(self) -> bool:
+        """Lease and process one job; False when none was ready."""
+        job = self.queue.lease(
+            self.stages, self.name, self.lease_seconds, self.clock(), lane=self.lane
+        )
+        if job is None:
+            return False
+        self.process(job)
+        return True
+
+    def process(self, job: Job) -> None:
+        held = job
+
+        def beat() -> None:
+            nonlocal held
+            held = self.queue.heartbeat(held, self.lease_seconds, self.clock())
+
+        fields = {
+            "worker": self.name,
+            "job": job.id,
+            "stage": job.stage.value,
+            "attempt": job.attempts,
+            "lane": job.lane or None,
+        }
+        started = time.monotonic()
+        try:
+            then = self.handler(job, beat)
+            self.queue.complete(held, self.clock(), then=then)
+        except LeaseLost:
+            log.warning("job.lease_lost", **fields)
+            return
+        except Transient as exc:
+            self._retry(held, exc.message, fields)
+            return
+        except Permanent as exc:
+            self.queue.dead(held, exc.message, self.clock())
+            log.error("job.dead", **fields, error=exc.message)
+            self._outcome(job, "dead")
+            return
+        except Exception as exc:  # a bug: retried like a transient failure, never lost
+            log.error("job.failed", **fields, **exception_fields(exc))
+            self._retry(held, f"internal error ({type(exc).__name__}); see gateway log", fields)
+            return
+        log.info(
+            "job.done",
+            **fields,
+            next=[n.stage.value for n in then],
+            seconds=round(time.monotonic() - started, 3),
+        )
+        self._outcome(job, "done")
+
+    def _retry(self, job: Job, error: str, fields: dict[str, object]) -> None:
+        now = self.clock()
+        policy = self.retry_policy(job)
+        run_at = policy.decide(
+            attempts=job.attempts,
+            first_failure_at=job.first_failed_at or now,
+            now=now,
+            rand=self.rand(),
+        )
+        if run_at is None:
+            message = f"gave up after {job.attempts} attempts: {error}"
+            self.queue.dead(job, message, now)
+            log.error("job.dead", **fields, error=message)
+            self._outcome(job, "dead")
+        else:
+            self.queue.fail(job, error, run_at, now)
+            log.warning("job.retry", **fields, error=error, retry_in=round(run_at - now, 1))
+            self._outcome(job, "retry")
+
+    def _outcome(self, job: Job, outcome: str) -> None:
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(job, outcome)
+            except Exception as exc:  # an observer never breaks the worker
+                log.error("worker.observer_failed", **exception_fields(exc))

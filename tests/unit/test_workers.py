@@ -1,0 +1,157 @@
+"""The worker loop: one place that turns a handler's outcome into queue transitions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.envelope import Job, NextJob, Stage
+from gateway.errors import Permanent, Transient
+from gateway.store.sqlite import SQLiteQueue
+from gateway.workers import Beat, Worker
+
+
+@dataclass(frozen=True)
+class FixedPolicy:
+    delay: float = 10.0
+    give_up_after: float = 100.0
+
+    def decide(
+        self, *, attempts: int, first_failure_at: float, now: float, rand: float
+    ) -> float | None:
+        return None if now - first_failure_at >= self.give_up_after else now + self.delay
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[SQLiteQueue]:
+    q = SQLiteQueue(tmp_path / "q.sqlite3")
+    yield q
+    q.close()
+
+
+class Clock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def worker(queue: SQLiteQueue, handler: object, clock: Clock, **kw: object) -> Worker:
+    return Worker("w", queue, [Stage.ROUTE, Stage.DELIVER], handler,  # type: ignore[arg-type]
+                  lambda job: FixedPolicy(), clock=clock, rand=lambda: 0.5, **kw)  # type: ignore[arg-type]
+
+
+def row(queue: SQLiteQueue, job_id: int) -> dict[str, object]:
+    return dict(queue._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+
+def test_success_completes_and_enqueues_the_next_jobs(queue: SQLiteQueue) -> None:
+    first = queue.enqueue(Stage.ROUTE, "study", 1.0)
+
+    def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
+        beat()
+        return [NextJob(Stage.DELIVER, "pacs|study", {"destination": "pacs"}, lane="pacs")]
+
+    assert worker(queue, handler, Clock()).run_once()
+    assert row(queue, first)["state"] == "done"
+    nxt = queue.lease([Stage.DELIVER], "x", 30, now=200.0, lane="pacs")
+    assert nxt is not None and nxt.payload == {"destination": "pacs"}
+
+
+def test_no_ready_job_means_no_work(queue: SQLiteQueue) -> None:
+    assert not worker(queue, lambda job, beat: [], Clock()).run_once()
+
+
+def test_transient_failure_is_retried_at_the_policy_time_keeping_the_error(
+    queue: SQLiteQueue,
+) -> None:
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0)
+
+    def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
+        raise Transient("peer down")
+
+    clock = Clock(100.0)
+    worker(queue, handler, clock).run_once()
+    r = row(queue, job_id)
+    assert (r["state"], r["run_at"], r["last_error"], r["first_failed_at"]) == (
+        "ready", 110.0, "peer down", 100.0)
+
+
+def test_transient_failures_become_a_dead_letter_once_the_policy_gives_up(
+    queue: SQLiteQueue,
+) -> None:
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0)
+
+    def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
+        raise Transient("peer down")
+
+    clock = Clock(100.0)
+    w = worker(queue, handler, clock)
+    while w.run_once():
+        clock.now += 30
+    r = row(queue, job_id)
+    assert r["state"] == "dead"
+    assert r["last_error"] == "gave up after 5 attempts: peer down"
+    assert [j.id for j in queue.dead_jobs()] == [job_id]
+
+
+def test_permanent_failure_is_a_dead_letter_at_once(queue: SQLiteQueue) -> None:
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0)
+
+    def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
+        raise Permanent("destination refused (AR): unknown patient")
+
+    worker(queue, handler, Clock()).run_once()
+    r = row(queue, job_id)
+    assert (r["state"], r["attempts"], r["last_error"]) == (
+        "dead", 1, "destination refused (AR): unknown patient")
+
+
+def test_a_bug_in_a_handler_is_retried_not_lost_and_its_text_is_not_kept(
+    queue: SQLiteQueue,
+) -> None:
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0)
+
+    def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
+        raise KeyError("DOE^JANE")
+
+    worker(queue, handler, Clock()).run_once()
+    r = row(queue, job_id)
+    assert r["state"] == "ready"
+    assert r["last_error"] == "internal error (KeyError); see gateway log"
+
+
+def test_a_worker_whose_lease_was_taken_over_changes_nothing(queue: SQLiteQueue) -> None:
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0)
+    clock = Clock(100.0)
+
+    def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
+        clock.now += 1000  # stuck far beyond the lease
+        queue.sweep_expired(clock.now)
+        taken = queue.lease([Stage.ROUTE], "other", 30, clock.now)
+        assert taken is not None
+        return [NextJob(Stage.DELIVER, "x")]
+
+    worker(queue, handler, clock, lease_seconds=10).run_once()
+    assert row(queue, job_id)["state"] == "leased"
+    assert row(queue, job_id)["worker"] == "other"
+    assert "jobs:deliver" not in queue.counts()
+
+
+def test_lanes_keep_a_stuck_destination_from_delaying_others(queue: SQLiteQueue) -> None:
+    queue.enqueue(Stage.DELIVER, "down|s1", 1.0, lane="down")
+    up = queue.enqueue(Stage.DELIVER, "up|s1", 2.0, lane="up")
+    seen: list[str] = []
+
+    def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
+        seen.append(job.subject)
+        return []
+
+    w = Worker("up", queue, [Stage.DELIVER], handler, lambda job: FixedPolicy(),
+               lane="up", clock=Clock())
+    assert w.run_once() and not w.run_once()
+    assert seen == ["up|s1"] and row(queue, up)["state"] == "done"

@@ -17,10 +17,12 @@ run: $(STAMP)
 	$(BIN)/gateway run -c $(CONFIG)
 
 # Debian packages the integration tests talk to (real peers, no mocks).
+# dcmtk: storescu/storescp/echoscu; orthanc: the PACS that delivery tests send to.
 system-deps:
-	@command -v storescu >/dev/null && command -v storescp >/dev/null && command -v echoscu >/dev/null \
-	  || { echo "installing dcmtk (apt-get)"; \
-	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; }
+	@command -v storescu >/dev/null && command -v echoscu >/dev/null && command -v Orthanc >/dev/null \
+	  || { echo "installing dcmtk and orthanc (apt-get)"; \
+	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -qq --no-install-recommends dcmtk orthanc >/dev/null; }
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check gateway tests bench

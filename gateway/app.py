@@ -19,6 +19,7 @@ from gateway.ingest.assemble import Assembler
 from gateway.ingest.dicom_scp import DicomSCP
 from gateway.ingest.hl7_listener import HL7Listener
 from gateway.observability.metrics import HealthServer, Metrics
+from gateway.route.keywords import routing_keywords
 from gateway.security.tls import server_context
 from gateway.store.store import Store
 
@@ -55,6 +56,7 @@ class Gateway:
             self.metrics,
             incoming=cfg.data_dir / "incoming",
             ssl_context=dicom_tls,
+            keywords=routing_keywords(cfg.routes),
         )
         self.hl7 = HL7Listener(
             cfg.hl7,

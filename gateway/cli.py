@@ -19,6 +19,7 @@ EPILOG = """\
 examples:
   gateway run                          start on config/gateway.yaml (loopback, SQLite)
   gateway check-config -c site.yaml    validate a config; errors as FILE:LINE: key: message
+  gateway explain -v study/ oru.hl7    which route a study or message takes, and why
   gateway queue status                 what was received and what is waiting, per stage
   gateway queue dead                   jobs that gave up, with their last error
   gateway queue retry --all            replay every dead job
@@ -64,6 +65,24 @@ def _parser() -> argparse.ArgumentParser:
             description="Validate the config. Exit 0 when valid; exit 1 and one line per error "
             "(FILE:LINE: path.to.key: message) otherwise.",
         )
+    )
+    explain = with_config(
+        sub.add_parser(
+            "explain",
+            help="dry run: which route a DICOM file/folder or HL7 message takes",
+            description="For each INPUT (a DICOM file, a folder of DICOM files = one study per "
+            "StudyInstanceUID, or an HL7 file with one or more messages): the matching route, "
+            "the models it would run and where results would go. Reads the config and the "
+            "inputs only: no network, nothing written. Exit 1 if an input cannot be read.",
+        )
+    )
+    explain.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    explain.add_argument("-v", "--verbose", action="store_true", help="why each route was tried")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.add_argument(
+        "--calling-ae",
+        metavar="AE",
+        help="calling AE title to assume for DICOM inputs (routes on calling_ae)",
     )
     sub.add_parser(
         "config-schema",
@@ -129,6 +148,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     if args.command == "run":
         return _run(cfg, args.log_level)
+    if args.command == "explain":
+        return _explain(cfg, args, out)
     if args.command == "queue":
         return _queue(cfg, args, out)
     if args.command == "keys":
@@ -153,6 +174,69 @@ def _run(cfg: Config, log_level: str) -> int:
     gw = Gateway(cfg)
     gw.run_forever()
     return 0
+
+
+def _explain(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``gateway explain``: routing as a dry run.  Only the config and the inputs are read."""
+    from gateway.errors import MalformedInput
+    from gateway.route import decide
+    from gateway.route.attributes import subjects_in
+    from gateway.route.keywords import routing_keywords
+
+    def where(name: str) -> dict[str, str]:
+        dest = cfg.destinations[name]
+        tls = " TLS" if (dest.dicom or dest.hl7).tls else ""  # type: ignore[union-attr]
+        if dest.dicom is not None:
+            d = dest.dicom
+            return {"name": name, "kind": "dicom", "address": f"{d.ae_title}@{d.host}:{d.port}",
+                    "text": f"{name} (DICOM{tls} {d.ae_title}@{d.host}:{d.port})"}
+        h = dest.hl7
+        assert h is not None
+        address = f"{h.application}^{h.facility}@{h.host}:{h.port}"
+        return {"name": name, "kind": "hl7", "address": address,
+                "text": f"{name} (HL7{tls} {address})"}
+
+    failed = False
+    report: list[dict[str, object]] = []
+    for path in args.inputs:
+        try:
+            subjects = subjects_in(path, args.calling_ae, routing_keywords(cfg.routes))
+        except MalformedInput as exc:
+            print(f"gateway: error: {exc.message}", file=sys.stderr)
+            failed = True
+            continue
+        for subject in subjects:
+            decision = decide(subject.attrs, cfg.routes)
+            send = [where(n) for n in decision.send]
+            forward = [where(n) for n in decision.forward]
+            if args.json:
+                report.append({
+                    "input": subject.label, "kind": subject.attrs.kind, **subject.ids,
+                    "route": decision.route, "run": list(decision.run),
+                    "send": [{k: v for k, v in d.items() if k != "text"} for d in send],
+                    "forward": [{k: v for k, v in d.items() if k != "text"} for d in forward],
+                    "reasons": list(decision.reasons),
+                })
+                continue
+            outcome = (f"route '{decision.route}'" if decision.matched
+                       else "no route matches: stored, logged, not processed")
+            print(f"{subject.label}: {subject.summary} → {outcome}", file=out)
+            if args.verbose:
+                for reason in decision.reasons or ("no routes configured",):
+                    print(f"  {reason}", file=out)
+            if decision.run:
+                print(f"  run: {', '.join(decision.run)}", file=out)
+            if send:
+                print(f"  send results to: {', '.join(d['text'] for d in send)}", file=out)
+            if forward:
+                print(f"  forward as received to: {', '.join(d['text'] for d in forward)}",
+                      file=out)
+            if decision.matched and not (decision.run or send or forward):
+                print("  (the route names no models and no destinations)", file=out)
+    if args.json:
+        json.dump(report, out, indent=2)
+        out.write("\n")
+    return 1 if failed else 0
 
 
 def _queue(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:

@@ -13,12 +13,13 @@ import io
 import ipaddress
 import mmap
 import os
+import socketserver
 import ssl
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -45,27 +46,11 @@ from gateway.errors import MalformedInput, Permanent, Transient
 from gateway.ingest.dicom_check import check_dataset, dataset_offset
 from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
+from gateway.route.keywords import ROUTING_KEYWORDS
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
 
-# Attributes kept (encrypted) with each instance for routing and result building.
-ROUTING_KEYWORDS = (
-    "SOPClassUID",
-    "Modality",
-    "BodyPartExamined",
-    "StudyDescription",
-    "SeriesDescription",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "SeriesInstanceUID",
-    "SeriesNumber",
-    "InstanceNumber",
-    "StationName",
-    "InstitutionName",
-    "ProtocolName",
-    "AccessionNumber",
-)
 
 # pynetdicom's DUL thread sleeps this long whenever its event queue is empty (default 1 ms),
 # which adds up to a millisecond to every C-STORE round trip.  Upstream names the instance
@@ -140,8 +125,9 @@ class InstanceHeader:
     attrs: dict[str, Any]
 
 
-def read_header(data: bytes | Path) -> InstanceHeader:
-    """Read the identifiers and routing attributes of an encoded instance (Part 10 bytes).
+def read_header(data: bytes | Path, keywords: Iterable[str] = ROUTING_KEYWORDS) -> InstanceHeader:
+    """Read the identifiers and the *keywords* (routing attributes) of an encoded instance
+    (Part 10 bytes or file).
 
     The structure was checked already (:func:`check_dataset`); this reads the header up to
     the pixel data.  Raises :class:`MalformedInput`.
@@ -149,7 +135,7 @@ def read_header(data: bytes | Path) -> InstanceHeader:
     try:
         source = data if isinstance(data, Path) else io.BytesIO(data)
         ds = dcmread(source, force=False, stop_before_pixels=True)
-        values = {kw: _plain(ds.get(kw)) for kw in ROUTING_KEYWORDS if kw in ds}
+        values = {kw: _plain(ds.get(kw)) for kw in keywords if kw in ds}
         sop_instance = str(ds.SOPInstanceUID) if "SOPInstanceUID" in ds else ""
         sop_class = str(ds.SOPClassUID) if "SOPClassUID" in ds else ""
         study = str(ds.StudyInstanceUID) if "StudyInstanceUID" in ds else ""
@@ -182,8 +168,17 @@ def _plain(value: Any) -> Any:
 class StoreHandler:
     """EVT_C_STORE: the only place that decides a C-STORE status."""
 
-    def __init__(self, store: Store, quiet: float, metrics: Metrics, *, on_disk: bool) -> None:
+    def __init__(
+        self,
+        store: Store,
+        quiet: float,
+        metrics: Metrics,
+        *,
+        on_disk: bool,
+        keywords: Iterable[str] = ROUTING_KEYWORDS,
+    ) -> None:
         self.store = store
+        self.keywords = tuple(keywords)
         self.on_disk = on_disk
         self.quiet = quiet
         self.metrics = metrics
@@ -233,7 +228,7 @@ class StoreHandler:
             check_dataset(body, str(event.context.transfer_syntax))
             data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), body))
             size = len(data)
-        header = read_header(data)
+        header = read_header(data, self.keywords)
         request = cast(C_STORE, event.request)
         request_uid = str(request.AffectedSOPInstanceUID)
         if not header.sop_instance_uid:
@@ -303,6 +298,43 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+HANDSHAKE_TIMEOUT = 30.0  # seconds a TLS client gets to complete its handshake
+
+
+class _TLSAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's server runs the TLS handshake inside its accept loop with no deadline,
+    so one silent client (a port scanner, a half-open peer) stalls the TLS port for every
+    other client and blocks shutdown.  Here the handshake runs in the connection's own
+    thread, within :data:`HANDSHAKE_TIMEOUT`; the accept loop never waits on a peer."""
+
+    daemon_threads = True  # a handshake still waiting must not hold up shutdown
+
+    def __init__(self, *args: Any, tls: ssl.SSLContext, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tls = tls
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(HANDSHAKE_TIMEOUT)
+            secured = self._tls.wrap_socket(request, server_side=True)
+            secured.settimeout(None)  # pynetdicom expects a blocking socket from here on
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning(
+                "dicom.tls.handshake_failed",
+                peer=str(client_address[0]) if isinstance(client_address, tuple) else None,
+                error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            )
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(secured, client_address)
+
+    def shutdown(self) -> None:
+        # pynetdicom's shutdown() also unregisters the server from the AE's own list, which
+        # holds only the servers that start_server() made.
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
 class DicomSCP:
     """The DICOM listener(s): plain on ``port``, TLS on ``tls.port`` when configured."""
 
@@ -315,6 +347,7 @@ class DicomSCP:
         incoming: Path,
         ssl_context: ssl.SSLContext | None = None,
         callers: Callable[[], list[AllowedCaller]] | None = None,
+        keywords: Iterable[str] = ROUTING_KEYWORDS,
     ) -> None:
         configure_pynetdicom(incoming if cfg.receive_to_disk else None)
         self.incoming = incoming
@@ -333,7 +366,7 @@ class DicomSCP:
             ae.add_supported_context(cast(str, cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         self.ae = ae
         self.store_handler = StoreHandler(
-            store, cfg.study_complete_after, metrics, on_disk=cfg.receive_to_disk
+            store, cfg.study_complete_after, metrics, on_disk=cfg.receive_to_disk, keywords=keywords
         )
         self.handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connection),
@@ -379,28 +412,36 @@ class DicomSCP:
             )
         )
         if self.cfg.tls is not None and self.ssl_context is not None:
-            self.servers.append(
-                cast(
-                    ThreadedAssociationServer,
-                    self.ae.start_server(
-                        (self.cfg.host, self.cfg.tls.port),
-                        block=False,
-                        evt_handlers=self.handlers,
-                        ssl_context=self.ssl_context,
-                    ),
-                )
+            server = cast(
+                _TLSAssociationServer,
+                self.ae.make_server(
+                    (self.cfg.host, self.cfg.tls.port),
+                    evt_handlers=self.handlers,
+                    server_class=_TLSAssociationServer,
+                    tls=self.ssl_context,
+                ),
             )
+            threading.Thread(
+                target=server.serve_forever, name="dicom-tls-acceptor", daemon=True
+            ).start()
+            self.servers.append(server)
         log.info("dicom.listening", ae_title=self.cfg.ae_title, ports=self.ports)
 
     @property
     def ports(self) -> list[int]:
         return [int(s.server_address[1]) for s in self.servers]
 
-    def stop(self) -> None:
-        """Stop accepting, let running associations finish their current operation."""
+    def stop(self, drain: float = 10.0) -> None:
+        """Stop accepting; give running associations *drain* seconds to finish, then abort
+        the rest (their unacknowledged instances are resent by the peer)."""
         for server in self.servers:
             server.shutdown()
         self.servers.clear()
+        deadline = time.monotonic() + drain
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.ae.active_associations:
+            log.warning("dicom.associations_aborted", count=len(self.ae.active_associations))
         self.ae.shutdown()
 
     # --- observers and the association decider -------------------------------------

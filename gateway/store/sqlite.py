@@ -236,7 +236,9 @@ class SQLiteQueue:
             existing = self._insert_envelope(db, env, sealed_attrs, sealed_message, ack)
             if existing is not None:
                 return Ack(new=False, envelope_id=existing["id"], ack=existing["ack"])
-            self._enqueue(db, Stage.ROUTE, env.id, env.received_at, {}, env.received_at)
+            self._enqueue(
+                db, Stage.ROUTE, env.id, env.received_at, {"kind": "hl7"}, env.received_at
+            )
         return Ack(new=True, envelope_id=env.id, ack=ack)
 
     # --- study assembly ----------------------------------------------------------------
@@ -259,7 +261,11 @@ class SQLiteQueue:
                     Stage.ROUTE,
                     row["study_key"],
                     now,
-                    {"generation": row["generation"], "reopened": bool(row["reopened"])},
+                    {
+                        "kind": "dicom",
+                        "generation": row["generation"],
+                        "reopened": bool(row["reopened"]),
+                    },
                     now,
                 )
         return [r["study_key"] for r in rows]

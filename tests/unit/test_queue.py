@@ -371,7 +371,10 @@ def test_complete_due_studies_waits_for_the_quiet_period(queue: SQLiteQueue) -> 
 
     job = queue.lease([Stage.ROUTE], "w", 30, now=300.0)
     assert job is not None
-    assert (job.subject, job.payload) == ("A", {"generation": 1, "reopened": False})
+    assert (job.subject, job.payload) == (
+        "A",
+        {"kind": "dicom", "generation": 1, "reopened": False},
+    )
     assert queue.counts()["studies"] == {"complete": 2}
     assert queue.next_study_due() is None
 
@@ -382,7 +385,11 @@ def test_late_instance_reopens_a_complete_study_as_a_new_generation(
     queue.record_instance(instance("1", at=100.0), b"", QUIET)
     assert queue.complete_due_studies(now=105.0) == ["study-1"]
     first = queue.lease([Stage.ROUTE], "w", 30, now=105.0)
-    assert first is not None and first.payload == {"generation": 1, "reopened": False}
+    assert first is not None and first.payload == {
+        "kind": "dicom",
+        "generation": 1,
+        "reopened": False,
+    }
     queue.complete(first, now=106.0)
 
     late = instance("2", at=200.0)
@@ -402,7 +409,7 @@ def test_late_instance_reopens_a_complete_study_as_a_new_generation(
     assert queue.complete_due_studies(now=205.0) == ["study-1"]
     second = queue.lease([Stage.ROUTE], "w", 30, now=205.0)
     assert second is not None
-    assert second.payload == {"generation": 2, "reopened": True}
+    assert second.payload == {"kind": "dicom", "generation": 2, "reopened": True}
 
 
 def test_instance_into_an_open_study_is_not_marked_late(queue: SQLiteQueue) -> None:
@@ -424,7 +431,7 @@ def test_study_completed_twice_before_routing_is_routed_once_with_the_latest_gen
     queue.complete_due_studies(now=111.0)
     assert queue.counts()["jobs:route"] == {"ready": 1}
     job = queue.lease([Stage.ROUTE], "w", 30, now=112.0)
-    assert job is not None and job.payload == {"generation": 2, "reopened": True}
+    assert job is not None and job.payload == {"kind": "dicom", "generation": 2, "reopened": True}
 
 
 def test_record_message_queues_it_for_routing_and_returns_the_ack(queue: SQLiteQueue) -> None:
@@ -595,10 +602,14 @@ def test_complete_enqueues_the_next_jobs_in_the_same_transaction(queue: SQLiteQu
     queue.enqueue(Stage.ROUTE, "study", 1.0)
     job = queue.lease([Stage.ROUTE], "w", 30, now=2.0)
     assert job is not None
-    queue.complete(job, now=3.0, then=[
-        NextJob(Stage.DELIVER, "pacs|study", {"destination": "pacs"}, lane="pacs"),
-        NextJob(Stage.DELIVER, "ehr|study", {"destination": "ehr"}, lane="ehr"),
-    ])
+    queue.complete(
+        job,
+        now=3.0,
+        then=[
+            NextJob(Stage.DELIVER, "pacs|study", {"destination": "pacs"}, lane="pacs"),
+            NextJob(Stage.DELIVER, "ehr|study", {"destination": "ehr"}, lane="ehr"),
+        ],
+    )
     assert queue.lease([Stage.DELIVER], "w", 30, now=4.0, lane="ehr").subject == "ehr|study"  # type: ignore[union-attr]
     assert queue.lease([Stage.DELIVER], "w", 30, now=4.0, lane="ehr") is None
     assert queue.counts()["jobs:deliver"] == {"leased": 1, "ready": 1}

@@ -41,8 +41,16 @@ class Clock:
 
 
 def worker(queue: SQLiteQueue, handler: object, clock: Clock, **kw: object) -> Worker:
-    return Worker("w", queue, [Stage.ROUTE, Stage.DELIVER], handler,  # type: ignore[arg-type]
-                  lambda job: FixedPolicy(), clock=clock, rand=lambda: 0.5, **kw)  # type: ignore[arg-type]
+    return Worker(
+        "w",
+        queue,
+        [Stage.ROUTE, Stage.DELIVER],
+        handler,  # type: ignore[arg-type]
+        lambda job: FixedPolicy(),
+        clock=clock,
+        rand=lambda: 0.5,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def row(queue: SQLiteQueue, job_id: int) -> dict[str, object]:
@@ -78,7 +86,11 @@ def test_transient_failure_is_retried_at_the_policy_time_keeping_the_error(
     worker(queue, handler, clock).run_once()
     r = row(queue, job_id)
     assert (r["state"], r["run_at"], r["last_error"], r["first_failed_at"]) == (
-        "ready", 110.0, "peer down", 100.0)
+        "ready",
+        110.0,
+        "peer down",
+        100.0,
+    )
 
 
 def test_transient_failures_become_a_dead_letter_once_the_policy_gives_up(
@@ -108,7 +120,10 @@ def test_permanent_failure_is_a_dead_letter_at_once(queue: SQLiteQueue) -> None:
     worker(queue, handler, Clock()).run_once()
     r = row(queue, job_id)
     assert (r["state"], r["attempts"], r["last_error"]) == (
-        "dead", 1, "destination refused (AR): unknown patient")
+        "dead",
+        1,
+        "destination refused (AR): unknown patient",
+    )
 
 
 def test_a_bug_in_a_handler_is_retried_not_lost_and_its_text_is_not_kept(
@@ -151,7 +166,8 @@ def test_lanes_keep_a_stuck_destination_from_delaying_others(queue: SQLiteQueue)
         seen.append(job.subject)
         return []
 
-    w = Worker("up", queue, [Stage.DELIVER], handler, lambda job: FixedPolicy(),
-               lane="up", clock=Clock())
+    w = Worker(
+        "up", queue, [Stage.DELIVER], handler, lambda job: FixedPolicy(), lane="up", clock=Clock()
+    )
     assert w.run_once() and not w.run_once()
     assert seen == ["up|s1"] and row(queue, up)["state"] == "done"

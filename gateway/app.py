@@ -8,20 +8,23 @@ import errno
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import FrameType
 
 import structlog
 
 from gateway.config import Config
+from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import ListenError
 from gateway.ingest.assemble import Assembler
 from gateway.ingest.dicom_scp import DicomSCP
 from gateway.ingest.hl7_listener import HL7Listener
 from gateway.observability.metrics import HealthServer, Metrics
+from gateway.pipeline import Pipeline
 from gateway.route.keywords import routing_keywords
 from gateway.security.tls import server_context
 from gateway.store.store import Store
+from gateway.workers import Beat, Worker
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +69,8 @@ class Gateway:
             on_connection=lambda outcome: self.metrics.hl7_connections.labels(outcome).inc(),
         )
         self.assembler = Assembler(self.store.queue, self.metrics)
+        self.pipeline = Pipeline(cfg, self.store, self.metrics)
+        self.workers = self._workers()
         with _listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
             self.http = HealthServer(
                 cfg.gateway.http.host,
@@ -78,6 +83,41 @@ class Gateway:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hl7", daemon=True)
         self._stopped = threading.Event()
         self._started = False
+
+    def _workers(self) -> list[Worker]:
+        """One worker for routing (and, later, inference), one per destination lane."""
+        p = self.pipeline
+
+        def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
+            stage = {Stage.ROUTE: p.route, Stage.INFER: p.infer, Stage.DELIVER: p.deliver}
+            return stage[job.stage](job, beat)
+
+        def outcome(job: Job, result: str) -> None:
+            self.metrics.jobs.labels(stage=job.stage.value, outcome=result).inc()
+
+        workers = [
+            Worker(
+                "route",
+                self.store.queue,
+                [Stage.ROUTE, Stage.INFER],
+                handler,
+                p.retry_policy,
+                on_outcome=outcome,
+            )
+        ]
+        for name in self.cfg.destinations:
+            workers.append(
+                Worker(
+                    f"deliver-{name}",
+                    self.store.queue,
+                    [Stage.DELIVER],
+                    handler,
+                    p.retry_policy,
+                    lane=name,
+                    on_outcome=outcome,
+                )
+            )
+        return workers
 
     def _count_message(self, message_type: str, ack: str) -> None:
         self.metrics.hl7_messages.labels(type=message_type, ack=ack).inc()
@@ -104,6 +144,12 @@ class Gateway:
                     self.metrics.queue_depth.labels(stage=key[5:], state=state).set(n)
         for state, n in counts.get("studies", {}).items():
             self.metrics.studies.labels(state=state).set(n)
+        self.metrics.dead_letters.set(
+            sum(s.get("dead", 0) for k, s in counts.items() if k.startswith("jobs:"))
+        )
+        self.metrics.oldest_waiting.clear()
+        for lane, age in self.store.queue.oldest_waiting_by_lane(time.time()).items():
+            self.metrics.oldest_waiting.labels(lane=lane or "route").set(age)
 
     def start(self) -> None:
         self.http.start()
@@ -117,6 +163,8 @@ class Gateway:
             self.stop()
             raise
         self.assembler.start()
+        for worker in self.workers:
+            worker.start()
         self._started = True
         log.info(
             "gateway.started",
@@ -137,6 +185,9 @@ class Gateway:
             asyncio.run_coroutine_threadsafe(self.hl7.stop(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
+        for worker in self.workers:
+            worker.stop()
+        self.pipeline.close()
         if self.assembler.running:
             self.assembler.stop()
         self.http.stop()

@@ -81,7 +81,8 @@ class Worker:
         """Finish the job in hand (its outcome is persisted), then stop."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -106,10 +107,15 @@ class Worker:
 
     def process(self, job: Job) -> None:
         held = job
+        last_beat = self.clock()
 
         def beat() -> None:
-            nonlocal held
-            held = self.queue.heartbeat(held, self.lease_seconds, self.clock())
+            # renew the lease, at most ten times per lease period (each renewal is a commit)
+            nonlocal held, last_beat
+            now = self.clock()
+            if now - last_beat >= self.lease_seconds / 10:
+                held = self.queue.heartbeat(held, self.lease_seconds, now)
+                last_beat = now
 
         fields = {
             "worker": self.name,

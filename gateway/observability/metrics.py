@@ -43,6 +43,19 @@ class Metrics:
             registry=r,
         )
         self.studies = Gauge("gateway_studies", "Studies by assembly state", ["state"], registry=r)
+        self.deliveries = Counter(
+            "gateway_deliveries", "Delivery attempts by destination and outcome",
+            ["destination", "outcome"], registry=r,
+        )
+        self.jobs = Counter(
+            "gateway_jobs", "Jobs processed by stage and outcome (done, retry, dead)",
+            ["stage", "outcome"], registry=r,
+        )
+        self.dead_letters = Gauge("gateway_dead_letters", "Jobs that gave up", registry=r)
+        self.oldest_waiting = Gauge(
+            "gateway_oldest_waiting_seconds", "Age of the oldest job not yet done, by lane",
+            ["lane"], registry=r,
+        )
         self.studies_completed = Counter(
             "gateway_studies_completed", "Studies marked complete", registry=r
         )

@@ -554,6 +554,15 @@ class SQLiteQueue:
             ).fetchone()
         return None if row["t"] is None else now - float(row["t"])
 
+    def oldest_waiting_by_lane(self, now: float) -> dict[str, float]:
+        """Age of the oldest job not yet done, per lane ('' = routing and inference)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT lane, MIN(created_at) t FROM jobs WHERE state IN ('ready', 'leased')"
+                " GROUP BY lane"
+            ).fetchall()
+        return {str(r["lane"]): now - float(r["t"]) for r in rows}
+
     def dead_jobs(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute(

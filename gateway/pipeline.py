@@ -1,0 +1,204 @@
+"""The stage handlers: what a worker does with a route, infer or deliver job.
+
+Each handler reads what it needs from the store, calls the pure parts (routing rules,
+retry policy) and the edges out (senders), and returns the jobs that follow.  It raises
+:class:`Transient` or :class:`Permanent`; the worker turns that into a retry or a dead
+letter.  No handler keeps state between jobs except the senders' open connections.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from gateway.config import Config, Destination, RetryPolicyConfig
+from gateway.deliver.dicom_scu import DicomSender
+from gateway.deliver.hl7_client import HL7Sender
+from gateway.deliver.retry import RetryPolicy
+from gateway.envelope import Job, Kind, NextJob, Stage
+from gateway.errors import Permanent, Transient
+from gateway.observability.metrics import Metrics
+from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom
+from gateway.route.rules import Attributes, decide
+from gateway.security.tls import client_context
+from gateway.store.store import Store
+from gateway.workers import Beat
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_RETRY = RetryPolicyConfig()
+
+
+class DestinationGone(Permanent):
+    """The destination is no longer in the configuration."""
+
+
+class Pipeline:
+    def __init__(
+        self, cfg: Config, store: Store, metrics: Metrics, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.cfg = cfg
+        self._now = clock
+        self.store = store
+        self.metrics = metrics
+        self._dicom: dict[str, DicomSender] = {}
+        self._hl7: dict[str, HL7Sender] = {}
+
+    # --- retry policy per job -------------------------------------------------------
+
+    def retry_policy(self, job: Job) -> RetryPolicy:
+        dest = self.cfg.destinations.get(str(job.payload.get("destination", "")))
+        return RetryPolicy.from_config(dest.retry if dest is not None else DEFAULT_RETRY)
+
+    # --- route ----------------------------------------------------------------------
+
+    def attributes(self, job: Job) -> tuple[Kind, Attributes]:
+        kind = Kind(job.payload.get("kind") or self._guess_kind(job.subject))
+        if kind is Kind.HL7:
+            _, raw = self.store.read(job.subject)
+            return kind, from_hl7(raw)
+        envelopes = self.store.queue.study_envelopes(job.subject)
+        if not envelopes:
+            raise Permanent("the study has no stored instances")
+        return kind, from_stored_dicom(
+            [self.store.attrs(e.id) for e in envelopes], calling_ae_of(envelopes[0].source)
+        )
+
+    def _guess_kind(self, subject: str) -> str:
+        return "dicom" if self.store.queue.study(subject) is not None else "hl7"
+
+    def route(self, job: Job, beat: Beat) -> Sequence[NextJob]:
+        kind, attrs = self.attributes(job)
+        decision = decide(attrs, self.cfg.routes)
+        fields = {"subject": job.subject[:12], "kind": kind.value}
+        if not decision.matched:
+            log.info("route.none", **fields, outcome="stored, not processed")
+            return []
+        then: list[NextJob] = []
+        for name in decision.forward:
+            dest = self._destination(name)
+            if (dest.dicom is not None) != (kind is Kind.DICOM):
+                raise Permanent(
+                    f"route '{decision.route}' forwards a {kind.value} object to "
+                    f"'{name}', a {'DICOM' if dest.dicom else 'HL7'} destination"
+                )
+            then.append(_delivery(name, kind, job.subject, "forward"))
+        for model in decision.run:
+            then.append(NextJob(
+                Stage.INFER, f"{model}|{job.subject}",
+                {"model": model, "kind": kind.value, "target": job.subject,
+                 "send": list(decision.send), "route": decision.route},
+            ))
+        log.info("route.matched", **fields, route=decision.route, run=list(decision.run),
+                 forward=list(decision.forward), send=list(decision.send))
+        return then
+
+    # --- infer (the model runtime comes with the models release) --------------------
+
+    def infer(self, job: Job, beat: Beat) -> Sequence[NextJob]:
+        model = job.payload.get("model")
+        raise Permanent(
+            f"model '{model}' is not available: this gateway version has no model runtime "
+            "yet; the route's forwarding still works"
+        )
+
+    # --- deliver --------------------------------------------------------------------
+
+    def _destination(self, name: str) -> Destination:
+        dest = self.cfg.destinations.get(name)
+        if dest is None:
+            raise DestinationGone(f"destination '{name}' is no longer configured")
+        return dest
+
+    def deliver(self, job: Job, beat: Beat) -> Sequence[NextJob]:
+        name = str(job.payload["destination"])
+        dest = self._destination(name)
+        target = str(job.payload["target"])
+        try:
+            if dest.dicom is not None:
+                self._deliver_study(name, dest, target, beat)
+            else:
+                self._deliver_message(name, dest, target)
+        except Transient:
+            self.metrics.deliveries.labels(destination=name, outcome="retry").inc()
+            raise
+        except Permanent:
+            self.metrics.deliveries.labels(destination=name, outcome="refused").inc()
+            raise
+        self.metrics.deliveries.labels(destination=name, outcome="delivered").inc()
+        return []
+
+    def _deliver_study(self, name: str, dest: Destination, study_key: str, beat: Beat) -> None:
+        queue = self.store.queue
+        envelopes = queue.study_envelopes(study_key)
+        done = queue.delivered(name, [e.id for e in envelopes])
+        pending = [e for e in envelopes if e.id not in done]
+        if not pending:
+            return
+        sender = self._dicom_sender(name, dest)
+
+        def loader(envelope_id: str) -> Callable[[], bytes]:
+            # read (and decrypt) one instance when the sender needs it, never the whole study
+            def load() -> bytes:
+                beat()
+                return self.store.read(envelope_id)[1]
+
+            return load
+
+        results = sender.send_study((e.id, loader(e.id)) for e in pending)
+        delivered = failed_permanent = 0
+        transient: str | None = None
+        for result in results:
+            if result.delivered:
+                queue.record_delivery(str(result.key), name, result.status or 0, self._now())
+                delivered += 1
+            elif result.transient:
+                transient = transient or result.message
+            else:
+                failed_permanent += 1
+        log.info("deliver.study", destination=name, study=study_key[:12], sent=delivered,
+                 already=len(done), refused=failed_permanent)
+        if transient is not None:
+            raise Transient(f"{name}: {transient}")
+        if failed_permanent:
+            raise Permanent(f"{name} refused {failed_permanent} of {len(pending)} instances")
+
+    def _deliver_message(self, name: str, dest: Destination, envelope_id: str) -> None:
+        if self.store.queue.delivered(name, [envelope_id]):
+            return
+        _, raw = self.store.read(envelope_id)
+        outcome = self._hl7_sender(name, dest).send(raw)
+        self.store.queue.record_delivery(envelope_id, name, 0, self._now())
+        log.info("deliver.message", destination=name, envelope_id=envelope_id,
+                 ack=outcome.code)
+
+    def _dicom_sender(self, name: str, dest: Destination) -> DicomSender:
+        if name not in self._dicom:
+            assert dest.dicom is not None
+            tls = client_context(dest.dicom.tls, self.cfg.path) if dest.dicom.tls else None
+            self._dicom[name] = DicomSender(
+                dest.dicom, calling_ae=self.cfg.dicom.ae_title, ssl_context=tls,
+                uid_hash=lambda uid: self.store.keys.index("log", uid)[:12],
+            )
+        return self._dicom[name]
+
+    def _hl7_sender(self, name: str, dest: Destination) -> HL7Sender:
+        if name not in self._hl7:
+            assert dest.hl7 is not None
+            tls = client_context(dest.hl7.tls, self.cfg.path) if dest.hl7.tls else None
+            self._hl7[name] = HL7Sender(dest.hl7, ssl_context=tls)
+        return self._hl7[name]
+
+    def close(self) -> None:
+        for sender in self._hl7.values():
+            sender.close()
+
+
+def _delivery(destination: str, kind: Kind, target: str, mode: str) -> NextJob:
+    return NextJob(
+        Stage.DELIVER, f"{destination}|{target}",
+        {"destination": destination, "kind": kind.value, "target": target, "mode": mode},
+        lane=destination,
+    )

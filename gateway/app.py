@@ -29,6 +29,9 @@ from gateway.workers import Beat, Worker
 log = structlog.get_logger(__name__)
 
 
+WORKER_DRAIN_SECONDS = 10.0  # SIGTERM: how long jobs in hand get to finish
+
+
 @contextlib.contextmanager
 def _listening(what: str, host: str, port: int) -> Iterator[None]:
     """Turn a bind failure into an error that says which listener and what to do."""
@@ -186,7 +189,15 @@ class Gateway:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
         for worker in self.workers:
-            worker.stop()
+            worker.request_stop()
+        deadline = time.monotonic() + WORKER_DRAIN_SECONDS
+        for worker in self.workers:
+            if not worker.stop(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "gateway.worker_still_busy",
+                    worker=worker.name,
+                    outcome="its job is retried when its lease expires",
+                )
         self.pipeline.close()
         if self.assembler.running:
             self.assembler.stop()

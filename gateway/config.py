@@ -141,6 +141,7 @@ class HL7Destination(_Strict):
     tls: ClientTLS | None = None
     application: str = "EHR"
     facility: str = "HOSP"
+    ack_timeout: Seconds = 30  # no ACK within this = retried
 
 
 class Destination(_Strict):
@@ -215,6 +216,20 @@ class Config(_Strict):
         problems = reference_problems(
             [r.model_dump() for r in self.routes], self.models, self.destinations
         )
+        for i, route in enumerate(self.routes):
+            kinds = {k for k in ("dicom", "hl7") if getattr(route.when, k) is not None}
+            for j, name in enumerate(route.forward):
+                dest = self.destinations.get(name)
+                if dest is None:
+                    continue
+                dest_kind = "dicom" if dest.dicom is not None else "hl7"
+                if dest_kind not in kinds:
+                    problems.append(
+                        f"@routes.{i}.forward.{j}: '{name}' is a{'n' if dest_kind == 'hl7' else ''}"
+                        f" {dest_kind.upper()} destination but this route matches only "
+                        f"{' and '.join(sorted(kinds)).upper()} objects; forward passes objects "
+                        "on unchanged, so it needs a destination of the same kind"
+                    )
         if problems:
             # '@path: message' lines: the loader turns each into its own FILE:LINE error.
             raise ValueError("\n".join(problems))

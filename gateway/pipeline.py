@@ -80,19 +80,38 @@ class Pipeline:
         for name in decision.forward:
             dest = self._destination(name)
             if (dest.dicom is not None) != (kind is Kind.DICOM):
-                raise Permanent(
-                    f"route '{decision.route}' forwards a {kind.value} object to "
-                    f"'{name}', a {'DICOM' if dest.dicom else 'HL7'} destination"
+                # a route with both dicom and hl7 conditions may forward to both kinds:
+                # each object goes to the destinations that speak its protocol
+                log.info(
+                    "route.forward_skipped",
+                    **fields,
+                    destination=name,
+                    reason=f"a {kind.value} object cannot go to this destination",
                 )
+                continue
             then.append(_delivery(name, kind, job.subject, "forward"))
         for model in decision.run:
-            then.append(NextJob(
-                Stage.INFER, f"{model}|{job.subject}",
-                {"model": model, "kind": kind.value, "target": job.subject,
-                 "send": list(decision.send), "route": decision.route},
-            ))
-        log.info("route.matched", **fields, route=decision.route, run=list(decision.run),
-                 forward=list(decision.forward), send=list(decision.send))
+            then.append(
+                NextJob(
+                    Stage.INFER,
+                    f"{model}|{job.subject}",
+                    {
+                        "model": model,
+                        "kind": kind.value,
+                        "target": job.subject,
+                        "send": list(decision.send),
+                        "route": decision.route,
+                    },
+                )
+            )
+        log.info(
+            "route.matched",
+            **fields,
+            route=decision.route,
+            run=list(decision.run),
+            forward=list(decision.forward),
+            send=list(decision.send),
+        )
         return then
 
     # --- infer (the model runtime comes with the models release) --------------------
@@ -158,8 +177,14 @@ class Pipeline:
                 transient = transient or result.message
             else:
                 failed_permanent += 1
-        log.info("deliver.study", destination=name, study=study_key[:12], sent=delivered,
-                 already=len(done), refused=failed_permanent)
+        log.info(
+            "deliver.study",
+            destination=name,
+            study=study_key[:12],
+            sent=delivered,
+            already=len(done),
+            refused=failed_permanent,
+        )
         if transient is not None:
             raise Transient(f"{name}: {transient}")
         if failed_permanent:
@@ -169,17 +194,19 @@ class Pipeline:
         if self.store.queue.delivered(name, [envelope_id]):
             return
         _, raw = self.store.read(envelope_id)
-        outcome = self._hl7_sender(name, dest).send(raw)
+        assert dest.hl7 is not None
+        outcome = self._hl7_sender(name, dest).send(raw, timeout=dest.hl7.ack_timeout)
         self.store.queue.record_delivery(envelope_id, name, 0, self._now())
-        log.info("deliver.message", destination=name, envelope_id=envelope_id,
-                 ack=outcome.code)
+        log.info("deliver.message", destination=name, envelope_id=envelope_id, ack=outcome.code)
 
     def _dicom_sender(self, name: str, dest: Destination) -> DicomSender:
         if name not in self._dicom:
             assert dest.dicom is not None
             tls = client_context(dest.dicom.tls, self.cfg.path) if dest.dicom.tls else None
             self._dicom[name] = DicomSender(
-                dest.dicom, calling_ae=self.cfg.dicom.ae_title, ssl_context=tls,
+                dest.dicom,
+                calling_ae=self.cfg.dicom.ae_title,
+                ssl_context=tls,
                 uid_hash=lambda uid: self.store.keys.index("log", uid)[:12],
             )
         return self._dicom[name]
@@ -198,7 +225,8 @@ class Pipeline:
 
 def _delivery(destination: str, kind: Kind, target: str, mode: str) -> NextJob:
     return NextJob(
-        Stage.DELIVER, f"{destination}|{target}",
+        Stage.DELIVER,
+        f"{destination}|{target}",
         {"destination": destination, "kind": kind.value, "target": target, "mode": mode},
         lane=destination,
     )

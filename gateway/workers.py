@@ -77,12 +77,18 @@ class Worker:
         """New work may be waiting: look now instead of after the idle wait."""
         self._wake.set()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the job in hand (its outcome is persisted), then stop."""
+    def request_stop(self) -> None:
+        """Take no new job; the one in hand finishes (its outcome is persisted)."""
         self._stop.set()
         self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop, waiting up to *timeout* for the job in hand; False if it is still running
+        (its lease then expires and the job is retried, after a restart if need be)."""
+        self.request_stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -50,7 +50,10 @@ def write_config(folder: Path, **overrides: Any) -> Path:
         },
     }
     for section, values in overrides.items():
-        cfg.setdefault(section, {}).update(values)
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section].update(values)
+        else:
+            cfg[section] = values
     path = folder / "gateway.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

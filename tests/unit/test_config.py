@@ -455,3 +455,20 @@ def test_config_error_message_joins_the_lines(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.message == f"{path}:1: dicom: Field required\n{path}:1: hl7: Field required"
+
+
+def test_forwarding_dicom_objects_to_an_hl7_destination_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        "dicom:\n  allowed_callers: [{ae_title: PACS, hosts: [127.0.0.1]}]\n"
+        "hl7:\n  allowed_senders: [{application: EHR, hosts: [127.0.0.1]}]\n"
+        "destinations:\n  ehr: {hl7: {host: 127.0.0.1, port: 2576}}\n"
+        "routes:\n  - name: mr\n    when: {dicom: {Modality: MR}}\n    forward: [ehr]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == [
+        f"{path}:10: routes.0.forward.0: 'ehr' is an HL7 destination but this route matches "
+        "only DICOM objects; forward passes objects on unchanged, so it needs a destination "
+        "of the same kind"
+    ]

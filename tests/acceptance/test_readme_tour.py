@@ -63,11 +63,11 @@ def command(keyword: str) -> str:
     return found[0]
 
 
-def expected_queue_status() -> list[str]:
-    """The plain (output) block right after the `gateway queue status` command."""
+def expected_output(cmd: str) -> list[str]:
+    """The plain (output) block right after the README's *cmd* command."""
     blocks = tour_blocks()
-    i = next(i for i, b in enumerate(blocks) if "gateway queue status" in b.text)
-    assert blocks[i + 1].lang == "", "README: the queue status output block is missing"
+    i = next(i for i, b in enumerate(blocks) if cmd in b.text)
+    assert blocks[i + 1].lang == "", f"README: the output block of {cmd} is missing"
     return blocks[i + 1].text.rstrip("\n").splitlines()
 
 
@@ -212,45 +212,23 @@ def test_shipped_config_is_what_the_readme_describes() -> None:
 
 # --- the tour ---------------------------------------------------------------------------------
 
-# Two README lines do not work as printed (see the strict xfail tests below); the tour applies
-# the smallest correction to each so that the rest of the tour can be checked. Once README.md
-# is fixed, the `old` text is gone and the correction is a no-op.
-README_CORRECTIONS = {
-    # dcmtk's storescu cannot convert the RLE Lossless series of make_study() to the
-    # uncompressed syntaxes it proposes by default; -xr proposes RLE Lossless first (the
-    # gateway accepts it, so storescu RLE-encodes the other series on the way: fine for a tour).
-    "storescu -aet STORESCU -aec AI_GATEWAY +sd +r ": (
-        "storescu -aet STORESCU -aec AI_GATEWAY +sd +r -xr "
-    ),
-    # python-hl7's mllp_send reads MLLP-framed input from --file; a plain message file
-    # (segments ending in \r, no 0x1c) needs --loose.
-    ".venv/bin/mllp_send --file": ".venv/bin/mllp_send --loose --file",
-}
-
-
-def corrected(cmd: str) -> str:
-    for old, new in README_CORRECTIONS.items():
-        cmd = cmd.replace(old, new)
-    return cmd
-
-
 def test_readme_tour_end_to_end(tour: Tour) -> None:
     # 1. Check the gateway answers DICOM
     r = tour.sh(command("echoscu"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == "OK"
 
-    # 2. Send a study: make_study + storescu (the README's options, see README_CORRECTIONS)
-    r = tour.sh(corrected(command("storescu")))
+    # 2. Send a study: make_ct_series + storescu, the README's options
+    r = tour.sh(command("storescu"))
     assert r.returncode == 0, r.stdout + r.stderr
     files = sorted((tour.folder / "study").rglob("*.dcm"))
-    assert len(files) >= 10
+    assert len(files) == 20
     status = tour.status()  # every 0x0000 was a durable store: counted at once
     assert status["received"] == {"dicom": len(files)}
     assert status["studies"] == {"open": 1}
 
     # 3. Send an HL7 report; the answer is an ACK with MSA|AA|MSG0001
-    r = tour.sh(corrected(command("mllp_send")))
+    r = tour.sh(command("mllp_send"))
     assert r.returncode == 0, r.stdout + r.stderr
     first_ack = r.stdout
     segments = ack_segments(first_ack)
@@ -258,7 +236,7 @@ def test_readme_tour_end_to_end(tour: Tour) -> None:
     assert "MSA|AA|MSG0001" in segments
     # "Send it again: the same ACK comes back and nothing is stored twice."
     mllp_line = next(ln for ln in command("mllp_send").splitlines() if "mllp_send" in ln)
-    r = tour.sh(corrected(mllp_line))
+    r = tour.sh(mllp_line)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout == first_ack
     assert tour.status()["received"] == {"dicom": len(files), "hl7": 1}
@@ -269,20 +247,27 @@ def test_readme_tour_end_to_end(tour: Tour) -> None:
         assert time.monotonic() < deadline, status
         time.sleep(0.25)
 
+    # both are routed at once; the shipped config has no routes: stored, not processed
+    deadline = time.monotonic() + 20
+    while tour.status().get("jobs:route") != {"done": 2}:
+        assert time.monotonic() < deadline, tour.status()
+        time.sleep(0.25)
+
     # 4. Watch the queue: the README's command, with -c for this copy of the config
     (queue_cmd,) = [ln for ln in command("gateway queue status").splitlines() if ln.strip()]
     r = tour.sh(queue_cmd, "-c", str(tour.config))
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = r.stdout.rstrip("\n").splitlines()
-    expected = expected_queue_status()
-    # the README's example counts 15 instances; make_study() writes len(files) (see below)
-    expected[0] = re.sub(r"dicom instances: \d+", f"dicom instances: {len(files)}", expected[0])
-    assert lines[: len(expected)] == expected, r.stdout
-    # one line more than the README shows, while jobs wait (reported as a README gap)
-    assert len(lines) == len(expected) + 1 and re.fullmatch(
-        r"oldest waiting job: \d+ s", lines[-1]
-    ), r.stdout
-    assert tour.status()["jobs:route"] == {"ready": 2}  # the study and the report
+    assert r.stdout.rstrip("\n").splitlines() == expected_output("gateway queue status"), r.stdout
+
+    # 5. Ask what would happen: the README's explain command and its output (UID elided)
+    (explain_cmd,) = [ln for ln in command("gateway explain").splitlines() if ln.strip()]
+    r = tour.sh(explain_cmd, "-c", str(tour.config))
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = r.stdout.rstrip("\n").splitlines()
+    want = [tour.localize(line) for line in expected_output("gateway explain")]
+    assert len(got) == len(want), r.stdout
+    for line, pattern in zip(got, want, strict=True):
+        assert re.fullmatch(re.escape(pattern).replace("…", r"[0-9.]+"), line), (line, pattern)
 
     # curl -s 127.0.0.1:8080/metrics shows the counters; /healthz and /readyz the state
     curl = inline_curl()
@@ -297,7 +282,7 @@ def test_readme_tour_end_to_end(tour: Tour) -> None:
         metrics = body.decode()
     assert f'gateway_dicom_instances_received_total{{outcome="stored"}} {len(files)}.0' in metrics
     assert 'gateway_hl7_messages_total{ack="AA",type="ORU^R01"} 2.0' in metrics
-    assert 'gateway_queue_jobs{stage="route",state="ready"} 2.0' in metrics
+    assert 'gateway_queue_jobs{stage="route",state="done"} 2.0' in metrics
     assert 'gateway_studies{state="complete"} 1.0' in metrics
     code, body = tour.gw.get("/healthz")
     assert (code, json.loads(body)) == (200, {"status": "ok"})
@@ -311,9 +296,7 @@ def test_readme_tour_end_to_end(tour: Tour) -> None:
     assert r.returncode != 0
     assert "Calling AE Title Not Recognized" in r.stdout + r.stderr
     hl7_block = command("mllp_send")
-    r = tour.sh(
-        corrected(hl7_block.replace("|EHR|HOSP|", "|LAB|HOSP|").replace("oru.hl7", "lab.hl7"))
-    )
+    r = tour.sh(hl7_block.replace("|EHR|HOSP|", "|LAB|HOSP|").replace("oru.hl7", "lab.hl7"))
     assert r.returncode == 0, r.stdout + r.stderr
     segments = ack_segments(r.stdout)
     assert any(s.startswith("MSA|AR|MSG0001") for s in segments), r.stdout
@@ -331,46 +314,3 @@ def test_readme_tour_end_to_end(tour: Tour) -> None:
     assert tour.gw.stop() == 0
     assert not port_open(tour.ports["dicom"])
     assert not port_open(tour.ports["hl7"])
-
-
-# --- README lines that do not work as printed --------------------------------------------------
-
-
-@pytest.mark.xfail(
-    reason="README inaccuracy: step 2's storescu line (+sd +r, no transfer syntax option) fails "
-    "on make_study()'s RLE Lossless series: dcmtk storescu 3.6.7 proposes only uncompressed "
-    "syntaxes and cannot convert RLE ('unable to convert dataset from RLE Lossless'), so it "
-    "exits 1 after storing part of the study",
-    strict=True,
-)
-def test_readme_storescu_line_sends_the_whole_synthetic_study(tour: Tour) -> None:
-    r = tour.sh(command("storescu"))
-    files = sorted((tour.folder / "study").rglob("*.dcm"))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert tour.status()["received"] == {"dicom": len(files)}
-
-
-@pytest.mark.xfail(
-    reason="README inaccuracy: step 3's `mllp_send --file /tmp/oru.hl7` raises "
-    "MLLPException('buffer not terminated'): python-hl7 expects MLLP-framed input from "
-    "--file; the printf'd file has no 0x1c, so --loose is needed",
-    strict=True,
-)
-def test_readme_mllp_send_line_gets_msa_aa(tour: Tour) -> None:
-    r = tour.sh(command("mllp_send"))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "MSA|AA|MSG0001" in ack_segments(r.stdout)
-
-
-@pytest.mark.xfail(
-    reason="README inaccuracy: the queue status example shows 'dicom instances: 15', but "
-    "make_study() writes 14 instances (DEFAULT_SERIES: 4+3+3+2+2)",
-    strict=True,
-)
-def test_readme_example_instance_count_is_what_make_study_writes(tmp_path: Path) -> None:
-    from tests.dicomgen import make_study
-
-    m = re.search(r"dicom instances: (\d+)", expected_queue_status()[0])
-    assert m
-    files = make_study(tmp_path / "study")
-    assert int(m[1]) == len(files)

@@ -13,9 +13,9 @@ from types import FrameType
 
 import structlog
 
-from gateway.config import Config
+from gateway.config import Config, load_config
 from gateway.envelope import Job, NextJob, Stage
-from gateway.errors import ListenError
+from gateway.errors import ConfigError, ListenError
 from gateway.ingest.assemble import Assembler
 from gateway.ingest.dicom_scp import DicomSCP
 from gateway.ingest.hl7_listener import HL7Listener
@@ -30,6 +30,34 @@ log = structlog.get_logger(__name__)
 
 
 WORKER_DRAIN_SECONDS = 10.0  # SIGTERM: how long jobs in hand get to finish
+
+
+# What a reload cannot change: listeners, identities and storage are set up at start.
+RESTART_ONLY = {
+    "gateway": None,  # the whole section
+    "dicom": ("ae_title", "host", "port", "max_associations", "max_pdu", "tls", "receive_to_disk"),
+    "hl7": ("host", "port", "tls", "max_frame_bytes", "idle_timeout"),
+}
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The settings that differ between *old* and *new* but apply only after a restart."""
+    changed = []
+    for section, keys in RESTART_ONLY.items():
+        before, after = getattr(old, section), getattr(new, section)
+        for key in keys or type(before).model_fields:
+            if getattr(before, key) != getattr(after, key):
+                changed.append(f"{section}.{key}")
+    return changed
+
+
+def keep_restart_only(old: Config, new: Config) -> Config:
+    """*new*, with the restart-only settings of *old*: the config that is really running."""
+    update: dict[str, object] = {"gateway": old.gateway}
+    for section in ("dicom", "hl7"):
+        keep = {key: getattr(getattr(old, section), key) for key in RESTART_ONLY[section] or ()}
+        update[section] = getattr(new, section).model_copy(update=keep)
+    return new.model_copy(update=update)
 
 
 @contextlib.contextmanager
@@ -205,20 +233,68 @@ class Gateway:
         self.store.close()
         log.info("gateway.stopped")
 
+    def reload(self) -> bool:
+        """Re-read the config file (SIGHUP) and apply what can change without a restart:
+        allow-lists, the study quiet period, destinations, routes and models.  Nothing
+        running is dropped.  An invalid file changes nothing."""
+        assert self.cfg.source is not None
+        try:
+            new = load_config(self.cfg.source)
+        except ConfigError as exc:
+            log.error(
+                "config.reload_rejected",
+                errors=exc.errors,
+                outcome="the running configuration is kept",
+            )
+            return False
+        needs_restart = restart_only_changes(self.cfg, new)
+        if needs_restart:
+            log.warning(
+                "config.reload_needs_restart",
+                changed=needs_restart,
+                outcome="those settings keep their running values until a restart",
+            )
+        new = keep_restart_only(self.cfg, new)
+        self.cfg = new
+        keywords = routing_keywords(new.routes)
+        self.dicom.reconfigure(new.dicom, keywords)
+        asyncio.run_coroutine_threadsafe(
+            self.hl7.update_allowed_senders(new.hl7.allowed_senders), self._loop
+        ).result(timeout=30)
+        self.pipeline.cfg = new
+        lanes = {w.lane for w in self.workers}
+        for worker in self._workers():
+            if worker.lane not in lanes:  # a new destination gets its lane
+                self.workers.append(worker)
+                worker.start()
+        log.info(
+            "config.reloaded",
+            destinations=len(new.destinations),
+            routes=len(new.routes),
+            dicom_callers=len(new.dicom.allowed_callers),
+            hl7_senders=len(new.hl7.allowed_senders),
+        )
+        return True
+
     def run_forever(self) -> None:
-        """Start, then block until SIGTERM/SIGINT, then drain and return."""
+        """Start, then block until SIGTERM/SIGINT, then drain and return.  SIGHUP reloads
+        the config."""
         done = threading.Event()
+        hangup = threading.Event()
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("gateway.signal", signal=signal.Signals(signum).name)
-            done.set()
+            (hangup if signum == signal.SIGHUP else done).set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_signal)
         self.start()
         try:
-            while not done.wait(1.0):
-                pass
+            while not done.wait(0.5):
+                if hangup.is_set():
+                    hangup.clear()
+                    self.reload()
         finally:
             started = time.monotonic()
             self.stop()

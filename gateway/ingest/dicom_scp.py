@@ -381,6 +381,13 @@ class DicomSCP:
         self.servers: list[ThreadedAssociationServer] = []
         self._open: dict[int, float] = {}
 
+    def reconfigure(self, cfg: DicomSection, keywords: Iterable[str]) -> None:
+        """Apply a reloaded config's allow-list, quiet period and routing keywords; running
+        associations are not touched.  (Ports, AE title and TLS need a restart.)"""
+        self._callers = lambda: cfg.allowed_callers
+        self.store_handler.quiet = cfg.study_complete_after
+        self.store_handler.keywords = tuple(keywords)
+
     def purge_incoming(self, older_than: float = 0.0) -> int:
         """Delete partial receptions: files of associations that aborted mid-instance, or
         of a gateway that was killed.  Nothing in them was acknowledged.  A live transfer

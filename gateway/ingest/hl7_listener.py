@@ -149,6 +149,10 @@ class HL7Listener:
             self._ports["mllp+tls"] = _bound_port(secure)
         log.info("hl7.listening", host=self.config.host, ports=dict(self._ports))
 
+    async def update_allowed_senders(self, senders: list[AllowedSender]) -> None:
+        """Apply a reloaded allow-list; open connections keep running under the new one."""
+        self._senders = [await self._resolve(s) for s in senders]
+
     async def stop(self) -> None:
         """Stop accepting, let each connection finish (and ACK) the message it is handling,
         then close every connection."""

@@ -71,9 +71,11 @@ class GatewayConfig:
     http_port: int
 
 
-def write_gateway_config(folder: Path) -> GatewayConfig:
+def write_gateway_config(folder: Path, **sections: Any) -> GatewayConfig:
     """A minimal config (schema: gateway/config.py ``Config``) on free loopback ports, with
-    data dir and key file inside ``folder``, allowing PACS@127.0.0.1 and EHR/HOSP@127.0.0.1."""
+    data dir and key file inside ``folder``, allowing PACS@127.0.0.1 and EHR/HOSP@127.0.0.1.
+    *sections* add or replace top-level sections (destinations, routes) or, for dicts that
+    exist, update their keys."""
     folder.mkdir(parents=True, exist_ok=True)
     dicom_port, hl7_port, http_port = free_port(), free_port(), free_port()
     cfg: dict[str, Any] = {
@@ -99,6 +101,11 @@ def write_gateway_config(folder: Path) -> GatewayConfig:
             ],
         },
     }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(name), dict):
+            cfg[name].update(value)
+        else:
+            cfg[name] = value
     path = folder / "gateway.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return GatewayConfig(path, folder, dicom_port, hl7_port, http_port)

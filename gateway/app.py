@@ -24,7 +24,7 @@ from gateway.pipeline import Pipeline
 from gateway.route.keywords import routing_keywords
 from gateway.security.tls import server_context
 from gateway.store.store import Store
-from gateway.workers import Beat, Worker
+from gateway.workers import Beat, Worker, worker_alive
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +99,7 @@ class Gateway:
             on_message=self._count_message,
             on_connection=lambda outcome: self.metrics.hl7_connections.labels(outcome).inc(),
         )
-        self.assembler = Assembler(self.store.queue, self.metrics)
+        self.assembler = Assembler(self.store.queue, self.metrics, on_complete=self.wake_workers)
         self.pipeline = Pipeline(cfg, self.store, self.metrics)
         self.workers = self._workers()
         with _listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
@@ -125,6 +125,8 @@ class Gateway:
 
         def outcome(job: Job, result: str) -> None:
             self.metrics.jobs.labels(stage=job.stage.value, outcome=result).inc()
+            if result == "done":
+                self.wake_workers()  # the jobs it enqueued are ready now
 
         workers = [
             Worker(
@@ -150,7 +152,13 @@ class Gateway:
             )
         return workers
 
+    def wake_workers(self) -> None:
+        for worker in getattr(self, "workers", ()):
+            worker.wake()
+
     def _count_message(self, message_type: str, ack: str) -> None:
+        if ack in ("AA", "CA"):
+            self.wake_workers()
         self.metrics.hl7_messages.labels(type=message_type, ack=ack).inc()
 
     def readiness(self) -> dict[str, bool]:
@@ -193,6 +201,13 @@ class Gateway:
         except BaseException:
             self.stop()
             raise
+        released = self.store.queue.release_dead_workers(worker_alive, time.time())
+        if released:
+            log.warning(
+                "queue.released_dead_workers",
+                jobs=released,
+                reason="leased by a gateway process that is gone; resumed now",
+            )
         self.assembler.start()
         for worker in self.workers:
             worker.start()

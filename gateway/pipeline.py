@@ -167,12 +167,12 @@ class Pipeline:
             return load
 
         results = sender.send_study((e.id, loader(e.id)) for e in pending)
-        delivered = failed_permanent = 0
+        delivered: list[tuple[str, int]] = []
+        failed_permanent = 0
         transient: str | None = None
         for result in results:
             if result.delivered:
-                queue.record_delivery(str(result.key), name, result.status or 0, self._now())
-                delivered += 1
+                delivered.append((str(result.key), result.status or 0))
             elif result.transient:
                 transient = transient or result.message
             else:

@@ -9,7 +9,9 @@ keeping the error.  Network threads never wait on workers: they only enqueue.
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +39,29 @@ class RetryDecider(Protocol):
     ) -> float | None: ...
 
 
+def worker_identity(name: str) -> str:
+    """``host:pid:name``: lets a restarted gateway tell its dead predecessor's leases."""
+    return f"{socket.gethostname()}:{os.getpid()}:{name}"
+
+
+def worker_alive(identity: str) -> bool:
+    """False for a worker of this host whose process is gone; True when unsure (another
+    host's worker, or a name in another form): its lease then simply expires."""
+    host, _, rest = identity.partition(":")
+    pid, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return False  # this process has just started: no worker of it holds a lease yet
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Worker:
     """One thread taking jobs of *stages* (only from *lane* when given) one at a time."""
 
@@ -49,13 +74,14 @@ class Worker:
         retry_policy: Callable[[Job], RetryDecider],
         *,
         lane: str | None = None,
-        lease_seconds: float = 300.0,
+        lease_seconds: float = 60.0,
         idle_wait: float = 0.25,
         on_outcome: Callable[[Job, str], None] | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.name = name
+        self.identity = worker_identity(name)  # recorded on the jobs it leases
         self.queue = queue
         self.stages = stages
         self.handler = handler
@@ -104,7 +130,7 @@ class Worker:
     def run_once(self) -> bool:
         """Lease and process one job; False when none was ready."""
         job = self.queue.lease(
-            self.stages, self.name, self.lease_seconds, self.clock(), lane=self.lane
+            self.stages, self.identity, self.lease_seconds, self.clock(), lane=self.lane
         )
         if job is None:
             return False

@@ -2,7 +2,10 @@
 
 :meth:`DicomSender.send_study` reads each instance's SOP class and transfer syntax,
 proposes the presentation contexts they need (:func:`plan_contexts`), and sends every
-instance in its own transfer syntax where the peer accepted it.  Only when the peer
+instance in its own transfer syntax where the peer accepted it.  Such an instance goes out
+byte for byte as it was received: its encoded data set is streamed from the Part 10 bytes
+without being decoded (pynetdicom's chunked send), from an anonymous memory file when the
+bytes came from memory, so the plaintext never lands on disk.  Only when the peer
 accepted no context with that syntax is the instance converted, with pydicom: compressed
 data is decompressed, uncompressed data re-encoded (Explicit VR Little Endian preferred,
 then Implicit).  Every status is read by :func:`classify_status`, the one classifier:
@@ -24,9 +27,10 @@ carry the caller's ``uid_hash``.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -39,7 +43,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext, build_context
 
 from gateway.config import DicomDestination
@@ -56,10 +61,21 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+# A path given to ``Association.send_c_store`` is sent as it is encoded: pynetdicom reads
+# the file meta only and streams the data set PDU by PDU, instead of decoding the whole
+# file with pydicom and re-encoding it.  A module global of pynetdicom's, so it is set
+# here, once: this sender is the only C-STORE SCU in the gateway process, and a Dataset
+# given to send_c_store (our conversion path) is sent as before whatever its value.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
 Source = Path | bytes | Callable[[], bytes]
 """A Part 10 instance (preamble, file meta, data set): a file, the bytes, or a function
 returning the bytes (called once to read the header and once to send, so that only one
 instance at a time is held in memory)."""
+
+# Anonymous memory files (Linux): the plaintext of an instance sent as it is encoded.
+# Without them, instances given as bytes or loaders take the pydicom path instead.
+_HAVE_MEMFD = hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir()
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
 UNCOMPRESSED_FALLBACK: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -164,6 +180,9 @@ class _Item:
     sop_class: str
     sop_instance: str
     transfer_syntax: UID
+    # the file meta names the same SOP class and instance as the data set, and the data
+    # set is encoded as its transfer syntax says: it can be sent as it is encoded
+    as_encoded: bool
 
 
 class _NotSent(Exception):
@@ -312,11 +331,17 @@ class DicomSender:
     ) -> InstanceResult:
         try:
             target = _choose_syntax(item.transfer_syntax, accepted)
-            ds = _load(source, item, target)
+            data = _bytes_of(source)  # the one load of this instance for sending
+            with _prepared(data, item, target) as payload:
+                return self._store(assoc, item, target, payload)
         except _NotSent as exc:
             return self._result(item, Outcome.PERMANENT, None, str(exc))
+
+    def _store(
+        self, assoc: Any, item: _Item, target: UID, payload: Dataset | Path
+    ) -> InstanceResult:
         try:
-            rsp = assoc.send_c_store(ds)
+            rsp = assoc.send_c_store(payload)
         except (ValueError, AttributeError) as exc:  # pynetdicom: no context / cannot encode
             return self._result(item, Outcome.PERMANENT, None, f"cannot send: {type(exc).__name__}")
         except RuntimeError:  # the association ended under us
@@ -398,7 +423,13 @@ def _read_header(key: str, source: Source) -> _Item:
             "the file meta information or data set lacks the transfer syntax, SOP class "
             "or SOP instance UID"
         )
-    return _Item(key, str(sop_class), str(sop_instance), UID(str(ts)))
+    uid = UID(str(ts))
+    as_encoded = (
+        str(meta.get("MediaStorageSOPClassUID", "")) == str(sop_class)
+        and str(meta.get("MediaStorageSOPInstanceUID", "")) == str(sop_instance)
+        and tuple(ds.original_encoding) == (uid.is_implicit_VR, uid.is_little_endian)
+    )
+    return _Item(key, str(sop_class), str(sop_instance), uid, as_encoded)
 
 
 def _choose_syntax(own: UID, accepted: set[UID]) -> UID:
@@ -415,9 +446,58 @@ def _choose_syntax(own: UID, accepted: set[UID]) -> UID:
     )
 
 
-def _load(source: Source, item: _Item, target: UID) -> Dataset:
+@contextlib.contextmanager
+def _prepared(data: bytes | Path, item: _Item, target: UID) -> Iterator[Dataset | Path]:
+    """What to give ``send_c_store`` for one instance: a Part 10 file whose data set goes
+    out as it is encoded (pynetdicom's chunked send, see ``STORE_SEND_CHUNKED_DATASET``)
+    when the peer accepted the instance's own syntax, else a data set decoded (and
+    converted to *target*) by pydicom.
+
+    Bytes are sent from an anonymous memory file (``memfd_create``), closed on exit: the
+    decrypted instance is never written to a file system."""
+    if target != item.transfer_syntax or not item.as_encoded:
+        yield _load(data, item, target)
+        return
+    if isinstance(data, Path):
+        if _same_instance(data, item):
+            yield data
+        else:
+            yield _load(data, item, target)
+        return
+    if not _HAVE_MEMFD:
+        yield _load(data, item, target)
+        return
+    fd = os.memfd_create("dicom-scu", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        path = Path(f"/proc/self/fd/{fd}")
+        if _same_instance(path, item):
+            yield path
+        else:
+            yield _load(data, item, target)
+    finally:
+        os.close(fd)
+
+
+def _same_instance(path: Path, item: _Item) -> bool:
+    """Whether the file meta of *path* still names the instance read by
+    :func:`_read_header`, in the same transfer syntax: what pynetdicom's chunked send puts
+    in the C-STORE request (it reads the file meta only)."""
+    try:
+        meta, _ = split_dataset(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return False
+    return (
+        str(meta.get("TransferSyntaxUID", "")) == item.transfer_syntax
+        and str(meta.get("MediaStorageSOPClassUID", "")) == item.sop_class
+        and str(meta.get("MediaStorageSOPInstanceUID", "")) == item.sop_instance
+    )
+
+
+def _load(data: bytes | Path, item: _Item, target: UID) -> Dataset:
     """The data set to send, converted to *target* when that is not its own syntax."""
-    data = _bytes_of(source)
     try:
         ds = dcmread(data if isinstance(data, Path) else BytesIO(data))
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -17,8 +18,16 @@ log = structlog.get_logger(__name__)
 
 
 class Assembler:
-    def __init__(self, queue: SQLiteQueue, metrics: Metrics, *, tick: float = 0.5) -> None:
+    def __init__(
+        self,
+        queue: SQLiteQueue,
+        metrics: Metrics,
+        *,
+        tick: float = 0.5,
+        on_complete: Callable[[], None] | None = None,
+    ) -> None:
         self.queue = queue
+        self.on_complete = on_complete
         self.metrics = metrics
         self.tick = tick
         self._stop = threading.Event()
@@ -51,6 +60,8 @@ class Assembler:
         swept = self.queue.sweep_expired(now)
         if swept:
             log.warning("queue.leases_expired", jobs=swept)
+        if (done or swept) and self.on_complete is not None:
+            self.on_complete()  # routing can start now rather than at its next poll
         return done
 
     def _run(self) -> None:

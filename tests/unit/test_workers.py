@@ -171,3 +171,24 @@ def test_lanes_keep_a_stuck_destination_from_delaying_others(queue: SQLiteQueue)
     )
     assert w.run_once() and not w.run_once()
     assert seen == ["up|s1"] and row(queue, up)["state"] == "done"
+
+
+def test_a_restarted_gateway_resumes_jobs_of_its_dead_predecessor_at_once(
+    queue: SQLiteQueue,
+) -> None:
+    import socket
+    import subprocess
+
+    from gateway.workers import worker_alive
+
+    dead_pid = subprocess.Popen(["true"])  # a pid that existed and has exited
+    dead_pid.wait()
+    host = socket.gethostname()
+    queue.enqueue(Stage.ROUTE, "a", 1.0)
+    queue.enqueue(Stage.ROUTE, "b", 1.0)
+    queue.enqueue(Stage.ROUTE, "c", 1.0)
+    queue.lease([Stage.ROUTE], f"{host}:{dead_pid.pid}:route", 300, now=2.0)  # crashed
+    queue.lease([Stage.ROUTE], "otherhost:1:route", 300, now=2.0)  # elsewhere: unknown
+    queue.lease([Stage.ROUTE], f"{host}:1:route", 300, now=2.0)  # pid 1 is alive
+    assert queue.release_dead_workers(worker_alive, now=3.0) == 1
+    assert queue.counts()["jobs:route"] == {"ready": 1, "leased": 2}

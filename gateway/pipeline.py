@@ -177,11 +177,14 @@ class Pipeline:
                 transient = transient or result.message
             else:
                 failed_permanent += 1
+        # what arrived is recorded (one commit) before any failure is raised, so a retry
+        # sends only the rest
+        queue.record_deliveries(name, delivered, self._now())
         log.info(
             "deliver.study",
             destination=name,
             study=study_key[:12],
-            sent=delivered,
+            sent=len(delivered),
             already=len(done),
             refused=failed_permanent,
         )

@@ -192,6 +192,11 @@ def test_a_down_destination_does_not_delay_another(
         files = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=3, rows=64, cols=64)])
         store(files, gw.dicom_port)
         wait_until(lambda: len(orthanc.get("/instances")) == 3, timeout=15, what="Orthanc")
+        # meanwhile the silent EHR's delivery timed out (ack_timeout 2 s) and is retried
+        wait_until(lambda: "job.retry" in gw.log() and "no ACK" in gw.log(), timeout=15,
+                   what="the EHR delivery to time out and be retried")
+        status = json.loads(gw.cli("queue", "status", "--json").stdout)
+        assert status["jobs:deliver"].get("dead", 0) == 0
     finally:
         gw.stop()
 
@@ -224,3 +229,32 @@ def test_kill9_during_deliveries_loses_nothing(
     # at-least-once: an instance in flight at the kill may arrive twice, and Orthanc keeps one
     for uid in list(uids)[:5]:
         assert dataset_bytes(orthanc.instance_file(uid))
+
+
+def test_a_study_that_grows_after_delivery_is_rerouted_and_only_the_new_instance_sent(
+    tmp_path: Path, orthanc: Orthanc, sink: MLLPSink
+) -> None:
+    scp_port = free_port()
+    config = routed_config(tmp_path, orthanc, sink)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["destinations"]["pacs"]["dicom"].update(ae_title="STORESCP", port=scp_port)
+    config.write_text(yaml.safe_dump(cfg))
+    received = tmp_path / "storescp"
+    received.mkdir()
+    scp = subprocess.Popen([*storescp_args(received, port=scp_port), "+uf"], env=dcmtk_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gw = GatewayProcess(config, tmp_path / "gw.log").start()
+    try:
+        files = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=3, rows=64, cols=64)])
+        store(files[:2], gw.dicom_port)
+        wait_until(lambda: len(list(received.iterdir())) == 2, what="the first two")
+        store(files[2:], gw.dicom_port)  # a late instance: the study reopens
+        wait_until(lambda: len(list(received.iterdir())) >= 3, what="the late instance")
+        time.sleep(1.5)  # room for a needless resend to show
+    finally:
+        gw.stop()
+        scp.terminate()
+        scp.wait(timeout=10)
+    got = sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                 for f in received.iterdir())
+    assert got == sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)

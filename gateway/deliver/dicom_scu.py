@@ -41,10 +41,11 @@ import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 from pydicom.filewriter import dcmwrite
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
-from pynetdicom.dsutils import split_dataset
+from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 
 from gateway.config import DicomDestination
@@ -60,13 +61,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-# A path given to ``Association.send_c_store`` is sent as it is encoded: pynetdicom reads
-# the file meta only and streams the data set PDU by PDU, instead of decoding the whole
-# file with pydicom and re-encoding it.  A module global of pynetdicom's, so it is set
-# here, once: this sender is the only C-STORE SCU in the gateway process, and a Dataset
-# given to send_c_store (our conversion path) is sent as before whatever its value.
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 Source = Path | bytes | Callable[[], bytes]
 """A Part 10 instance (preamble, file meta, data set): a file, the bytes, or a function
@@ -87,6 +81,19 @@ _TRANSIENT = frozenset({0xFE00, 0x0210})  # cancel, duplicate invocation
 # pynetdicom's DUL thread sleeps this long whenever its event queue is empty (default 1 ms),
 # which adds up to a millisecond to every C-STORE round trip (pynetdicom issue #650).
 DUL_POLL_SECONDS = 0.0005
+
+# The header read stops after (0008,0018) SOP Instance UID, which (with (0008,0016) SOP
+# Class UID) is all it needs from the data set; pixel data and the rest stay unparsed.
+_LAST_HEADER_TAG = 0x00080018
+# Explicit VRs whose length field is 4 bytes (PS3.5 7.1.2), for walking the file meta.
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+# The file meta of a Path source is looked for in its first bytes (else the whole file).
+_HEAD_BYTES = 64 * 1024
+# pynetdicom's standard event handlers: INFO/DEBUG lines (with identifiers) that the gateway
+# silences anyway, at a cost per P-DATA PDU (an Event object and a lock).
+_LOGGING_EVENTS = (evt.EVT_PDU_SENT, evt.EVT_PDU_RECV, evt.EVT_DIMSE_SENT, evt.EVT_DIMSE_RECV)
 
 # Byte-swap unit per VR of binary values, for a big endian data set sent as little endian.
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
@@ -180,9 +187,10 @@ class _Item:
     sop_class: str
     sop_instance: str
     transfer_syntax: UID
-    # the file meta names the same SOP class and instance as the data set, and the data
-    # set is encoded as its transfer syntax says: it can be sent as it is encoded
-    as_encoded: bool
+    # preamble + file meta when the instance can be sent as it is encoded (the file meta
+    # names the same SOP class and instance as the data set, which is encoded as its
+    # transfer syntax says), else b"": sent only if the bytes loaded to send start so too
+    prefix: bytes
 
 
 class _NotSent(Exception):
@@ -223,6 +231,12 @@ class DicomSender:
         self._ae.acse_timeout = acse_timeout
         self._ae.dimse_timeout = dimse_timeout
         self._ae.network_timeout = network_timeout
+        # A path given to ``Association.send_c_store`` is then sent as it is encoded:
+        # pynetdicom reads the file meta only and streams the data set PDU by PDU, instead
+        # of decoding it with pydicom and re-encoding it.  It is a pynetdicom module global;
+        # this sender is the gateway's only C-STORE SCU, and a Dataset given to
+        # send_c_store (the conversion path) is sent as before whatever its value.
+        _config.STORE_SEND_CHUNKED_DATASET = True
 
     @property
     def peer(self) -> str:
@@ -391,6 +405,10 @@ def _tune(assoc: Any) -> None:
     peer's ACK of the previous one (24 ms -> 2.3 ms per 512 KiB instance with 16 KiB PDUs
     on loopback).  The DUL poll delay: see :data:`DUL_POLL_SECONDS`."""
     assoc.dul._run_loop_delay = DUL_POLL_SECONDS
+    for event in _LOGGING_EVENTS:  # public API: unbind the standard logging handlers only
+        for handler, _args in list(assoc.get_handlers(event)):
+            if getattr(handler, "__module__", "") == "pynetdicom._handlers":
+                assoc.unbind(event, handler)
     sock = getattr(assoc.dul.socket, "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError):
@@ -403,15 +421,28 @@ def _bytes_of(source: Source) -> bytes | Path:
     return source()
 
 
+def _after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) > _LAST_HEADER_TAG
+
+
 def _read_header(key: str, source: Source) -> _Item:
-    """SOP class, SOP instance and transfer syntax of one instance, pixel data unread."""
+    """SOP class, SOP instance and transfer syntax of one instance, read from the file
+    meta and the first elements of the data set (the rest is not parsed)."""
     data = _bytes_of(source)
     try:
-        ds = dcmread(
-            data if isinstance(data, Path) else BytesIO(data),
-            stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID"],
-        )
+        if isinstance(data, bytes):
+            head = data
+            ds = read_partial(BytesIO(head), stop_when=_after_header)
+        else:
+            with data.open("rb") as f:
+                head = f.read(_HEAD_BYTES)
+                try:
+                    ds = read_partial(BytesIO(head), stop_when=_after_header)
+                except Exception:  # the header goes on past the first bytes (or deflated)
+                    if len(head) < _HEAD_BYTES:
+                        raise
+                    head += f.read()
+                    ds = read_partial(BytesIO(head), stop_when=_after_header)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise _NotSent(f"not a readable DICOM Part 10 object ({type(exc).__name__})") from None
     meta = ds.file_meta
@@ -424,12 +455,11 @@ def _read_header(key: str, source: Source) -> _Item:
             "or SOP instance UID"
         )
     uid = UID(str(ts))
-    as_encoded = (
-        str(meta.get("MediaStorageSOPClassUID", "")) == str(sop_class)
-        and str(meta.get("MediaStorageSOPInstanceUID", "")) == str(sop_instance)
-        and tuple(ds.original_encoding) == (uid.is_implicit_VR, uid.is_little_endian)
-    )
-    return _Item(key, str(sop_class), str(sop_instance), uid, as_encoded)
+    same_uids = str(meta.get("MediaStorageSOPClassUID", "")) == str(sop_class) and str(
+        meta.get("MediaStorageSOPInstanceUID", "")
+    ) == str(sop_instance)
+    prefix = _encoded_prefix(head, uid) if same_uids else b""
+    return _Item(key, str(sop_class), str(sop_instance), uid, prefix)
 
 
 def _choose_syntax(own: UID, accepted: set[UID]) -> UID:
@@ -455,45 +485,70 @@ def _prepared(data: bytes | Path, item: _Item, target: UID) -> Iterator[Dataset 
 
     Bytes are sent from an anonymous memory file (``memfd_create``), closed on exit: the
     decrypted instance is never written to a file system."""
-    if target != item.transfer_syntax or not item.as_encoded:
+    as_encoded = target == item.transfer_syntax and _starts_with(data, item.prefix)
+    if not as_encoded:
         yield _load(data, item, target)
-        return
-    if isinstance(data, Path):
-        if _same_instance(data, item):
-            yield data
-        else:
-            yield _load(data, item, target)
-        return
-    if not _HAVE_MEMFD:
+    elif isinstance(data, Path):
+        yield data
+    elif not _HAVE_MEMFD:
         yield _load(data, item, target)
-        return
-    fd = os.memfd_create("dicom-scu", os.MFD_CLOEXEC)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        path = Path(f"/proc/self/fd/{fd}")
-        if _same_instance(path, item):
-            yield path
-        else:
-            yield _load(data, item, target)
-    finally:
-        os.close(fd)
+    else:
+        fd = os.memfd_create("dicom-scu", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            yield Path(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
 
 
-def _same_instance(path: Path, item: _Item) -> bool:
-    """Whether the file meta of *path* still names the instance read by
-    :func:`_read_header`, in the same transfer syntax: what pynetdicom's chunked send puts
-    in the C-STORE request (it reads the file meta only)."""
-    try:
-        meta, _ = split_dataset(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError):
+def _starts_with(data: bytes | Path, prefix: bytes) -> bool:
+    """Whether the instance loaded to send still starts with the preamble and file meta
+    read by :func:`_read_header` (what pynetdicom's chunked send puts in the request)."""
+    if not prefix:
         return False
-    return (
-        str(meta.get("TransferSyntaxUID", "")) == item.transfer_syntax
-        and str(meta.get("MediaStorageSOPClassUID", "")) == item.sop_class
-        and str(meta.get("MediaStorageSOPInstanceUID", "")) == item.sop_instance
-    )
+    if isinstance(data, bytes):
+        return len(data) > len(prefix) and data.startswith(prefix)
+    try:
+        with data.open("rb") as f:
+            head = f.read(len(prefix) + 1)
+    except OSError:
+        return False
+    return len(head) > len(prefix) and head.startswith(prefix)
+
+
+def _data_set_offset(head: bytes) -> int | None:
+    """Where the data set starts in a Part 10 stream (after the 128-byte preamble, "DICM"
+    and the group 0002 elements, always explicit VR little endian), as pydicom and
+    pynetdicom find it; ``None`` if *head* has no preamble or ends before the data set."""
+    if head[128:132] != b"DICM":
+        return None
+    pos = 132
+    while pos + 8 <= len(head):
+        if int.from_bytes(head[pos : pos + 2], "little") != 0x0002:
+            return pos
+        if head[pos + 4 : pos + 6] in _LONG_VRS:
+            if pos + 12 > len(head):
+                return None
+            pos += 12 + int.from_bytes(head[pos + 8 : pos + 12], "little")
+        else:
+            pos += 8 + int.from_bytes(head[pos + 6 : pos + 8], "little")
+    return None
+
+
+def _encoded_prefix(head: bytes, ts: UID) -> bytes:
+    """Preamble + file meta of *head* if its data set is encoded with the explicit or
+    implicit VR that *ts* says (the check pydicom makes on the first element), else b""."""
+    offset = _data_set_offset(head)
+    if offset is None or len(head) < offset + 6:
+        return b""
+    if not ts.is_deflated:
+        vr = head[offset + 4 : offset + 6]
+        explicit = 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B
+        if explicit == ts.is_implicit_VR:
+            return b""
+    return head[:offset]
 
 
 def _load(data: bytes | Path, item: _Item, target: UID) -> Dataset:

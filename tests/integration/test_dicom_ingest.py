@@ -96,6 +96,7 @@ def test_resent_instance_is_success_and_stored_once(
 
 def _send_raw(port: int, path: Path) -> int:
     """Send a file's data set bytes as they are (pynetdicom's chunked send does not decode)."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
         ae = AE(ae_title="PACS")
@@ -109,7 +110,7 @@ def _send_raw(port: int, path: Path) -> int:
         finally:
             assoc.release()
     finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+        _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 def test_malformed_data_set_gets_c210_and_nothing_is_stored(

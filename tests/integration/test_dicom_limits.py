@@ -200,13 +200,14 @@ def test_echo_is_answered_while_another_association_is_mid_way_through_a_64mb_st
 
     def store() -> None:
         # stream the file from disk as it is (no decode, no 64 MiB copy in memory)
+        before = _config.STORE_SEND_CHUNKED_DATASET
         _config.STORE_SEND_CHUNKED_DATASET = True
         try:
             result["status"] = int(assoc.send_c_store(big).Status)
         except Exception as exc:  # reported by the assertions below
             result["error"] = exc
         finally:
-            _config.STORE_SEND_CHUNKED_DATASET = False
+            _config.STORE_SEND_CHUNKED_DATASET = before
 
     sender = threading.Thread(target=store, name="big-store", daemon=True)
     sender.start()

@@ -4,7 +4,9 @@ and a pynetdicom SCP where a test needs a particular status or rejection."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from pydicom.uid import (
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from structlog.testing import capture_logs
 
+import gateway.deliver.dicom_scu as dicom_scu
 from gateway.config import DicomDestination
 from gateway.deliver import DeliveryRefused, DeliveryRetry, Outcome
 from gateway.deliver.dicom_scu import (
@@ -35,6 +38,7 @@ from gateway.deliver.dicom_scu import (
 from gateway.errors import Permanent, Transient
 from tests.dicomgen import (
     SeriesSpec,
+    dataset_bytes,
     dcmtk_env,
     free_port,
     make_study,
@@ -183,6 +187,55 @@ def test_loader_functions_and_bytes_are_sources_too(
     assert all(r.delivered for r in results)
     assert sorted(calls) == sorted([p.name for p in paths[1:]] * 2)  # header, then send
     assert_same_instances(paths, scp.received())
+
+
+def test_accepted_syntaxes_go_out_byte_identical_without_a_plaintext_file(
+    tmp_path: Path, storescp_factory: Callable[..., StoreSCP], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instances whose own transfer syntax the peer accepted (all five here, deflated and
+    big endian included) are sent as they are encoded: the data set bytes the peer received
+    (storescp +B writes them exactly as read) are the source's, pydicom never decodes them,
+    and the decrypted bytes never land in a file (temp dir and working directory stay
+    empty; the anonymous memory files are closed)."""
+    paths = make_study(tmp_path / "study")
+    scp = storescp_factory("+xa", "+B")
+    watched_tmp, watched_cwd = tmp_path / "tmpdir", tmp_path / "cwd"
+    watched_tmp.mkdir()
+    watched_cwd.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(watched_tmp))
+    monkeypatch.chdir(watched_cwd)
+    assert tempfile.gettempdir() == str(watched_tmp)
+
+    def no_decode(*args: Any) -> Any:
+        raise AssertionError("an instance in an accepted syntax was decoded")
+
+    monkeypatch.setattr(dicom_scu, "_load", no_decode)
+    seen: list[str] = []
+
+    def files_now() -> list[str]:
+        return [str(p) for d in (watched_tmp, watched_cwd) for p in d.rglob("*")]
+
+    def loader(path: Path) -> Callable[[], bytes]:
+        def load() -> bytes:
+            seen.extend(files_now())  # what the previous instance's send left behind
+            return path.read_bytes()
+
+        return load
+
+    fds_before = set(os.listdir("/proc/self/fd"))
+    results = sender_for(scp.port).send_study([(p.name, loader(p)) for p in paths])
+    assert all(r.delivered and "sent as" not in r.message for r in results), results
+    assert seen == [] and files_now() == []
+    assert set(os.listdir("/proc/self/fd")) <= fds_before  # every memory file was closed
+    received = {
+        str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f.read_bytes()
+        for f in scp.out.iterdir()
+    }
+    assert len(received) == len(paths)
+    for path in paths:
+        data = path.read_bytes()
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert dataset_bytes(received[uid]) == dataset_bytes(data), path.name
 
 
 def test_unreadable_instance_is_refused_and_the_others_are_delivered(

@@ -163,6 +163,17 @@ def storescp_round(paths: list[Path], round_no: int) -> Send:
                 stored=received)
 
 
+def noop_round(paths: list[Path], round_no: int) -> Send:
+    """A bare pynetdicom SCP that stores nothing: the library's own floor."""
+    port = free_port()
+    with running([sys.executable, "-m", "bench.pynetdicom_noop", str(port), GATEWAY_AE]):
+        wait_for_port(port)
+        args = storescu_args(paths, port=port, aet=CALLING_AE, aec=GATEWAY_AE)
+        seconds, rc, _ = send(args, instances=len(paths))
+    return Send("pynetdicom (stores nothing)", round_no, len(paths), megabytes(paths), seconds,
+                rc)
+
+
 def gateway_round(paths: list[Path], round_no: int) -> Send:
     with running_gateway("ingest-gw-") as gw:
         before = tree_rss_kib(gw.pid) / 1024
@@ -305,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(1, args.rounds + 1):
         log(f"round {r}/{args.rounds}: storescp ...")
         rows = [storescp_round(paths, r)]
+        if not args.reference_only:
+            log(f"round {r}/{args.rounds}: bare pynetdicom SCP ...")
+            rows.append(noop_round(paths, r))
         if not args.reference_only and gateway_error is None:
             log(f"round {r}/{args.rounds}: gateway ...")
             try:
@@ -316,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         log(table(HEADERS, [s.row() for s in rows]) + "\n")
 
     ref = [s.per_second for s in sends if s.peer == "storescp" and s.returncode == 0]
+    floor = [s.per_second for s in sends if s.peer.startswith("pynetdicom") and s.returncode == 0]
     gw = [s.per_second for s in sends if s.peer == "gateway" and s.returncode == 0]
     failed = [s for s in sends if s.returncode != 0]
     summary: dict[str, Any] = {
@@ -323,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         "gateway_median_instances_per_s": round(median(gw), 1) if gw else None,
     }
     log(f"median storescp: {median(ref):,.1f} instances/s ({len(ref)} good rounds)")
+    if floor and ref:
+        summary["pynetdicom_floor_median_instances_per_s"] = round(median(floor), 1)
+        summary["ratio_pynetdicom_floor_over_storescp"] = round(median(floor) / median(ref), 3)
+        log(f"median bare pynetdicom SCP (stores nothing): {median(floor):,.1f} instances/s, "
+            f"ratio {median(floor) / median(ref):.2f} of storescp: the ceiling of any "
+            "pynetdicom receiver on one association")
     if gw and ref:
         ratio = median(gw) / median(ref)
         summary["ratio_gateway_over_storescp"] = round(ratio, 3)

@@ -99,8 +99,14 @@ class Gateway:
             on_message=self._count_message,
             on_connection=lambda outcome: self.metrics.hl7_connections.labels(outcome).inc(),
         )
+        # Workers keep their books on a second connection whose commits are not fsync'd
+        # one by one (see SQLiteQueue): a lost lease or completion only re-runs a job.
+        # The study timers stay on the durable connection.
+        self.work_store = Store(
+            cfg.data_dir, cfg.key_file, durable=False, lock=self.store.queue.lock
+        )
         self.assembler = Assembler(self.store.queue, self.metrics, on_complete=self.wake_workers)
-        self.pipeline = Pipeline(cfg, self.store, self.metrics)
+        self.pipeline = Pipeline(cfg, self.work_store, self.metrics)
         self.workers = self._workers()
         with _listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
             self.http = HealthServer(
@@ -131,7 +137,7 @@ class Gateway:
         workers = [
             Worker(
                 "route",
-                self.store.queue,
+                self.work_store.queue,
                 [Stage.ROUTE, Stage.INFER],
                 handler,
                 p.retry_policy,
@@ -142,7 +148,7 @@ class Gateway:
             workers.append(
                 Worker(
                     f"deliver-{name}",
-                    self.store.queue,
+                    self.work_store.queue,
                     [Stage.DELIVER],
                     handler,
                     p.retry_policy,
@@ -157,8 +163,9 @@ class Gateway:
             worker.wake()
 
     def _count_message(self, message_type: str, ack: str) -> None:
-        if ack in ("AA", "CA"):
-            self.wake_workers()
+        # Messages are not routed the moment they arrive: the route worker's next poll
+        # (within 250 ms) takes them in bursts, so its commits interleave less with the
+        # acknowledgement path.
         self.metrics.hl7_messages.labels(type=message_type, ack=ack).inc()
 
     def readiness(self) -> dict[str, bool]:
@@ -201,7 +208,7 @@ class Gateway:
         except BaseException:
             self.stop()
             raise
-        released = self.store.queue.release_dead_workers(worker_alive, time.time())
+        released = self.work_store.queue.release_dead_workers(worker_alive, time.time())
         if released:
             log.warning(
                 "queue.released_dead_workers",
@@ -246,6 +253,7 @@ class Gateway:
             self.assembler.stop()
         self.http.stop()
         self.store.close()
+        self.work_store.close()
         log.info("gateway.stopped")
 
     def reload(self) -> bool:

@@ -101,18 +101,35 @@ class LeaseLost(QueueUnavailable):
 
 
 class SQLiteQueue:
-    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = 10.0,
+        durable: bool = True,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        """*durable*: every commit is fsync'd before it returns (what the ingest edges need
+        before they acknowledge).  ``durable=False`` is for workers' bookkeeping (leases,
+        completions, next jobs, delivery records): a power cut can lose their last commits,
+        which only makes a job run again (delivery is at least once), and any later durable
+        commit syncs them too.  Pass the durable queue's :attr:`lock` so both connections
+        take turns in-process instead of in SQLite's coarse busy-wait."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = lock or threading.Lock()
         self._db = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
         )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._init_schema()
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self._lock
 
     def _init_schema(self) -> None:
         """Create the schema, or upgrade an older one, in one transaction."""

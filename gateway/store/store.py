@@ -7,6 +7,7 @@ committed); the edge answers success after that and never before.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,17 @@ from gateway.store.sqlite import SQLiteQueue
 
 
 class Store:
-    def __init__(self, data_dir: Path, key_file: Path, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        key_file: Path,
+        *,
+        create: bool = True,
+        durable: bool = True,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        """*durable* and *lock*: see :class:`SQLiteQueue` (the workers' store is not
+        durable per commit and shares the ingest store's lock)."""
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         queue_db = data_dir / "queue.sqlite3"
         if not key_file.exists() and queue_db.exists() and create:
@@ -34,7 +45,7 @@ class Store:
         self.keys = KeyStore.open(key_file, create=create)
         self.sealer = Sealer(self.keys)
         self.spool = Spool(data_dir / "spool", self.sealer)
-        self.queue = SQLiteQueue(queue_db)
+        self.queue = SQLiteQueue(queue_db, durable=durable, lock=lock)
 
     def _seal_attrs(self, envelope_id: str, attrs: dict[str, Any]) -> bytes:
         return self.sealer.seal(json.dumps(attrs).encode(), b"attrs:" + envelope_id.encode())

@@ -37,6 +37,7 @@ lint: $(STAMP)
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.hl7
+	$(BIN)/python -m bench.forward
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -31,7 +31,7 @@ from gateway.config import HL7Destination
 from gateway.deliver import DeliveryRefused, DeliveryRetry, Outcome
 from gateway.errors import GatewayError
 from gateway.hl7.mllp import FramingError, frame, read_frame
-from gateway.hl7.msh import Header, HeaderError, _unescape, parse_header
+from gateway.hl7.msh import Header, HeaderError, parse_header, unescape
 
 __all__ = ["AckOutcome", "HL7Sender", "UnreadableAck", "classify_ack", "parse_ack"]
 
@@ -116,7 +116,7 @@ def parse_ack(payload: bytes) -> AckOutcome:
         raise UnreadableAck("the ACK has no MSA segment")
 
     def field(n: int) -> str:
-        return _unescape(msa[n], seps) if n < len(msa) else ""
+        return unescape(msa[n], seps) if n < len(msa) else ""
 
     return AckOutcome(
         code=field(1).strip().upper(),
@@ -138,18 +138,18 @@ def _describe_err(fields: list[str], enc: str, seps: str) -> str:
     location: list[str] = []
     if at(3):  # ERR-3 CWE: identifier ^ text ^ coding system
         parts = at(3).split(comp)
-        code_text = " ".join(_unescape(p, seps) for p in parts[:2] if p)
+        code_text = " ".join(unescape(p, seps) for p in parts[:2] if p)
         location = at(2).split(comp)[:3] if at(2) else []
     elif at(1):  # ERR-1 ELD: segment ^ sequence ^ field ^ code&text&system
         parts = at(1).split(comp)
         location = parts[:3]
         if len(parts) > 3:
-            code_text = " ".join(_unescape(p, seps) for p in parts[3].split(sub)[:2] if p)
+            code_text = " ".join(unescape(p, seps) for p in parts[3].split(sub)[:2] if p)
     where = ""
     if location and location[0]:
         field_no = location[2] if len(location) > 2 else ""
         where = f" (at {location[0]}-{field_no})" if field_no else f" (at {location[0]})"
-    message = " ".join(p for p in (code_text + where, _unescape(at(8), seps)) if p)
+    message = " ".join(p for p in (code_text + where, unescape(at(8), seps)) if p)
     return message.strip()
 
 

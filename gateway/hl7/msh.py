@@ -113,8 +113,11 @@ class HeaderError(MalformedInput):
         self.partial = partial
 
 
-def _unescape(value: str, seps: str) -> str:
-    """Undo the separator escapes (\\F\\ \\S\\ \\R\\ \\E\\ \\T\\ \\P\\); others stay as they are."""
+def unescape(value: str, seps: str) -> str:
+    """Undo the separator escapes (\\F\\ \\S\\ \\R\\ \\E\\ \\T\\ \\P\\); others stay as they are.
+
+    *seps* is MSH-1 followed by MSH-2 (so the escape character is ``seps[3]``).
+    """
     esc = seps[3]
     if esc not in value:
         return value
@@ -167,7 +170,7 @@ def parse_header(data: bytes) -> Header:
         return parts[index] if index < len(parts) else ""
 
     def first(value: str) -> str:
-        return _unescape(value.split(encoding[0], 1)[0], seps)
+        return unescape(value.split(encoding[0], 1)[0], seps)
 
     msg_type = field(9).split(encoding[1], 1)[0].split(encoding[0])
     seg_ids = tuple(s.split(field_sep, 1)[0] for s in segments)
@@ -178,10 +181,10 @@ def parse_header(data: bytes) -> Header:
         sending_facility=first(field(4)),
         receiving_application=first(field(5)),
         receiving_facility=first(field(6)),
-        message_code=_unescape(msg_type[0], seps),
-        trigger=_unescape(msg_type[1], seps) if len(msg_type) > 1 else "",
-        structure=_unescape(msg_type[2], seps) if len(msg_type) > 2 else "",
-        control_id=_unescape(field(10), seps),
+        message_code=unescape(msg_type[0], seps),
+        trigger=unescape(msg_type[1], seps) if len(msg_type) > 1 else "",
+        structure=unescape(msg_type[2], seps) if len(msg_type) > 2 else "",
+        control_id=unescape(field(10), seps),
         processing_id=first(field(11)),
         version=first(field(12)),
         accept_ack_type=first(field(15)),

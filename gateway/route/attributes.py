@@ -26,12 +26,12 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from gateway.errors import MalformedInput
+from gateway.hl7.msh import unescape as unescape_hl7
 from gateway.route.keywords import ROUTING_KEYWORDS
 from gateway.route.rules import Attributes
 
 _SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
-_ESCAPES = "FSRET"  # \F\ \S\ \R\ \E\ \T\ : index into field sep + encoding characters
 
 
 class _Collector:
@@ -161,7 +161,7 @@ def from_hl7(message: bytes | str) -> Attributes:
     seps = field_sep + encoding
 
     def unescape(value: str) -> str:
-        return _unescape(value, escape, seps) if escape and escape in value else value
+        return unescape_hl7(value, seps) if escape and escape in value else value
 
     values = _Collector()
     for segment in _SEGMENT_SPLIT.split(text):
@@ -226,21 +226,6 @@ def _decode(data: bytes) -> str:
         return data.decode("latin-1")
 
 
-def _unescape(value: str, escape: str, seps: str) -> str:
-    out: list[str] = []
-    i = 0
-    n = len(value)
-    while i < n:
-        ch = value[i]
-        if ch == escape and i + 2 < n and value[i + 2] == escape and value[i + 1] in _ESCAPES:
-            index = _ESCAPES.index(value[i + 1])
-            if index < len(seps):
-                out.append(seps[index])
-                i += 3
-                continue
-        out.append(ch)
-        i += 1
-    return "".join(out)
 
 
 # --- inputs of `gateway explain` ---------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Reference note model: findings with negation and uncertainty from report text."""

@@ -10,7 +10,8 @@ CONFIG ?= config/gateway.yaml
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet torch==2.13.0  # first: the CPU build, not the CUDA one
+	$(BIN)/pip install --quiet -e '.[dev,models]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -60,6 +60,23 @@ def routed_config(tmp_path: Path, orthanc: Orthanc, sink: MLLPSink, **extra: Any
     )
 
 
+def pacs_is_storescp(config: Path, tmp_path: Path) -> tuple[int, Path]:
+    """Point the 'pacs' destination at a storescp (port, output folder) instead of Orthanc:
+    with unique file names it deduplicates nothing, so a resent instance would show."""
+    port = free_port()
+    cfg = yaml.safe_load(config.read_text())
+    cfg["destinations"]["pacs"]["dicom"].update(ae_title="STORESCP", port=port)
+    config.write_text(yaml.safe_dump(cfg))
+    received = tmp_path / "storescp"
+    received.mkdir()
+    return port, received
+
+
+def start_storescp(received: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*storescp_args(received, port=port), "+uf"], env=dcmtk_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     pacs = Orthanc(tmp_path / "orthanc").start()
@@ -118,13 +135,8 @@ def test_destination_down_then_up_gets_everything_exactly_once(
     """The receivers deduplicate nothing here (storescp with unique file names, the sink
     records every message), so a duplicate delivery would show."""
     sink.stop()
-    scp_port = free_port()
     config = routed_config(tmp_path, orthanc, sink)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["destinations"]["pacs"]["dicom"].update(ae_title="STORESCP", port=scp_port)
-    config.write_text(yaml.safe_dump(cfg))
-    received = tmp_path / "storescp"
-    received.mkdir()
+    scp_port, received = pacs_is_storescp(config, tmp_path)
     gw = GatewayProcess(config, tmp_path / "gw.log").start()
     scp: subprocess.Popen[bytes] | None = None
     try:
@@ -136,9 +148,7 @@ def test_destination_down_then_up_gets_everything_exactly_once(
         status = json.loads(gw.cli("queue", "status", "--json").stdout)
         assert status["jobs:deliver"].get("done", 0) == 0
         assert "job.retry" in gw.log()
-        scp = subprocess.Popen([*storescp_args(received, port=scp_port), "+uf"],
-                               env=dcmtk_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+        scp = start_storescp(received, scp_port)
         sink.start()
         wait_until(lambda: len(list(received.iterdir())) >= len(files), what="storescp")
         wait_until(lambda: len(sink.received) >= len(messages), what="the EHR sink")
@@ -234,15 +244,9 @@ def test_kill9_during_deliveries_loses_nothing(
 def test_a_study_that_grows_after_delivery_is_rerouted_and_only_the_new_instance_sent(
     tmp_path: Path, orthanc: Orthanc, sink: MLLPSink
 ) -> None:
-    scp_port = free_port()
     config = routed_config(tmp_path, orthanc, sink)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["destinations"]["pacs"]["dicom"].update(ae_title="STORESCP", port=scp_port)
-    config.write_text(yaml.safe_dump(cfg))
-    received = tmp_path / "storescp"
-    received.mkdir()
-    scp = subprocess.Popen([*storescp_args(received, port=scp_port), "+uf"], env=dcmtk_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scp_port, received = pacs_is_storescp(config, tmp_path)
+    scp = start_storescp(received, scp_port)
     gw = GatewayProcess(config, tmp_path / "gw.log").start()
     try:
         files = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=3, rows=64, cols=64)])

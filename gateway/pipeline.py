@@ -43,8 +43,8 @@ class Pipeline:
         self._now = clock
         self.store = store
         self.metrics = metrics
-        self._dicom: dict[str, DicomSender] = {}
-        self._hl7: dict[str, HL7Sender] = {}
+        self._dicom: dict[str, tuple[Destination, DicomSender]] = {}
+        self._hl7: dict[str, tuple[Destination, HL7Sender]] = {}
 
     # --- retry policy per job -------------------------------------------------------
 
@@ -203,26 +203,34 @@ class Pipeline:
         log.info("deliver.message", destination=name, envelope_id=envelope_id, ack=outcome.code)
 
     def _dicom_sender(self, name: str, dest: Destination) -> DicomSender:
-        if name not in self._dicom:
+        # Senders are kept per destination, with the settings they were made from: after a
+        # reload that changed the destination, the next delivery gets a new sender.  Only
+        # the destination's own lane worker uses it, so no other thread is sending on it.
+        held = self._dicom.get(name)
+        if held is None or held[0] != dest:
             assert dest.dicom is not None
             tls = client_context(dest.dicom.tls, self.cfg.path) if dest.dicom.tls else None
-            self._dicom[name] = DicomSender(
+            sender = DicomSender(
                 dest.dicom,
                 calling_ae=self.cfg.dicom.ae_title,
                 ssl_context=tls,
                 uid_hash=lambda uid: self.store.keys.index("log", uid)[:12],
             )
-        return self._dicom[name]
+            self._dicom[name] = held = (dest, sender)
+        return held[1]
 
     def _hl7_sender(self, name: str, dest: Destination) -> HL7Sender:
-        if name not in self._hl7:
+        held = self._hl7.get(name)
+        if held is None or held[0] != dest:
+            if held is not None:
+                held[1].close()  # the old address: its connection goes
             assert dest.hl7 is not None
             tls = client_context(dest.hl7.tls, self.cfg.path) if dest.hl7.tls else None
-            self._hl7[name] = HL7Sender(dest.hl7, ssl_context=tls)
-        return self._hl7[name]
+            self._hl7[name] = held = (dest, HL7Sender(dest.hl7, ssl_context=tls))
+        return held[1]
 
     def close(self) -> None:
-        for sender in self._hl7.values():
+        for _, sender in self._hl7.values():
             sender.close()
 
 

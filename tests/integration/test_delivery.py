@@ -262,3 +262,27 @@ def test_a_study_that_grows_after_delivery_is_rerouted_and_only_the_new_instance
     got = sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
                  for f in received.iterdir())
     assert got == sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)
+
+
+def test_a_reloaded_destination_address_takes_effect_for_the_next_delivery(
+    tmp_path: Path, orthanc: Orthanc, sink: MLLPSink
+) -> None:
+    import signal
+
+    config = routed_config(tmp_path, orthanc, sink)
+    gw = GatewayProcess(config, tmp_path / "gw.log").start()
+    try:
+        send_mllp(gw.hl7_port, [oru_r01(control_id="OLD0001")])
+        sink.wait_for(1)
+        with MLLPSink() as moved:
+            cfg = yaml.safe_load(config.read_text())
+            cfg["destinations"]["ehr"]["hl7"]["port"] = moved.port
+            config.write_text(yaml.safe_dump(cfg))
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "config.reloaded" in gw.log(), what="the reload")
+            send_mllp(gw.hl7_port, [oru_r01(control_id="NEW0001")])
+            assert moved.wait_for(1) == [oru_r01(control_id="NEW0001")]
+        assert sink.received == [oru_r01(control_id="OLD0001")]
+    finally:
+        gw.stop()

@@ -78,6 +78,13 @@ def run_dcmtk(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, env=dcmtk_env(), timeout=60)
 
 
+def echoscu(port: int, *options: str) -> subprocess.CompletedProcess[str]:
+    """dcmtk echoscu from ECHOSCU to AI_GATEWAY on 127.0.0.1:*port*, with *options*."""
+    return run_dcmtk(
+        ["echoscu", *options, "-aet", "ECHOSCU", "-aec", "AI_GATEWAY", "127.0.0.1", str(port)]
+    )
+
+
 def dcmtk_tls(key: Path, cert: Path, ca: Path) -> list[str]:
     """dcmtk's TLS options: present key+cert (unencrypted key: -pw), trust *ca*, verify the
     server's certificate (-rc, the default, spelled out)."""
@@ -111,18 +118,7 @@ def tls_refusal(port: int, ctx: ssl.SSLContext) -> str:
 def test_echoscu_over_tls_with_client_certificate_succeeds(tls_gateway: TLSGateway) -> None:
     pki = tls_gateway.pki
     accepted = tls_gateway.accepted_associations()
-    r = run_dcmtk(
-        [
-            "echoscu",
-            "-aet",
-            "ECHOSCU",
-            "-aec",
-            "AI_GATEWAY",
-            *dcmtk_tls(pki.client_key, pki.client_cert, pki.ca_cert),
-            "127.0.0.1",
-            str(tls_gateway.tls_port),
-        ]
-    )
+    r = echoscu(tls_gateway.tls_port, *dcmtk_tls(pki.client_key, pki.client_cert, pki.ca_cert))
     assert r.returncode == 0, r.stdout + r.stderr
     deadline = time.monotonic() + 5
     while tls_gateway.accepted_associations() == accepted and time.monotonic() < deadline:
@@ -213,18 +209,7 @@ def test_client_certificate_from_another_ca_is_refused(tls_gateway: TLSGateway) 
     ctx.load_cert_chain(other.client_cert, other.client_key)  # ...but presents a stranger
     assert tls_refusal(tls_gateway.tls_port, ctx) == "TLSV1_ALERT_UNKNOWN_CA"
 
-    r = run_dcmtk(
-        [
-            "echoscu",
-            "-aet",
-            "ECHOSCU",
-            "-aec",
-            "AI_GATEWAY",
-            *dcmtk_tls(other.client_key, other.client_cert, pki.ca_cert),
-            "127.0.0.1",
-            str(tls_gateway.tls_port),
-        ]
-    )
+    r = echoscu(tls_gateway.tls_port, *dcmtk_tls(other.client_key, other.client_cert, pki.ca_cert))
     assert r.returncode != 0
     assert "Association Request Failed" in r.stdout + r.stderr
     assert tls_gateway.accepted_associations() == accepted
@@ -235,39 +220,14 @@ def test_dcmtk_refuses_a_gateway_certificate_from_an_untrusted_ca(
 ) -> None:
     """The other direction: a PACS that trusts only its own CA does not talk to us."""
     pki, other = tls_gateway.pki, tls_gateway.other
-    r = run_dcmtk(
-        [
-            "echoscu",
-            "-aet",
-            "ECHOSCU",
-            "-aec",
-            "AI_GATEWAY",
-            *dcmtk_tls(pki.client_key, pki.client_cert, other.ca_cert),
-            "127.0.0.1",
-            str(tls_gateway.tls_port),
-        ]
-    )
+    r = echoscu(tls_gateway.tls_port, *dcmtk_tls(pki.client_key, pki.client_cert, other.ca_cert))
     assert r.returncode != 0
     assert "certificate verify failed" in r.stdout + r.stderr
 
 
 def test_plain_dicom_on_the_tls_port_is_refused(tls_gateway: TLSGateway) -> None:
     accepted = tls_gateway.accepted_associations()
-    r = run_dcmtk(
-        [
-            "echoscu",
-            "-to",
-            "5",
-            "-ta",
-            "5",
-            "-aet",
-            "ECHOSCU",
-            "-aec",
-            "AI_GATEWAY",
-            "127.0.0.1",
-            str(tls_gateway.tls_port),
-        ]
-    )
+    r = echoscu(tls_gateway.tls_port, "-to", "5", "-ta", "5")
     assert r.returncode != 0
     assert "Association Request Failed" in r.stdout + r.stderr
     assert tls_gateway.accepted_associations() == accepted
@@ -335,9 +295,7 @@ def test_tls_1_1_client_is_refused(tls_gateway: TLSGateway) -> None:
 def test_plain_port_keeps_working_alongside_tls(tls_gateway: TLSGateway, tmp_path: Path) -> None:
     gw = tls_gateway.gw
     assert gw.dicom_port != tls_gateway.tls_port
-    r = run_dcmtk(
-        ["echoscu", "-aet", "ECHOSCU", "-aec", "AI_GATEWAY", "127.0.0.1", str(gw.dicom_port)]
-    )
+    r = echoscu(gw.dicom_port)
     assert r.returncode == 0, r.stdout + r.stderr
     files = make_study(tmp_path / "s", series=[SeriesSpec("MR", count=2, rows=64, cols=64)])
     before = tls_gateway.received()
@@ -346,23 +304,11 @@ def test_plain_port_keeps_working_alongside_tls(tls_gateway: TLSGateway, tmp_pat
     assert tls_gateway.received() == before + 2
     # and TLS right after, on the same running gateway
     pki = tls_gateway.pki
-    r = run_dcmtk(
-        [
-            "echoscu",
-            "-aet",
-            "ECHOSCU",
-            "-aec",
-            "AI_GATEWAY",
-            *dcmtk_tls(pki.client_key, pki.client_cert, pki.ca_cert),
-            "127.0.0.1",
-            str(tls_gateway.tls_port),
-        ]
-    )
+    r = echoscu(tls_gateway.tls_port, *dcmtk_tls(pki.client_key, pki.client_cert, pki.ca_cert))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 # --- one stalled peer must not hold up the TLS port ---------------------------------------
-
 
 
 @pytest.fixture
@@ -388,19 +334,7 @@ def test_idle_tcp_connection_on_the_tls_port_does_not_block_other_tls_clients(
 ) -> None:
     gw, pki, tls_port = stalled
     # the plain port is another accept loop: it never stalls
-    r = run_dcmtk(
-        [
-            "echoscu",
-            "-to",
-            "5",
-            "-aet",
-            "ECHOSCU",
-            "-aec",
-            "AI_GATEWAY",
-            "127.0.0.1",
-            str(gw.dicom_port),
-        ]
-    )
+    r = echoscu(gw.dicom_port, "-to", "5")
     assert r.returncode == 0, r.stdout + r.stderr
     started = time.monotonic()
     try:

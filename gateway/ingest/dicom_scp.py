@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import ipaddress
 import mmap
 import os
 import socketserver
@@ -19,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -47,6 +46,7 @@ from gateway.ingest.dicom_check import check_dataset, dataset_offset
 from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
 from gateway.route.keywords import ROUTING_KEYWORDS
+from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -91,30 +91,22 @@ def configure_pynetdicom(incoming: Path | None) -> None:
         tempfile.tempdir = str(incoming)
 
 
-def host_allowed(peer: str, hosts: list[str]) -> bool:
-    """True when *peer* (an IP address) is in *hosts* (addresses, networks, localhost, '*')."""
-    try:
-        addr = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    for host in hosts:
-        if host == "*":
-            return True
-        if host == "localhost":
-            if addr.is_loopback:
-                return True
-            continue
-        try:
-            if addr in ipaddress.ip_network(host, strict=False):
-                return True
-        except ValueError:
-            continue  # a host name: not resolved here (no DNS in the accept path)
-    return False
+def resolve_callers(callers: list[AllowedCaller]) -> list[tuple[str, tuple[IPNetwork, ...]]]:
+    """(AE title, networks) per allowed caller; host names resolved now, not per association."""
+    resolved = []
+    for caller in callers:
+        networks, unresolved = resolve_hosts(caller.hosts)
+        for host in unresolved:
+            log.warning("dicom.allowlist.unresolved", host=host, ae_title=caller.ae_title)
+        resolved.append((caller.ae_title.strip(), networks))
+    return resolved
 
 
-def caller_allowed(ae_title: str, peer: str, callers: list[AllowedCaller]) -> bool:
+def caller_allowed(
+    ae_title: str, peer: str, callers: list[tuple[str, tuple[IPNetwork, ...]]]
+) -> bool:
     ae = ae_title.strip()
-    return any(c.ae_title.strip() == ae and host_allowed(peer, c.hosts) for c in callers)
+    return any(title == ae and peer_in(peer, networks) for title, networks in callers)
 
 
 @dataclass(frozen=True)
@@ -346,7 +338,6 @@ class DicomSCP:
         *,
         incoming: Path,
         ssl_context: ssl.SSLContext | None = None,
-        callers: Callable[[], list[AllowedCaller]] | None = None,
         keywords: Iterable[str] = ROUTING_KEYWORDS,
     ) -> None:
         configure_pynetdicom(incoming if cfg.receive_to_disk else None)
@@ -354,7 +345,7 @@ class DicomSCP:
         self.cfg = cfg
         self.metrics = metrics
         self.ssl_context = ssl_context
-        self._callers = callers or (lambda: cfg.allowed_callers)
+        self._callers = resolve_callers(cfg.allowed_callers)
         ae = AE(ae_title=cfg.ae_title)
         ae.require_called_aet = True
         ae.maximum_associations = cfg.max_associations
@@ -384,7 +375,7 @@ class DicomSCP:
     def reconfigure(self, cfg: DicomSection, keywords: Iterable[str]) -> None:
         """Apply a reloaded config's allow-list, quiet period and routing keywords; running
         associations are not touched.  (Ports, AE title and TLS need a restart.)"""
-        self._callers = lambda: cfg.allowed_callers
+        self._callers = resolve_callers(cfg.allowed_callers)
         self.store_handler.quiet = cfg.study_complete_after
         self.store_handler.keywords = tuple(keywords)
 
@@ -459,7 +450,7 @@ class DicomSCP:
     def _on_requested(self, event: evt.Event) -> None:
         req = event.assoc.requestor
         ae_title = str(cast(A_ASSOCIATE, req.primitive).calling_ae_title).strip()
-        if not caller_allowed(ae_title, req.address, self._callers()):
+        if not caller_allowed(ae_title, req.address, self._callers):
             self.metrics.associations.labels(outcome="rejected").inc()
             log.warning(
                 "dicom.association.rejected",

@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
-import socket
 import ssl
 import time
 import uuid
@@ -43,16 +41,10 @@ from gateway.hl7.ack import COMMIT_CODE, ERROR_CODES, build_ack
 from gateway.hl7.mllp import FramingError, frame, read_frame
 from gateway.hl7.msh import ERR_APPLICATION_INTERNAL, Header, HeaderError, parse_header
 from gateway.observability.logging import exception_fields
+from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_LOOPBACK: tuple[IPNetwork, ...] = (
-    ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
-)
-_ANY: tuple[IPNetwork, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 OnMessage = Callable[[str, str], None]
 """Metrics hook: called once per message with (message type, ACK code) e.g. ("ORU^R01", "AA");
@@ -72,12 +64,12 @@ class _Sender:
     facility: str | None
     networks: tuple[IPNetwork, ...]
 
-    def allows(self, header: Header, peer: IPAddress | None) -> bool:
+    def allows(self, header: Header, peer: str) -> bool:
         if header.sending_application.casefold() != self.application:
             return False
         if self.facility is not None and header.sending_facility.casefold() != self.facility:
             return False
-        return peer is not None and any(peer in net for net in self.networks)
+        return peer_in(peer, self.networks)
 
 
 @dataclass(eq=False)  # compared and hashed by identity: kept in a set
@@ -86,16 +78,6 @@ class _Connection:
     task: asyncio.Task[None] | None = None
     busy: bool = False
     messages: int = 0
-
-
-def _peer_address(host: str) -> IPAddress | None:
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 class HL7Listener:
@@ -189,30 +171,15 @@ class HL7Listener:
         return dict(self._ports)
 
     async def _resolve(self, sender: AllowedSender) -> _Sender:
-        networks: list[IPNetwork] = []
         loop = asyncio.get_running_loop()
-        for host in sender.hosts:
-            if host == "*":
-                networks.extend(_ANY)
-            elif host == "localhost":
-                networks.extend(_LOOPBACK)
-            else:
-                try:
-                    networks.append(ipaddress.ip_network(host, strict=False))
-                except ValueError:
-                    try:
-                        infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-                    except OSError as exc:
-                        log.warning("hl7.allowlist.unresolved", host=host, error=str(exc))
-                        continue
-                    for info in infos:
-                        addr = _peer_address(str(info[4][0]))
-                        if addr is not None:
-                            networks.append(ipaddress.ip_network(addr))
+        # DNS for host names runs off the event loop: a reload must not stall connections
+        networks, unresolved = await loop.run_in_executor(None, resolve_hosts, sender.hosts)
+        for host in unresolved:
+            log.warning("hl7.allowlist.unresolved", host=host)
         return _Sender(
             application=sender.application.casefold(),
             facility=sender.facility.casefold() if sender.facility is not None else None,
-            networks=tuple(networks),
+            networks=networks,
         )
 
     # --- connections --------------------------------------------------------------------
@@ -356,8 +323,7 @@ class HL7Listener:
         return _send_policy(header, "AA", result.ack)
 
     def _allowed(self, header: Header, host: str) -> bool:
-        peer = _peer_address(host)
-        return any(s.allows(header, peer) for s in self._senders)
+        return any(s.allows(header, host) for s in self._senders)
 
     def _refuse(
         self, header: Header | None, code: str, text: str, error_code: int,

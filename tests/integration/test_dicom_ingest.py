@@ -206,3 +206,19 @@ def test_metrics_count_instances_and_associations(gateway: GatewayProcess, tmp_p
     assert 'gateway_dicom_associations_total{outcome="accepted"} 1.0' in text
     assert "gateway_queue_jobs" in text
     assert gateway.get("/healthz")[0] == 200
+
+
+def test_a_caller_allowed_by_host_name_is_accepted(tmp_path: Path) -> None:
+    """Host names in allowed_callers are resolved at start (as for HL7 senders)."""
+    import socket
+
+    callers = [{"ae_title": "NAMED", "hosts": [socket.gethostname()]}]  # in /etc/hosts
+    gw = GatewayProcess(
+        write_config(tmp_path, dicom={"allowed_callers": callers}), tmp_path / "gateway.log"
+    ).start()
+    try:
+        r = run_dcmtk(["echoscu", "-aet", "NAMED", "-aec", "AI_GATEWAY", "127.0.0.1",
+                       str(gw.dicom_port)])
+        assert r.returncode == 0, r.stderr
+    finally:
+        gw.stop()

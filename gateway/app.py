@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib.util
+import logging
 import signal
 import threading
 import time
@@ -16,6 +18,8 @@ import structlog
 from gateway.config import Config, load_config
 from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import ConfigError, ListenError
+from gateway.infer.bundles import Registry
+from gateway.infer.runner import ModelRunner, RunnerSettings
 from gateway.ingest.assemble import Assembler
 from gateway.ingest.dicom_scp import DicomSCP
 from gateway.ingest.hl7_listener import HL7Listener
@@ -48,6 +52,12 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         for key in keys or type(before).model_fields:
             if getattr(before, key) != getattr(after, key):
                 changed.append(f"{section}.{key}")
+    # the runner processes load the bundles at start; a model's limits apply at once
+    for name in sorted(set(old.models) | set(new.models)):
+        if name not in old.models or name not in new.models:
+            changed.append(f"models.{name}")
+        elif old.models[name].bundle != new.models[name].bundle:
+            changed.append(f"models.{name}.bundle")
     return changed
 
 
@@ -57,7 +67,47 @@ def keep_restart_only(old: Config, new: Config) -> Config:
     for section in ("dicom", "hl7"):
         keep = {key: getattr(getattr(old, section), key) for key in RESTART_ONLY[section] or ()}
         update[section] = getattr(new, section).model_copy(update=keep)
+    update["models"] = {
+        name: (new.models[name] if new.models.get(name, m).bundle == m.bundle else m)
+        for name, m in old.models.items()
+    }
     return new.model_copy(update=update)
+
+
+def _model_runner(cfg: Config) -> ModelRunner | None:
+    """The model runner for the configured models; None when there are none.  A bundle
+    that cannot be read is reported and its jobs fail with the reason; the rest run."""
+    if not cfg.models:
+        return None
+    registry = Registry.from_config(cfg.models, cfg.base_dir)
+    for name, problem in registry.problems.items():
+        log.error("model.unavailable", model=name, error=problem)
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("monai") is None:
+        log.error(
+            "model.runtime_missing",
+            error="torch and monai are not installed; models cannot run",
+            fix="pip install -e '.[models]' (make run does this)",
+        )
+        return None
+    for info in registry:
+        log.info(
+            "model.configured",
+            model=info.name,
+            version=info.version,
+            input=info.input,
+            weights_sha256=info.weights_sha256[:16],
+        )
+    inference = cfg.gateway.inference
+    return ModelRunner(
+        registry.models,
+        RunnerSettings(
+            processes=inference.processes,
+            torch_threads=inference.torch_threads,
+            device=inference.device,
+            warm_up=inference.warm_up,
+            log_level=logging.getLevelName(logging.getLogger().level),
+        ),
+    )
 
 
 @contextlib.contextmanager
@@ -106,7 +156,8 @@ class Gateway:
             cfg.data_dir, cfg.key_file, durable=False, lock=self.store.queue.lock
         )
         self.assembler = Assembler(self.store.queue, self.metrics, on_complete=self.wake_workers)
-        self.pipeline = Pipeline(cfg, self.work_store, self.metrics)
+        self.runner = _model_runner(cfg)
+        self.pipeline = Pipeline(cfg, self.work_store, self.metrics, runner=self.runner)
         self.workers = self._workers()
         with _listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
             self.http = HealthServer(
@@ -138,12 +189,25 @@ class Gateway:
             Worker(
                 "route",
                 self.work_store.queue,
-                [Stage.ROUTE, Stage.INFER],
+                [Stage.ROUTE],
                 handler,
                 p.retry_policy,
                 on_outcome=outcome,
             )
         ]
+        # one infer worker per runner process: each waits on its model run (in the runner
+        # process), so routing and delivery go on meanwhile
+        for i in range(self.cfg.gateway.inference.processes if self.cfg.models else 0):
+            workers.append(
+                Worker(
+                    f"infer-{i}",
+                    self.work_store.queue,
+                    [Stage.INFER],
+                    handler,
+                    p.retry_policy,
+                    on_outcome=outcome,
+                )
+            )
         for name in self.cfg.destinations:
             workers.append(
                 Worker(
@@ -216,6 +280,8 @@ class Gateway:
                 reason="leased by a gateway process that is gone; resumed now",
             )
         self.assembler.start()
+        if self.runner is not None:
+            self.runner.start()  # the processes load and warm up the models meanwhile
         for worker in self.workers:
             worker.start()
         self._started = True
@@ -248,6 +314,10 @@ class Gateway:
                     worker=worker.name,
                     outcome="its job is retried when its lease expires",
                 )
+        if self.runner is not None:
+            self.runner.close()  # a model still running is stopped; its job is retried
+            for worker in self.workers:
+                worker.stop(2.0)
         self.pipeline.close()
         if self.assembler.running:
             self.assembler.stop()

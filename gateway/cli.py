@@ -13,6 +13,7 @@ from typing import TextIO
 
 from gateway import __version__
 from gateway.config import DEFAULT_CONFIG, Config, json_schema, load_config
+from gateway.envelope import Stage
 from gateway.errors import ConfigError, GatewayError
 
 EPILOG = """\
@@ -23,6 +24,8 @@ examples:
   gateway queue status                 what was received and what is waiting, per stage
   gateway queue dead                   jobs that gave up, with their last error
   gateway queue retry --all            replay every dead job
+  gateway models list                  configured models: version, input, weights sha256
+  gateway models run lung-nodules ct/  one model offline on a DICOM folder (or report.hl7)
   gateway keys rotate                  new data key for at-rest encryption
 """
 
@@ -102,6 +105,34 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("ids", nargs="*", type=int, default=[], metavar="ID")
     which.add_argument("--all", action="store_true", help="replay every dead job")
 
+    models = sub.add_parser("models", help="the configured models: list them, run one offline")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    mlist = with_config(
+        msub.add_parser(
+            "list",
+            help="name, version, input and weights hash of each configured model",
+            description="Read each configured bundle (no torch needed). Exit 1 when a bundle "
+            "cannot be read; the line says why.",
+        )
+    )
+    mlist.add_argument("--json", action="store_true", help="machine-readable output")
+    mrun = with_config(
+        msub.add_parser(
+            "run",
+            help="run one model offline on DICOM files/folders or text/HL7 files",
+            description="Run model NAME here, in this process, on INPUT: for an image model "
+            "the DICOM files and folders given (one study; the bundle's series selection "
+            "picks the series), for a note model each text or HL7 file in turn (report "
+            "text from OBX TX/FT/ST). Prints the findings. Nothing is sent or stored.",
+        )
+    )
+    mrun.add_argument("name", metavar="NAME", help="a model name from the config's models:")
+    mrun.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    mrun.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    mrun.add_argument("--mask", type=Path, metavar="FILE.npy", help="save the mask (image models)")
+    mrun.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads")
+    mrun.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+
     keys = sub.add_parser("keys", help="manage the at-rest encryption keys")
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     with_config(
@@ -152,6 +183,12 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return _explain(cfg, args, out)
     if args.command == "queue":
         return _queue(cfg, args, out)
+    if args.command == "models":
+        from gateway.infer.commands import models_list, models_run
+
+        if args.models_command == "list":
+            return models_list(cfg, args.json, out)
+        return models_run(cfg, args, out)
     if args.command == "keys":
         from gateway.store.crypto import KeyStore
 
@@ -188,13 +225,21 @@ def _explain(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         tls = " TLS" if (dest.dicom or dest.hl7).tls else ""  # type: ignore[union-attr]
         if dest.dicom is not None:
             d = dest.dicom
-            return {"name": name, "kind": "dicom", "address": f"{d.ae_title}@{d.host}:{d.port}",
-                    "text": f"{name} (DICOM{tls} {d.ae_title}@{d.host}:{d.port})"}
+            return {
+                "name": name,
+                "kind": "dicom",
+                "address": f"{d.ae_title}@{d.host}:{d.port}",
+                "text": f"{name} (DICOM{tls} {d.ae_title}@{d.host}:{d.port})",
+            }
         h = dest.hl7
         assert h is not None
         address = f"{h.application}^{h.facility}@{h.host}:{h.port}"
-        return {"name": name, "kind": "hl7", "address": address,
-                "text": f"{name} (HL7{tls} {address})"}
+        return {
+            "name": name,
+            "kind": "hl7",
+            "address": address,
+            "text": f"{name} (HL7{tls} {address})",
+        }
 
     failed = False
     report: list[dict[str, object]] = []
@@ -210,16 +255,24 @@ def _explain(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
             send = [where(n) for n in decision.send]
             forward = [where(n) for n in decision.forward]
             if args.json:
-                report.append({
-                    "input": subject.label, "kind": subject.attrs.kind, **subject.ids,
-                    "route": decision.route, "run": list(decision.run),
-                    "send": [{k: v for k, v in d.items() if k != "text"} for d in send],
-                    "forward": [{k: v for k, v in d.items() if k != "text"} for d in forward],
-                    "reasons": list(decision.reasons),
-                })
+                report.append(
+                    {
+                        "input": subject.label,
+                        "kind": subject.attrs.kind,
+                        **subject.ids,
+                        "route": decision.route,
+                        "run": list(decision.run),
+                        "send": [{k: v for k, v in d.items() if k != "text"} for d in send],
+                        "forward": [{k: v for k, v in d.items() if k != "text"} for d in forward],
+                        "reasons": list(decision.reasons),
+                    }
+                )
                 continue
-            outcome = (f"route '{decision.route}'" if decision.matched
-                       else "no route matches: stored, logged, not processed")
+            outcome = (
+                f"route '{decision.route}'"
+                if decision.matched
+                else "no route matches: stored, logged, not processed"
+            )
             print(f"{subject.label}: {subject.summary} → {outcome}", file=out)
             if args.verbose:
                 for reason in decision.reasons or ("no routes configured",):
@@ -229,8 +282,9 @@ def _explain(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
             if send:
                 print(f"  send results to: {', '.join(d['text'] for d in send)}", file=out)
             if forward:
-                print(f"  forward as received to: {', '.join(d['text'] for d in forward)}",
-                      file=out)
+                print(
+                    f"  forward as received to: {', '.join(d['text'] for d in forward)}", file=out
+                )
             if decision.matched and not (decision.run or send or forward):
                 print("  (the route names no models and no destinations)", file=out)
     if args.json:
@@ -310,7 +364,10 @@ def _print_status(counts: dict[str, dict[str, int]], oldest: float | None, out: 
         file=out,
     )
     print(f"{'stage':<10}{'ready':>8}{'leased':>8}{'done':>8}{'dead':>8}", file=out)
-    stages = sorted(k for k in counts if k.startswith("jobs:"))
+    order = {f"jobs:{stage.value}": i for i, stage in enumerate(Stage)}  # pipeline order
+    stages = sorted(
+        (k for k in counts if k.startswith("jobs:")), key=lambda k: (order.get(k, 99), k)
+    )
     for key in stages:
         s = counts[key]
         print(

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
+from gateway.infer.bundles import BundleError, read_bundle
 
 DEFAULT_CONFIG = Path("config/gateway.yaml")
 
@@ -47,10 +48,20 @@ class HTTPConfig(_Strict):
     port: ListenPort = 8080
 
 
+class InferenceConfig(_Strict):
+    """The model runner: worker processes that load the models and run them."""
+
+    processes: int = Field(default=1, ge=1, le=64)
+    torch_threads: int = Field(default=0, ge=0)  # 0: the cores shared among the processes
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch sees a GPU
+    warm_up: bool = True  # one run on a blank input per model at start
+
+
 class GatewaySection(_Strict):
     data_dir: Path = Path("../var")
     http: HTTPConfig = HTTPConfig()
     encryption_key_file: Path = Path("../var/keys.json")
+    inference: InferenceConfig = InferenceConfig()
 
 
 class ServerTLS(_Strict):
@@ -157,7 +168,11 @@ class Destination(_Strict):
 
 
 class ModelConfig(_Strict):
+    """One model: a MONAI bundle folder, and the limits of one run of it."""
+
     bundle: Path
+    timeout: float = Field(default=300.0, gt=0)  # seconds; past it the run is stopped
+    memory_mb: int = Field(default=4096, ge=256)  # resident memory of the model process
 
 
 MatchValue = str | int | float | bool | list[str | int | float] | dict[str, Any]
@@ -459,6 +474,16 @@ def _check_files(cfg: Config, filename: str, lines: LineMap) -> None:
         if client is not None:
             for key in ("ca", "cert", "key"):
                 need(getattr(client, key), ("destinations", name, kind, "tls", key))
+    for name, model in cfg.models.items():
+        try:
+            read_bundle(name, cfg.path(model.bundle), hash_weights=False)
+        except BundleError as exc:
+            loc = ("models", name, "bundle")
+            detail = exc.message.split("): ", 1)[-1]
+            problems.append(
+                f"{filename}:{_line_for(loc, lines)}: {'.'.join(loc)}: "
+                f"{cfg.path(model.bundle)}: {detail}"
+            )
     if problems:
         raise ConfigError(problems)
 

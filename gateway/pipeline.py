@@ -8,17 +8,22 @@ letter.  No handler keeps state between jobs except the senders' open connection
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 
-from gateway.config import Config, Destination, RetryPolicyConfig
+from gateway.config import Config, Destination, ModelConfig, RetryPolicyConfig
 from gateway.deliver.dicom_scu import DicomSender
 from gateway.deliver.hl7_client import HL7Sender
 from gateway.deliver.retry import RetryPolicy
 from gateway.envelope import Job, Kind, NextJob, Stage
 from gateway.errors import Permanent, Transient
+from gateway.infer.masks import encode_mask
+from gateway.infer.runner import Limits, ModelRunner
+from gateway.infer.text import report_text_from_hl7
 from gateway.observability.metrics import Metrics
 from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom
 from gateway.route.rules import Attributes, decide
@@ -29,6 +34,8 @@ from gateway.workers import Beat
 log = structlog.get_logger(__name__)
 
 DEFAULT_RETRY = RetryPolicyConfig()
+# a model run that crashed, hung or ran out of memory is tried once more, then dead-lettered
+INFER_RETRY = RetryPolicy(initial=10.0, max=60.0, give_up_after=3600.0, max_attempts=2)
 
 
 class DestinationGone(Permanent):
@@ -37,9 +44,16 @@ class DestinationGone(Permanent):
 
 class Pipeline:
     def __init__(
-        self, cfg: Config, store: Store, metrics: Metrics, *, clock: Callable[[], float] = time.time
+        self,
+        cfg: Config,
+        store: Store,
+        metrics: Metrics,
+        *,
+        runner: ModelRunner | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
+        self.runner = runner
         self._now = clock
         self.store = store
         self.metrics = metrics
@@ -49,6 +63,8 @@ class Pipeline:
     # --- retry policy per job -------------------------------------------------------
 
     def retry_policy(self, job: Job) -> RetryPolicy:
+        if job.stage is Stage.INFER:
+            return INFER_RETRY
         dest = self.cfg.destinations.get(str(job.payload.get("destination", "")))
         return RetryPolicy.from_config(dest.retry if dest is not None else DEFAULT_RETRY)
 
@@ -114,14 +130,87 @@ class Pipeline:
         )
         return then
 
-    # --- infer (the model runtime comes with the models release) --------------------
+    # --- infer -----------------------------------------------------------------------
 
     def infer(self, job: Job, beat: Beat) -> Sequence[NextJob]:
-        model = job.payload.get("model")
-        raise Permanent(
-            f"model '{model}' is not available: this gateway version has no model runtime "
-            "yet; the route's forwarding still works"
+        """Run one model on one study or message (in a runner process); store the result
+        encrypted in the spool and hand it to the result-building stage."""
+        name = str(job.payload["model"])
+        kind = Kind(job.payload["kind"])
+        target = str(job.payload["target"])
+        model = self.cfg.models.get(name)
+        if model is None:
+            raise Permanent(f"model '{name}' is no longer configured")
+        if self.runner is None:
+            raise Permanent(
+                "no model runner: install the models extra (pip install -e '.[models]')"
+            )
+        result = self._run_model(name, kind, target, model, beat)
+        mask = result.pop("mask", None)
+        spool = self.store.spool
+        result_key = spool.put(json.dumps(result).encode())
+        mask_key = spool.put(encode_mask(mask)) if mask is not None else None
+        log.info(
+            "infer.done",
+            model=name,
+            version=result["model"]["version"],
+            subject=target[:12],
+            findings=len(result["findings"]),
+            seconds=result.get("seconds"),
+            device=result.get("device"),
         )
+        send = [str(d) for d in job.payload.get("send", [])]
+        if not send:
+            return []
+        # results are built (SR/SEG for DICOM destinations, ORU for HL7 ones) by the
+        # build stage, from the stored result
+        return [
+            NextJob(
+                Stage.BUILD,
+                f"{name}|{target}",
+                {
+                    "model": name,
+                    "kind": kind.value,
+                    "target": target,
+                    "send": send,
+                    "route": job.payload.get("route"),
+                    "result": result_key,
+                    "mask": mask_key,
+                },
+            )
+        ]
+
+    def _run_model(
+        self, name: str, kind: Kind, target: str, model: ModelConfig, beat: Beat
+    ) -> dict[str, Any]:
+        from gateway.infer.runtime import InputError, SpoolInput, TextInput
+
+        assert self.runner is not None
+        model_input: SpoolInput | TextInput
+        if kind is Kind.DICOM:
+            envelopes = self.store.queue.study_envelopes(target)
+            if not envelopes:
+                raise Permanent("the study has no stored instances")
+            model_input = SpoolInput(
+                str(self.store.spool.root),
+                str(self.cfg.key_file),
+                tuple(e.spool_key for e in envelopes if e.spool_key),
+            )
+        else:
+            _, raw = self.store.read(target)
+            model_input = TextInput(report_text_from_hl7(raw))
+        limits = Limits(timeout=model.timeout, memory_mb=model.memory_mb)
+        try:
+            result = self.runner.run(name, model_input, limits, beat)
+        except InputError:
+            self.metrics.model_runs.labels(model=name, outcome="input").inc()
+            raise
+        except (Transient, Permanent):
+            self.metrics.model_runs.labels(model=name, outcome="failed").inc()
+            raise
+        self.metrics.model_runs.labels(model=name, outcome="ok").inc()
+        self.metrics.model_seconds.labels(model=name).observe(float(result.get("seconds", 0)))
+        return result
 
     # --- deliver --------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ class RetryPolicy:
     initial: float = 5.0
     max: float = 600.0
     give_up_after: float = 86400.0
+    max_attempts: int | None = None  # also give up after this many attempts
 
     def __post_init__(self) -> None:
         if not self.initial > 0:
@@ -66,6 +67,8 @@ class RetryPolicy:
         if not 0.0 <= rand < 1.0:
             raise ValueError(f"rand must be in [0, 1), got {rand}")
         if now - first_failure_at >= self.give_up_after:
+            return None
+        if self.max_attempts is not None and attempts >= self.max_attempts:
             return None
         deadline = first_failure_at + self.give_up_after
         half = self.backoff(attempts) / 2.0

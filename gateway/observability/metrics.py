@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
@@ -44,20 +44,39 @@ class Metrics:
         )
         self.studies = Gauge("gateway_studies", "Studies by assembly state", ["state"], registry=r)
         self.deliveries = Counter(
-            "gateway_deliveries", "Delivery attempts by destination and outcome",
-            ["destination", "outcome"], registry=r,
+            "gateway_deliveries",
+            "Delivery attempts by destination and outcome",
+            ["destination", "outcome"],
+            registry=r,
         )
         self.jobs = Counter(
-            "gateway_jobs", "Jobs processed by stage and outcome (done, retry, dead)",
-            ["stage", "outcome"], registry=r,
+            "gateway_jobs",
+            "Jobs processed by stage and outcome (done, retry, dead)",
+            ["stage", "outcome"],
+            registry=r,
         )
         self.dead_letters = Gauge("gateway_dead_letters", "Jobs that gave up", registry=r)
         self.oldest_waiting = Gauge(
-            "gateway_oldest_waiting_seconds", "Age of the oldest job not yet done, by lane",
-            ["lane"], registry=r,
+            "gateway_oldest_waiting_seconds",
+            "Age of the oldest job not yet done, by lane",
+            ["lane"],
+            registry=r,
         )
         self.studies_completed = Counter(
             "gateway_studies_completed", "Studies marked complete", registry=r
+        )
+        self.model_runs = Counter(
+            "gateway_model_runs",
+            "Model runs by model and outcome (ok, input, failed)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.model_seconds = Histogram(
+            "gateway_model_run_seconds",
+            "Time of successful model runs, input reading included",
+            ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
         )
 
     def render(self) -> bytes:

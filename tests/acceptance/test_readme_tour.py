@@ -27,7 +27,7 @@ import yaml
 from tests.dicomgen import free_port
 from tests.gatewayproc import REPO, GatewayProcess
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(180)
 
 README = REPO / "README.md"
 SHIPPED_CONFIG = REPO / "config" / "gateway.yaml"
@@ -117,7 +117,7 @@ class Tour:
 
 
 def copy_shipped_config(folder: Path) -> tuple[Path, dict[str, int]]:
-    """config/gateway.yaml with only the ports and the data paths replaced."""
+    """config/gateway.yaml with only the ports, the data paths and the bundle paths replaced."""
     text = SHIPPED_CONFIG.read_text()
     ports = {name: free_port() for name in README_PORTS}
     replacements = {
@@ -128,6 +128,9 @@ def copy_shipped_config(folder: Path) -> tuple[Path, dict[str, int]]:
         "encryption_key_file: ../var/keys.json": (
             f"encryption_key_file: {folder / 'var' / 'keys.json'}"
         ),
+        # the shipped bundles, wherever the copy is
+        "bundle: ../models/lung_nodules": f"bundle: {REPO / 'models' / 'lung_nodules'}",
+        "bundle: ../models/report_findings": f"bundle: {REPO / 'models' / 'report_findings'}",
     }
     for old, new in replacements.items():
         assert text.count(old) == 1, f"config/gateway.yaml: expected one '{old}'"
@@ -144,6 +147,8 @@ def copy_shipped_config(folder: Path) -> tuple[Path, dict[str, int]]:
     ):
         shipped[section].pop(key), copy[section].pop(key)
     shipped["gateway"]["http"].pop("port"), copy["gateway"]["http"].pop("port")
+    for name in shipped["models"]:
+        shipped["models"][name].pop("bundle"), copy["models"][name].pop("bundle")
     assert copy == shipped
     return path, ports
 
@@ -212,6 +217,7 @@ def test_shipped_config_is_what_the_readme_describes() -> None:
 
 # --- the tour ---------------------------------------------------------------------------------
 
+
 def test_readme_tour_end_to_end(tour: Tour) -> None:
     # 1. Check the gateway answers DICOM
     r = tour.sh(command("echoscu"))
@@ -247,11 +253,30 @@ def test_readme_tour_end_to_end(tour: Tour) -> None:
         assert time.monotonic() < deadline, status
         time.sleep(0.25)
 
-    # both are routed at once; the shipped config has no routes: stored, not processed
-    deadline = time.monotonic() + 20
-    while tour.status().get("jobs:route") != {"done": 2}:
+    # both are routed, and the shipped routes run the reference models on them
+    deadline = time.monotonic() + 60
+    while (tour.status().get("jobs:route"), tour.status().get("jobs:infer")) != (
+        {"done": 2},
+        {"done": 2},
+    ):
         assert time.monotonic() < deadline, tour.status()
         time.sleep(0.25)
+    log = (tour.folder / "gateway.log").read_text()
+    done = [json.loads(ln) for ln in log.splitlines() if '"infer.done"' in ln]
+    assert sorted(d["model"] for d in done) == ["lung-nodules", "report-findings"]
+    assert next(d for d in done if d["model"] == "report-findings")["findings"] == 2
+
+    # 5. Run a model yourself: the README's command; the findings lines as printed there
+    (models_cmd,) = [ln for ln in command("gateway models run").splitlines() if ln.strip()]
+    r = tour.sh(models_cmd, "-c", str(tour.config))
+    assert r.returncode == 0, r.stdout + r.stderr
+    want = [tour.localize(ln) for ln in expected_output("gateway models run")]
+    got = r.stdout.rstrip("\n").splitlines()
+    assert got[1:] == want[1:], r.stdout
+    assert re.fullmatch(
+        re.escape(want[0]).replace(r"0\.3", r"[0-9.]+").replace("463292a1e63c12fb", "[0-9a-f]{16}"),
+        got[0],
+    ), got[0]
 
     # 4. Watch the queue: the README's command, with -c for this copy of the config
     (queue_cmd,) = [ln for ln in command("gateway queue status").splitlines() if ln.strip()]
@@ -259,7 +284,7 @@ def test_readme_tour_end_to_end(tour: Tour) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.rstrip("\n").splitlines() == expected_output("gateway queue status"), r.stdout
 
-    # 5. Ask what would happen: the README's explain command and its output (UID elided)
+    # 6. Ask what would happen: the README's explain command and its output (UID elided)
     (explain_cmd,) = [ln for ln in command("gateway explain").splitlines() if ln.strip()]
     r = tour.sh(explain_cmd, "-c", str(tour.config))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -283,6 +308,7 @@ def test_readme_tour_end_to_end(tour: Tour) -> None:
     assert f'gateway_dicom_instances_received_total{{outcome="stored"}} {len(files)}.0' in metrics
     assert 'gateway_hl7_messages_total{ack="AA",type="ORU^R01"} 2.0' in metrics
     assert 'gateway_queue_jobs{stage="route",state="done"} 2.0' in metrics
+    assert 'gateway_model_runs_total{model="lung-nodules",outcome="ok"} 1.0' in metrics
     assert 'gateway_studies{state="complete"} 1.0' in metrics
     code, body = tour.gw.get("/healthz")
     assert (code, json.loads(body)) == (200, {"status": "ok"})

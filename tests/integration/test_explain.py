@@ -31,8 +31,8 @@ destinations:
   ehr:
     hl7: {host: 127.0.0.1, port: 2576, application: EHR, facility: HOSP}
 models:
-  lung-nodules: {bundle: models/lung_nodules}
-  report-findings: {bundle: models/report_findings}
+  lung-nodules: {bundle: REPO/models/lung_nodules}
+  report-findings: {bundle: REPO/models/report_findings}
 routes:
   - name: chest-ct
     when:
@@ -74,7 +74,7 @@ def adt_a01(control_id: str = "ADT00001") -> bytes:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
-    (tmp_path / "gw.yaml").write_text(CONFIG)
+    (tmp_path / "gw.yaml").write_text(CONFIG.replace("REPO/", f"{REPO}/"))
     make_study(tmp_path / "chest", study_uid=CHEST_UID,
                series=[SeriesSpec("CT", count=2, body_part="CHEST", rows=16, cols=16)])
     make_study(tmp_path / "two" / "head", study_uid=HEAD_UID,

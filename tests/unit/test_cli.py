@@ -151,7 +151,7 @@ def test_check_config_accepts_the_shipped_default(capsys: pytest.CaptureFixture[
     rc, out, _ = run(capsys, "check-config", "--config", str(shipped))
     assert rc == 0
     assert out == (
-        f"{shipped}: OK (3 DICOM callers, 1 HL7 senders, 0 destinations, 0 models, 0 routes)\n"
+        f"{shipped}: OK (3 DICOM callers, 1 HL7 senders, 0 destinations, 2 models, 2 routes)\n"
     )
 
 

@@ -48,7 +48,16 @@ def test_shipped_config_is_valid_with_the_documented_defaults() -> None:
     assert [c.ae_title for c in cfg.dicom.allowed_callers] == ["PACS", "STORESCU", "ECHOSCU"]
     assert [(s.application, s.facility) for s in cfg.hl7.allowed_senders] == [("EHR", "HOSP")]
     assert cfg.dicom.study_complete_after == 5
-    assert (cfg.destinations, cfg.models, cfg.routes) == ({}, {}, [])
+    assert cfg.destinations == {}
+    assert {n: m.bundle for n, m in cfg.models.items()} == {
+        "lung-nodules": Path("../models/lung_nodules"),
+        "report-findings": Path("../models/report_findings"),
+    }
+    assert [(r.name, r.run, r.send) for r in cfg.routes] == [
+        ("chest-ct", ["lung-nodules"], []),
+        ("radiology-reports", ["report-findings"], []),
+    ]
+    assert cfg.gateway.inference.processes == 1
 
 
 def test_shipped_config_paths_resolve_relative_to_the_config_file() -> None:
@@ -89,7 +98,7 @@ destinations:
     hl7: {host: 127.0.0.1, port: 2576, tls: null, application: EHR, facility: HOSP}
     retry: {initial: 1, max: 60, give_up_after: 3600}
 models:
-  lung-nodules: {bundle: ../models/lung_nodules}
+  lung-nodules: {bundle: REPO/models/lung_nodules}
 routes:
   - name: chest-ct
     when: {dicom: {Modality: CT, BodyPartExamined: [CHEST, LUNG]}}
@@ -98,12 +107,30 @@ routes:
   - name: adt-feed
     when: {hl7: {MSH-9: {regex: "^ADT"}, PID-3: {present: true}}}
     forward: [ehr]
-""",
+""".replace("REPO/", f"{REPO}/"),
     )
     cfg = load_config(path)
     assert [r.name for r in cfg.routes] == ["chest-ct", "adt-feed"]
     assert cfg.destinations["ehr"].retry.give_up_after == 3600
-    assert cfg.path(cfg.models["lung-nodules"].bundle) == tmp_path.parent / "models/lung_nodules"
+    assert cfg.path(cfg.models["lung-nodules"].bundle) == REPO / "models" / "lung_nodules"
+    assert (
+        cfg.models["lung-nodules"].timeout == 300 and cfg.models["lung-nodules"].memory_mb == 4096
+    )
+
+
+def test_a_model_bundle_that_cannot_be_read_is_an_error_at_its_line(tmp_path: Path) -> None:
+    (tmp_path / "b" / "configs").mkdir(parents=True)
+    (tmp_path / "b" / "configs" / "metadata.json").write_text('{"version": "1"}')
+    (tmp_path / "b" / "configs" / "inference.json").write_text("{}")
+    path = write(
+        tmp_path,
+        MINIMAL + "models:\n  nodules:\n    bundle: missing\n  notes:\n    bundle: b\n",
+    )
+    assert errors_of(path) == [
+        f"{path}:9: models.nodules.bundle: {tmp_path / 'missing'}: bundle folder not found",
+        f"{path}:11: models.notes.bundle: {tmp_path / 'b'}: metadata.json has no 'gateway' "
+        'section; add at least "gateway": {"input": "image"} (see docs/models.md)',
+    ]
 
 
 # --- one error each -----------------------------------------------------------------------

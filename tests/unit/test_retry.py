@@ -95,3 +95,10 @@ def test_inconsistent_policy_is_refused() -> None:
         RetryPolicy(initial=10, max=5, give_up_after=100)
     with pytest.raises(ValueError, match="initial"):
         RetryPolicy(initial=0, max=5, give_up_after=100)
+
+
+def test_max_attempts_gives_up_after_that_many_failures() -> None:
+    policy = RetryPolicy(initial=10.0, max=60.0, give_up_after=3600.0, max_attempts=2)
+    first = policy.decide(attempts=1, first_failure_at=1000.0, now=1000.0, rand=0.0)
+    assert first == 1005.0  # the one retry, after half of the initial delay
+    assert policy.decide(attempts=2, first_failure_at=1000.0, now=1010.0, rand=0.0) is None

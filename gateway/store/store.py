@@ -146,4 +146,5 @@ class Store:
         return value
 
     def close(self) -> None:
+        self.spool.close()
         self.queue.close()

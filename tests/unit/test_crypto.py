@@ -321,7 +321,9 @@ def test_ingesting_the_same_sop_instance_twice_stores_one_blob(tmp_path: Path) -
         second = ingest(b"other bytes", 101.0)
         assert (first.new, second.new) == (True, False)
         assert second.envelope_id == first.envelope_id
-        blobs = [p for p in (tmp_path / "data" / "spool").rglob("*") if p.is_file()]
+        spool = tmp_path / "data" / "spool"
+        # (the spool creates empty files ahead; only written ones hold objects)
+        blobs = [p for p in spool.rglob("*") if p.is_file() and p.stat().st_size]
         assert len(blobs) == 1
         env, data = store.read(first.envelope_id)
         assert data == PLAINTEXT
@@ -353,3 +355,21 @@ def test_store_keeps_hl7_messages_encrypted_in_the_queue_database(tmp_path: Path
     everything = db + (wal.read_bytes() if wal.exists() else b"")
     assert b"DOE^JANE" not in everything
     assert b"MRN777" not in everything
+
+
+def test_spool_writes_into_files_created_ahead_and_removes_the_unused_on_close(
+    tmp_path: Path,
+) -> None:
+    from gateway.store.spool import POOL_BATCH
+
+    spool = Spool(tmp_path / "spool", Sealer(KeyStore.open(tmp_path / "keys.json")))
+    keys = [spool.put(f"object {i}".encode()) for i in range(POOL_BATCH + 3)]
+    files = [p for p in (tmp_path / "spool").rglob("*.blob")]
+    assert len(files) == 2 * POOL_BATCH  # two batches created ahead
+    assert [spool.get(k) for k in keys] == [f"object {i}".encode() for i in range(POOL_BATCH + 3)]
+    spool.close()
+    left = sorted(p.name for p in (tmp_path / "spool").rglob("*.blob"))
+    assert left == sorted(f"{k}.blob" for k in keys)  # written objects stay, spares go
+    reader = Spool(tmp_path / "spool", spool.sealer, pool=False)
+    assert reader.get(keys[0]) == b"object 0"
+    assert len(list((tmp_path / "spool").rglob("*.blob"))) == len(keys)

@@ -108,6 +108,14 @@ class LoadedModel:
                 extra["device"] = self.device
             out = self._call(volume.array, volume.spacing, affine=volume.affine, **extra)
             result = image_result(out, volume)
+            concept = self.info.outputs.get("classification")
+            if result["classification"] and isinstance(concept, dict):
+                # what the study-level class means, coded, for the result builders
+                result["classification"] = {
+                    "finding": concept.get("finding"),
+                    "code": concept.get("code"),
+                    **result["classification"],
+                }
         result["model"] = self.info.identity
         result["device"] = self.device
         result["seconds"] = round(time.monotonic() - started, 3)
@@ -216,9 +224,8 @@ def _datasets(model_input: FilesInput | SpoolInput) -> tuple[list[Any], Callable
     from gateway.store.crypto import KeyStore, Sealer
     from gateway.store.spool import Spool
 
-    spool = Spool(
-        Path(model_input.spool_dir), Sealer(KeyStore.open(Path(model_input.key_file), create=False))
-    )
+    keys = KeyStore.open(Path(model_input.key_file), create=False)
+    spool = Spool(Path(model_input.spool_dir), Sealer(keys), pool=False)  # reads only
     by_uid: dict[str, str] = {}
     headers = []
     for key in model_input.keys:

@@ -18,12 +18,14 @@ run: $(STAMP)
 	$(BIN)/gateway run -c $(CONFIG)
 
 # Debian packages the integration tests talk to (real peers, no mocks).
-# dcmtk: storescu/storescp/echoscu; orthanc: the PACS that delivery tests send to.
+# dcmtk: storescu/storescp/echoscu/dsrdump; orthanc: the PACS that delivery tests send to;
+# dicom3tools: dciodvfy, the validator every generated SR and SEG must pass.
 system-deps:
 	@command -v storescu >/dev/null && command -v echoscu >/dev/null && command -v Orthanc >/dev/null \
-	  || { echo "installing dcmtk and orthanc (apt-get)"; \
+	  && command -v dciodvfy >/dev/null \
+	  || { echo "installing dcmtk, orthanc and dicom3tools (apt-get)"; \
 	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
-	       apt-get install -y -qq --no-install-recommends dcmtk orthanc >/dev/null; }
+	       apt-get install -y -qq --no-install-recommends dcmtk orthanc dicom3tools >/dev/null; }
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check gateway tests bench
@@ -39,6 +41,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.hl7
 	$(BIN)/python -m bench.forward
+	$(BIN)/python -m bench.models
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -177,7 +177,12 @@ class Gateway:
         p = self.pipeline
 
         def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
-            stage = {Stage.ROUTE: p.route, Stage.INFER: p.infer, Stage.DELIVER: p.deliver}
+            stage = {
+                Stage.ROUTE: p.route,
+                Stage.INFER: p.infer,
+                Stage.BUILD: p.build,
+                Stage.DELIVER: p.deliver,
+            }
             return stage[job.stage](job, beat)
 
         def outcome(job: Job, result: str) -> None:
@@ -186,10 +191,11 @@ class Gateway:
                 self.wake_workers()  # the jobs it enqueued are ready now
 
         workers = [
+            # routing and result building: both short, neither waits on a peer
             Worker(
                 "route",
                 self.work_store.queue,
-                [Stage.ROUTE],
+                [Stage.ROUTE, Stage.BUILD],
                 handler,
                 p.retry_policy,
                 on_outcome=outcome,

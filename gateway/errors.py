@@ -62,3 +62,7 @@ class KeyStoreError(Permanent):
 
 class IntegrityError(Permanent):
     """Stored data failed its authentication check (tampered or wrong key)."""
+
+
+class ResultInvalid(Permanent):
+    """The model result cannot be built into a valid SR, SEG or ORU^R01."""

@@ -21,7 +21,7 @@ from gateway.deliver.hl7_client import HL7Sender
 from gateway.deliver.retry import RetryPolicy
 from gateway.envelope import Job, Kind, NextJob, Stage
 from gateway.errors import Permanent, Transient
-from gateway.infer.masks import encode_mask
+from gateway.infer.masks import decode_mask, encode_mask
 from gateway.infer.runner import Limits, ModelRunner
 from gateway.infer.text import report_text_from_hl7
 from gateway.observability.metrics import Metrics
@@ -87,6 +87,10 @@ class Pipeline:
 
     def route(self, job: Job, beat: Beat) -> Sequence[NextJob]:
         kind, attrs = self.attributes(job)
+        if kind is Kind.DICOM:
+            # a report that names this study by accession number can find it later
+            accessions = attrs.get("AccessionNumber")
+            self.store.remember_study(job.subject, accession=accessions[0] if accessions else None)
         decision = decide(attrs, self.cfg.routes)
         fields = {"subject": job.subject[:12], "kind": kind.value}
         if not decision.matched:
@@ -146,6 +150,7 @@ class Pipeline:
                 "no model runner: install the models extra (pip install -e '.[models]')"
             )
         result = self._run_model(name, kind, target, model, beat)
+        result["made_at"] = self._now()  # the results' content time, stable across rebuilds
         mask = result.pop("mask", None)
         spool = self.store.spool
         result_key = spool.put(json.dumps(result).encode())
@@ -212,6 +217,58 @@ class Pipeline:
         self.metrics.model_seconds.labels(model=name).observe(float(result.get("seconds", 0)))
         return result
 
+    # --- build ----------------------------------------------------------------------
+
+    def build(self, job: Job, beat: Beat) -> Sequence[NextJob]:
+        """Turn a stored model result into what each ``send`` destination takes: an SR
+        (and a SEG when there is a mask) for DICOM destinations, an ORU^R01 for HL7 ones.
+        Each object is validated as it is built, stored encrypted, and handed to the
+        destination's lane.  A result that cannot be built validly is a dead letter with
+        the reason: nothing broken is ever sent."""
+        from gateway.results.build import ResultBuilder
+
+        payload = job.payload
+        spool = self.store.spool
+        result = json.loads(spool.get(str(payload["result"])))
+        mask = decode_mask(spool.get(str(payload["mask"]))) if payload.get("mask") else None
+        kind = Kind(payload["kind"])
+        target = str(payload["target"])
+        builder = ResultBuilder(self.store, result, mask, kind=kind, target=target, beat=beat)
+        then: list[NextJob] = []
+        for name in payload.get("send", []):
+            dest = self._destination(str(name))
+            objects = builder.for_destination(str(name), dest)
+            if not objects:
+                log.info(
+                    "build.nothing_to_send",
+                    destination=name,
+                    subject=target[:12],
+                    reason=builder.skipped.get(name, "no result object for this destination"),
+                )
+                continue
+            keys = [spool.put(data) for data in objects]
+            then.append(
+                NextJob(
+                    Stage.DELIVER,
+                    f"{name}|{payload['model']}|{target}",
+                    {
+                        "destination": name,
+                        "kind": "dicom" if dest.dicom is not None else "hl7",
+                        "target": f"{payload['model']}|{target}",
+                        "mode": "result",
+                        "objects": keys,
+                    },
+                    lane=str(name),
+                )
+            )
+        log.info(
+            "build.done",
+            model=payload["model"],
+            subject=target[:12],
+            objects={n.payload["destination"]: len(n.payload["objects"]) for n in then},
+        )
+        return then
+
     # --- deliver --------------------------------------------------------------------
 
     def _destination(self, name: str) -> Destination:
@@ -224,8 +281,14 @@ class Pipeline:
         name = str(job.payload["destination"])
         dest = self._destination(name)
         target = str(job.payload["target"])
+        objects = [str(k) for k in job.payload.get("objects", [])]
         try:
-            if dest.dicom is not None:
+            if objects and dest.dicom is not None:
+                self._deliver_objects(name, dest, objects, beat)
+            elif objects:
+                for key in objects:
+                    self._deliver_message(name, dest, key, result=True)
+            elif dest.dicom is not None:
                 self._deliver_study(name, dest, target, beat)
             else:
                 self._deliver_message(name, dest, target)
@@ -239,23 +302,42 @@ class Pipeline:
         return []
 
     def _deliver_study(self, name: str, dest: Destination, study_key: str, beat: Beat) -> None:
+        envelopes = self.store.queue.study_envelopes(study_key)
+
+        def read(envelope_id: str) -> bytes:
+            return self.store.read(envelope_id)[1]
+
+        self._send_instances(name, dest, [e.id for e in envelopes], read, beat, study_key)
+
+    def _deliver_objects(self, name: str, dest: Destination, keys: list[str], beat: Beat) -> None:
+        """Result objects (SEG first, then SR), by spool key."""
+        self._send_instances(name, dest, keys, self.store.spool.get, beat, "result")
+
+    def _send_instances(
+        self,
+        name: str,
+        dest: Destination,
+        keys: list[str],
+        read: Callable[[str], bytes],
+        beat: Beat,
+        label: str,
+    ) -> None:
         queue = self.store.queue
-        envelopes = queue.study_envelopes(study_key)
-        done = queue.delivered(name, [e.id for e in envelopes])
-        pending = [e for e in envelopes if e.id not in done]
+        done = queue.delivered(name, keys)
+        pending = [k for k in keys if k not in done]
         if not pending:
             return
         sender = self._dicom_sender(name, dest)
 
-        def loader(envelope_id: str) -> Callable[[], bytes]:
+        def loader(key: str) -> Callable[[], bytes]:
             # read (and decrypt) one instance when the sender needs it, never the whole study
             def load() -> bytes:
                 beat()
-                return self.store.read(envelope_id)[1]
+                return read(key)
 
             return load
 
-        results = sender.send_study((e.id, loader(e.id)) for e in pending)
+        results = sender.send_study((k, loader(k)) for k in pending)
         delivered: list[tuple[str, int]] = []
         failed_permanent = 0
         transient: str | None = None
@@ -272,7 +354,7 @@ class Pipeline:
         log.info(
             "deliver.study",
             destination=name,
-            study=study_key[:12],
+            study=label[:12],
             sent=len(delivered),
             already=len(done),
             refused=failed_permanent,
@@ -282,10 +364,13 @@ class Pipeline:
         if failed_permanent:
             raise Permanent(f"{name} refused {failed_permanent} of {len(pending)} instances")
 
-    def _deliver_message(self, name: str, dest: Destination, envelope_id: str) -> None:
+    def _deliver_message(
+        self, name: str, dest: Destination, envelope_id: str, *, result: bool = False
+    ) -> None:
+        """One HL7 message: a stored one (by envelope id) or a built result (spool key)."""
         if self.store.queue.delivered(name, [envelope_id]):
             return
-        _, raw = self.store.read(envelope_id)
+        raw = self.store.spool.get(envelope_id) if result else self.store.read(envelope_id)[1]
         assert dest.hl7 is not None
         outcome = self._hl7_sender(name, dest).send(raw, timeout=dest.hl7.ack_timeout)
         self.store.queue.record_delivery(envelope_id, name, 0, self._now())

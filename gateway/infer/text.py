@@ -84,8 +84,8 @@ def report_text_from_hl7(message: bytes) -> str:
     segment.  A message without text observations gives ``""``.
     """
     data = _strip_framing(message)
-    charset = _charset(data)
-    text = _decode(data, charset)
+    charset = message_charset(data)
+    text = decode_message(data, charset)
     segments = _segments(text)
     if not segments or not segments[0].startswith("MSH"):
         raise MalformedInput("an HL7 message must start with an MSH segment")
@@ -114,7 +114,7 @@ def report_text_from_file(path: str | os.PathLike[str]) -> str:
     start = _strip_framing(data)
     if start[:3] in (b"MSH", b"FHS", b"BHS"):
         return report_text_from_hl7(_from_first_msh(start))
-    text = _decode(start, "")
+    text = decode_message(start, "")
     return "\n".join(_LINE_SPLIT.split(text)).strip("\n")
 
 
@@ -160,7 +160,7 @@ def _escape(body: str, seps: Separators, charset: str) -> str | None:
         digits = body[1:]
         if len(digits) % 2 or not re.fullmatch(r"[0-9A-Fa-f]*", digits):
             return None
-        return _decode(bytes.fromhex(digits), charset)
+        return decode_message(bytes.fromhex(digits), charset)
     if body.startswith(("Z", "C", "M")):  # locally defined / character set switches
         return "" if re.fullmatch(r"[ZCM][0-9A-Za-z]*", body) else None
     if body.startswith("."):
@@ -218,7 +218,7 @@ def _from_first_msh(data: bytes) -> bytes:
     return data[index:] if index >= 0 else data
 
 
-def _charset(data: bytes) -> str:
+def message_charset(data: bytes) -> str:
     """The Python codec MSH-18 names, or ``""`` (then UTF-8 with a Latin-1 fallback)."""
     first_line = _LINE_SPLIT.split(data.decode("latin-1"), 1)[0]
     if len(first_line) < 4:
@@ -229,7 +229,8 @@ def _charset(data: bytes) -> str:
     return _CHARSETS.get(first, "")
 
 
-def _decode(data: bytes, charset: str) -> str:
+def decode_message(data: bytes, charset: str) -> str:
+    """The message's text, in the character set MSH-18 names (``message_charset``)."""
     if charset:
         return data.decode(charset, errors="replace")
     try:

@@ -21,7 +21,7 @@ from gateway.envelope import Envelope, Job, JobState, Kind, NextJob, Stage
 from gateway.errors import QueueUnavailable
 from gateway.store.queue import Ack, StudyInfo
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -74,6 +74,12 @@ CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, stage, run_at);
 CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (state, lane, run_at);
 -- one waiting job per (stage, subject): a study completed twice before routing is routed once
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_ready ON jobs (stage, subject) WHERE state = 'ready';
+-- a study's other identifiers (keyed hashes of the accession number): a report that
+-- names its study by accession finds the stored study
+CREATE TABLE IF NOT EXISTS study_refs (
+    ref        TEXT PRIMARY KEY,
+    study_key  TEXT NOT NULL
+);
 -- which stored objects reached which destination: a retried delivery skips them
 CREATE TABLE IF NOT EXISTS deliveries (
     envelope_id   TEXT NOT NULL,
@@ -90,6 +96,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE jobs ADD COLUMN lane TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE jobs ADD COLUMN first_failed_at REAL",
     ],
+    3: [],  # study_refs: a new table, created by SCHEMA
 }
 
 
@@ -537,6 +544,22 @@ class SQLiteQueue:
                 (destination, *envelope_ids),
             ).fetchall()
         return {str(r["envelope_id"]) for r in rows}
+
+    def record_study_refs(self, study_key: str, refs: list[str]) -> None:
+        """Remember other identifiers of a study (the latest study with a ref wins)."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO study_refs (ref, study_key) VALUES (?, ?)"
+                " ON CONFLICT (ref) DO UPDATE SET study_key = excluded.study_key",
+                [(ref, study_key) for ref in refs],
+            )
+
+    def study_for_ref(self, ref: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT study_key FROM study_refs WHERE ref = ?", (ref,)
+            ).fetchone()
+        return None if row is None else str(row["study_key"])
 
     def study_envelopes(self, study_key: str) -> list[Envelope]:
         with self._lock:

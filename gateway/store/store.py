@@ -134,6 +134,22 @@ class Store:
         """The envelope id of a stored instance, by SOP Instance UID."""
         return self.queue.find(self.keys.index("dicom", sop_instance_uid))
 
+    def remember_study(self, study_key: str, *, accession: str | None) -> None:
+        """Record a stored study's accession number (as a keyed hash), so that a report
+        naming the accession finds the study."""
+        if accession:
+            self.queue.record_study_refs(study_key, [self.keys.index("accession", accession)])
+
+    def find_study(self, *, accession: str = "", study_uid: str = "") -> str | None:
+        """The study key of a stored study, by Study Instance UID or accession number."""
+        if study_uid:
+            key = self.keys.index("study", study_uid)
+            if self.queue.study(key) is not None:
+                return key
+        if accession:
+            return self.queue.study_for_ref(self.keys.index("accession", accession))
+        return None
+
     def find_message(self, application: str, facility: str, control_id: str) -> str | None:
         """The envelope id of a stored HL7 message, by sender and MSH-10."""
         return self.queue.find(self.keys.index("hl7", application, facility, control_id))

@@ -11,6 +11,7 @@ the results are made again with the same SOP Instance UIDs: replaced, not duplic
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import time
@@ -71,7 +72,7 @@ def site_config(folder: Path, orthanc: Orthanc, sink: MLLPSink) -> Path:
     }
     routes = {r["name"]: r for r in cfg["routes"]}
     routes["chest-ct"]["send"] = ["pacs", "ehr"]
-    routes["radiology-reports"]["send"] = ["ehr"]
+    routes["radiology-reports"]["send"] = ["ehr", "pacs"]
     path = folder / "gateway.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -188,10 +189,12 @@ def test_a_chest_ct_comes_back_as_sr_seg_and_oru(
 def test_a_report_comes_back_as_an_oru_with_its_findings(
     site: tuple[GatewayProcess, Orthanc, MLLPSink],
 ) -> None:
-    gw, _, sink = site
+    gw, pacs, sink = site
     before = len(sink.received)
     text = "No pneumothorax. Small right pleural effusion. Possible RLL consolidation."
-    (ack,) = send_mllp(gw.hl7_port, [oru_r01(control_id="E2EREP01", text=text)])
+    # the report of the CT sent above: same accession number
+    report = oru_r01(control_id="E2EREP01", text=text, accession="ACCE2E1")
+    (ack,) = send_mllp(gw.hl7_port, [report])
     assert b"MSA|AA|E2EREP01" in ack
     wait_until(lambda: len(sink.received) > before, what="the report's ORU")
     oru = oru_messages(sink)[-1]
@@ -204,3 +207,18 @@ def test_a_report_comes_back_as_an_oru_with_its_findings(
     assert values["60046008"] == "52101004"  # pleural effusion: present
     assert values["95436008"] == "373068000"  # consolidation: undetermined
     assert str(oru.segment("PID")[5]) == "DOE^JANE"  # copied from the report
+
+    # the report names a stored study by accession: its findings go to the PACS as an SR
+    # filed under that study
+    def report_sr() -> list[dict[str, Any]]:
+        return [
+            t
+            for t in instances_by_modality(pacs).get("SR", [])
+            if "report-findings" in str(t.get("SeriesDescription", ""))
+        ]
+
+    (tags,) = wait_until(report_sr, what="the report's SR in Orthanc")
+    assert len(pacs.get("/studies")) == 1
+    sr = dcmread(io.BytesIO(pacs.instance_file(tags["SOPInstanceUID"])))
+    assert sr.AccessionNumber == "ACCE2E1"
+    assert "36118008" in str(sr.ContentSequence) and "272519000" in str(sr.ContentSequence)

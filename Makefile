@@ -42,6 +42,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.hl7
 	$(BIN)/python -m bench.forward
 	$(BIN)/python -m bench.models
+	$(BIN)/python -m bench.e2e
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

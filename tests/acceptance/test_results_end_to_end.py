@@ -27,6 +27,7 @@ from pydicom import dcmread
 
 pytest.importorskip("torch")
 
+from gateway.results.oru import validate
 from models.lung_nodules.synth import make_case
 from tests.ctstudy import write_ct_series
 from tests.dicomgen import dcmtk_env, free_port, storescu_args
@@ -149,6 +150,7 @@ def test_a_chest_ct_comes_back_as_sr_seg_and_oru(
     assert "786838002" in text  # the nodule finding code
 
     (oru,) = wait_until(lambda: oru_messages(sink), what="an ORU at the EHR")
+    validate(sink.received[0].decode("utf-8"))  # hl7apy STRICT, as it arrived
     assert str(oru.segment("MSH")[9]) == "ORU^R01^ORU_R01"
     obx = list(oru.segments("OBX"))
     assert any("786838002" in str(o[3]) for o in obx), str(oru)

@@ -251,6 +251,19 @@ class SQLiteQueue:
                     db.execute("UPDATE envelopes SET late = 1 WHERE id = ?", (env.id,))
         return Ack(new=True, envelope_id=env.id)
 
+    def touch_study(self, study_key: str, now: float, quiet: float) -> None:
+        """An instance of the study was received again: its quiet-period timer restarts,
+        and a complete study is reopened (so it is routed, and its models run, again:
+        results with the same UIDs replace the earlier ones)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE studies SET last_at = ?, complete_due = ?,"
+                " generation = generation + (state = 'complete'),"
+                " reopened = reopened OR (state = 'complete'), state = 'open'"
+                " WHERE study_key = ?",
+                (now, now + quiet, study_key),
+            )
+
     def record_message(
         self, env: Envelope, sealed_message: bytes, sealed_attrs: bytes, ack: bytes
     ) -> Ack:

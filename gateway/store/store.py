@@ -63,10 +63,13 @@ class Store:
     ) -> Ack:
         """Durably store one DICOM instance: Part 10 bytes as received, or a file holding
         them (streamed, for instances larger than memory).  A SOP Instance UID seen before
-        is acknowledged as a duplicate and not stored again."""
+        is acknowledged as a duplicate and not stored again; it restarts its study's quiet
+        period (a study sent again is processed again)."""
         dedup_key = self.keys.index("dicom", sop_instance_uid)
         existing = self.queue.find(dedup_key)
+        received_at = time.time() if now is None else now
         if existing is not None:
+            self.queue.touch_study(self.keys.index("study", study_instance_uid), received_at, quiet)
             return Ack(new=False, envelope_id=existing)
         if isinstance(data, Path):
             size = data.stat().st_size
@@ -78,7 +81,7 @@ class Store:
             id=new_id(),
             kind=Kind.DICOM,
             source=source,
-            received_at=time.time() if now is None else now,
+            received_at=received_at,
             dedup_key=dedup_key,
             spool_key=spool_key,
             study_key=self.keys.index("study", study_instance_uid),

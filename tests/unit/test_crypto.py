@@ -330,6 +330,49 @@ def test_ingesting_the_same_sop_instance_twice_stores_one_blob(tmp_path: Path) -
         assert store.attrs(first.envelope_id) == {"Modality": "CT"}
         assert store.find_instance("1.2.3.4") == first.envelope_id
         assert env.study_key == store.keys.index("study", "1.2.3")
+        # the resend restarted the study's quiet period: due 5 s after it, not the first
+        study = store.queue.study(env.study_key)
+        assert study is not None and study.complete_due == 106.0
+    finally:
+        store.close()
+
+
+def test_a_complete_study_sent_again_is_reopened_to_be_processed_again(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", tmp_path / "data" / "keys.json")
+    try:
+        for uid in ("1.2.3.1", "1.2.3.2"):
+            store.ingest_instance(
+                PLAINTEXT,
+                sop_instance_uid=uid,
+                study_instance_uid="1.2.3",
+                attrs={},
+                source="PACS@127.0.0.1",
+                quiet=5.0,
+                now=100.0,
+            )
+        key = store.keys.index("study", "1.2.3")
+        assert store.queue.complete_due_studies(106.0) == [key]
+        before = store.queue.study(key)
+        assert before is not None and before.state == "complete"
+        ack = store.ingest_instance(
+            PLAINTEXT,
+            sop_instance_uid="1.2.3.1",
+            study_instance_uid="1.2.3",
+            attrs={},
+            source="PACS@127.0.0.1",
+            quiet=5.0,
+            now=200.0,
+        )
+        assert not ack.new
+        after = store.queue.study(key)
+        assert after is not None
+        assert (after.state, after.complete_due, after.generation) == (
+            "open",
+            205.0,
+            before.generation + 1,
+        )
+        assert store.queue.complete_due_studies(205.0) == [key]  # routed again
+        assert len(store.queue.study_envelopes(key)) == 2  # nothing stored twice
     finally:
         store.close()
 

@@ -144,7 +144,10 @@ class Pipeline:
         target = str(job.payload["target"])
         model = self.cfg.models.get(name)
         if model is None:
-            raise Permanent(f"model '{name}' is no longer configured")
+            raise Permanent(
+                f"model '{name}' is not configured in the running gateway (a model added "
+                "by a reload needs a restart)"
+            )
         if self.runner is None:
             raise Permanent(
                 "no model runner: install the models extra (pip install -e '.[models]')"

@@ -26,6 +26,7 @@ from gateway.ingest.hl7_listener import HL7Listener
 from gateway.observability.metrics import HealthServer, Metrics
 from gateway.pipeline import Pipeline
 from gateway.route.keywords import routing_keywords
+from gateway.security.audit import AuditLog, Auditor, trail_path
 from gateway.security.tls import server_context
 from gateway.store.store import Store
 from gateway.workers import Beat, Worker, worker_alive
@@ -72,6 +73,27 @@ def keep_restart_only(old: Config, new: Config) -> Config:
         for name, m in old.models.items()
     }
     return new.model_copy(update=update)
+
+
+def _this_process() -> dict[str, str]:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "?"
+    return {"application": "ai-gateway", "host": socket.gethostname()[:64], "user": user[:64]}
+
+
+def _file_hash(path: object) -> str:
+    import hashlib
+    from pathlib import Path
+
+    try:
+        return hashlib.sha256(Path(str(path)).read_bytes()).hexdigest()
+    except OSError:
+        return "?"
 
 
 def _model_runner(cfg: Config) -> ModelRunner | None:
@@ -132,6 +154,10 @@ class Gateway:
         self.cfg = cfg
         self.metrics = Metrics()
         self.store = Store(cfg.data_dir, cfg.key_file)
+        # who sent what and where it went: a hash-chained trail apart from the logs
+        self.audit = Auditor(
+            AuditLog.open(trail_path(cfg.data_dir)), on_error=self.metrics.audit_failures.inc
+        )
         dicom_tls = server_context(cfg.dicom.tls, cfg.path) if cfg.dicom.tls else None
         hl7_tls = server_context(cfg.hl7.tls, cfg.path) if cfg.hl7.tls else None
         self.dicom = DicomSCP(
@@ -141,6 +167,7 @@ class Gateway:
             incoming=cfg.data_dir / "incoming",
             ssl_context=dicom_tls,
             keywords=routing_keywords(cfg.routes),
+            audit=self.audit,
         )
         self.hl7 = HL7Listener(
             cfg.hl7,
@@ -148,6 +175,7 @@ class Gateway:
             ssl_context=hl7_tls,
             on_message=self._count_message,
             on_connection=lambda outcome: self.metrics.hl7_connections.labels(outcome).inc(),
+            audit=self.audit,
         )
         # Workers keep their books on a second connection whose commits are not fsync'd
         # one by one (see SQLiteQueue): a lost lease or completion only re-runs a job.
@@ -157,7 +185,9 @@ class Gateway:
         )
         self.assembler = Assembler(self.store.queue, self.metrics, on_complete=self.wake_workers)
         self.runner = _model_runner(cfg)
-        self.pipeline = Pipeline(cfg, self.work_store, self.metrics, runner=self.runner)
+        self.pipeline = Pipeline(
+            cfg, self.work_store, self.metrics, runner=self.runner, audit=self.audit
+        )
         self.workers = self._workers()
         with _listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
             self.http = HealthServer(
@@ -291,6 +321,7 @@ class Gateway:
         for worker in self.workers:
             worker.start()
         self._started = True
+        self.audit("application-activity", actor=_this_process(), detail="gateway started")
         log.info(
             "gateway.started",
             dicom_ports=self.dicom.ports,
@@ -330,6 +361,12 @@ class Gateway:
         self.http.stop()
         self.store.close()
         self.work_store.close()
+        self.audit("application-activity", actor=_this_process(), detail="gateway stopped")
+        if self.audit.trail is not None:
+            seq, head = self.audit.trail.head
+            # an anchor outside the trail: `gateway audit verify` can be checked against it
+            log.info("audit.head", seq=seq, hash=head)
+        self.audit.close()
         log.info("gateway.stopped")
 
     def reload(self) -> bool:
@@ -344,6 +381,13 @@ class Gateway:
                 "config.reload_rejected",
                 errors=exc.errors,
                 outcome="the running configuration is kept",
+            )
+            self.audit(
+                "configuration-change",
+                "minor-failure",
+                actor=_this_process(),
+                objects=[{"type": "configuration", "id": _file_hash(self.cfg.source)}],
+                detail=f"reload rejected: {len(exc.errors)} errors; running configuration kept",
             )
             return False
         needs_restart = restart_only_changes(self.cfg, new)
@@ -366,6 +410,13 @@ class Gateway:
             if worker.lane not in lanes:  # a new destination gets its lane
                 self.workers.append(worker)
                 worker.start()
+        self.audit(
+            "configuration-change",
+            actor=_this_process(),
+            objects=[{"type": "configuration", "id": _file_hash(new.source)}],
+            detail="reloaded"
+            + (f"; needs a restart: {', '.join(needs_restart)}" if needs_restart else ""),
+        )
         log.info(
             "config.reloaded",
             destinations=len(new.destinations),

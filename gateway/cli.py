@@ -27,6 +27,8 @@ examples:
   gateway models list                  configured models: version, input, weights sha256
   gateway models run lung-nodules ct/  one model offline on a DICOM folder (or report.hl7)
   gateway keys rotate                  new data key for at-rest encryption
+  gateway audit verify                 check the audit trail's hash chain
+  gateway certs dev /tmp/pki           a development CA, server and client certificates
 """
 
 
@@ -133,6 +135,52 @@ def _parser() -> argparse.ArgumentParser:
     mrun.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads")
     mrun.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
 
+    audit = sub.add_parser("audit", help="the audit trail: who sent what, where it went")
+    asub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    averify = with_config(
+        asub.add_parser(
+            "verify",
+            help="check the trail's hash chain; report the first edited or missing record",
+            description="Read the audit trail (default: DATA_DIR/audit/audit.jsonl) and check "
+            "every record's hash and its link to the one before. Exit 0 when intact; exit 1 "
+            "with the first bad record and why (edited, missing, reordered, inserted, torn).",
+        )
+    )
+    averify.add_argument("file", nargs="?", type=Path, help="a trail file (default: the gateway's)")
+    averify.add_argument(
+        "--anchor",
+        metavar="SEQ:HASH",
+        help="a head recorded elsewhere (the audit.head log line at shutdown, or the syslog "
+        "copy): also catches records cut off the end or a rewritten tail",
+    )
+    certs = sub.add_parser("certs", help="certificates for trying TLS locally")
+    csub = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    dev = csub.add_parser(
+        "dev",
+        help="make a development CA, a server and client certificates in DIR",
+        description="Create DIR/ca.pem, server.pem (+ .key) for the hosts given, and a client "
+        "certificate per --client name, with a throw-away development CA (EC P-256). For "
+        "trying TLS on loopback only: never for production. Refuses to overwrite files "
+        "unless --force.",
+    )
+    dev.add_argument("dir", type=Path, metavar="DIR")
+    dev.add_argument(
+        "--host",
+        action="append",
+        dest="hosts",
+        metavar="HOST",
+        help="server name or address (repeatable; default 127.0.0.1 and localhost)",
+    )
+    dev.add_argument(
+        "--client",
+        action="append",
+        dest="clients",
+        metavar="NAME",
+        help="client certificate name (repeatable; default 'client')",
+    )
+    dev.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    dev.add_argument("--force", action="store_true", help="overwrite existing files")
+
     keys = sub.add_parser("keys", help="manage the at-rest encryption keys")
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     with_config(
@@ -168,7 +216,11 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         json.dump(json_schema(), out, indent=2)
         out.write("\n")
         return 0
+    if args.command == "certs":
+        return _dev_certs(args, out)
     cfg = load_config(args.config)
+    if args.command == "audit":
+        return _audit_verify(cfg, args, out)
     if args.command == "check-config":
         print(
             f"{args.config}: OK ({len(cfg.dicom.allowed_callers)} DICOM callers, "
@@ -194,6 +246,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
 
         store = KeyStore.open(cfg.key_file, create=True)
         new = store.rotate()
+        _audit_key_rotation(cfg, new.key_id)
         print(
             f"new data key {new.key_id} is current; {len(store.key_ids)} keys in "
             f"{cfg.key_file} (back this file up)",
@@ -201,6 +254,71 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         )
         return 0
     raise AssertionError(args.command)
+
+
+def _audit_key_rotation(cfg: Config, key_id: str) -> None:
+    import getpass
+
+    from gateway.security.audit import AuditLog, trail_path
+
+    with AuditLog.open(trail_path(cfg.data_dir)) as trail:  # safe beside a running gateway
+        trail.record(
+            "key-rotation",
+            actor={"application": "gateway-cli", "user": getpass.getuser()},
+            objects=[{"type": "data-key", "id": key_id}],
+            detail="new data key made current",
+        )
+
+
+def _audit_verify(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.security.audit import trail_path, verify
+
+    path = args.file or trail_path(cfg.data_dir)
+    if not path.exists():
+        print(f"{path}: no audit trail (the gateway writes it once it runs)", file=out)
+        return 1
+    anchor = None
+    if args.anchor:
+        seq, _, head = args.anchor.partition(":")
+        if not seq.isdigit() or len(head) != 64:
+            raise GatewayError("--anchor takes SEQ:HASH, e.g. 1234:9f86d08...")
+        anchor = (int(seq), head)
+    report = verify(path, anchor=anchor)
+    if report.ok:
+        print(f"{path}: OK, {report.records} records, hash chain intact", file=out)
+        return 0
+    print(
+        f"{path}: TAMPERED OR DAMAGED after {report.records} good records: {report.reason}",
+        file=out,
+    )
+    return 1
+
+
+def _dev_certs(args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.security.certs import describe, make_dev_pki
+
+    try:
+        pki = make_dev_pki(
+            args.dir,
+            hosts=tuple(args.hosts or ("127.0.0.1", "localhost")),
+            days=args.days,
+            client_names=tuple(args.clients or ("client",)),
+            overwrite=args.force,
+        )
+    except FileExistsError:
+        raise GatewayError(
+            f"{args.dir} already holds development certificates; nothing was written. Use "
+            "--force to replace them (peers that trust the old CA stop working)"
+        ) from None
+    print(f"development certificates in {pki.folder} (NOT for production):", file=out)
+    for files in (pki.ca, pki.server, *pki.clients.values()):
+        print(f"\n{files.cert} (key {files.key})\n{describe(files.cert)}", file=out)
+    print(
+        f"\nuse: dicom.tls / hl7.tls {{cert: {pki.server.cert}, key: {pki.server.key}, "
+        f"ca: {pki.ca.cert}}}",
+        file=out,
+    )
+    return 0
 
 
 def _run(cfg: Config, log_level: str) -> int:

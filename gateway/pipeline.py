@@ -21,12 +21,14 @@ from gateway.deliver.hl7_client import HL7Sender
 from gateway.deliver.retry import RetryPolicy
 from gateway.envelope import Job, Kind, NextJob, Stage
 from gateway.errors import Permanent, Transient
+from gateway.hl7.msh import parse_header
 from gateway.infer.masks import decode_mask, encode_mask
 from gateway.infer.runner import Limits, ModelRunner
 from gateway.infer.text import report_text_from_hl7
 from gateway.observability.metrics import Metrics
 from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom
 from gateway.route.rules import Attributes, decide
+from gateway.security.audit import NO_AUDIT, Auditor
 from gateway.security.tls import client_context
 from gateway.store.store import Store
 from gateway.workers import Beat
@@ -51,9 +53,11 @@ class Pipeline:
         *,
         runner: ModelRunner | None = None,
         clock: Callable[[], float] = time.time,
+        audit: Auditor = NO_AUDIT,
     ) -> None:
         self.cfg = cfg
         self.runner = runner
+        self.audit = audit
         self._now = clock
         self.store = store
         self.metrics = metrics
@@ -260,6 +264,7 @@ class Pipeline:
                         "target": f"{payload['model']}|{target}",
                         "mode": "result",
                         "objects": keys,
+                        "study_uid": builder.study_uid(),
                     },
                     lane=str(name),
                 )
@@ -287,7 +292,8 @@ class Pipeline:
         objects = [str(k) for k in job.payload.get("objects", [])]
         try:
             if objects and dest.dicom is not None:
-                self._deliver_objects(name, dest, objects, beat)
+                study_uid = str(job.payload.get("study_uid", ""))
+                self._deliver_objects(name, dest, objects, beat, study_uid)
             elif objects:
                 for key in objects:
                     self._deliver_message(name, dest, key, result=True)
@@ -310,11 +316,18 @@ class Pipeline:
         def read(envelope_id: str) -> bytes:
             return self.store.read(envelope_id)[1]
 
-        self._send_instances(name, dest, [e.id for e in envelopes], read, beat, study_key)
+        study_uid = (
+            str(self.store.attrs(envelopes[0].id).get("StudyInstanceUID", "")) if envelopes else ""
+        )
+        self._send_instances(
+            name, dest, [e.id for e in envelopes], read, beat, study_key, study_uid
+        )
 
-    def _deliver_objects(self, name: str, dest: Destination, keys: list[str], beat: Beat) -> None:
+    def _deliver_objects(
+        self, name: str, dest: Destination, keys: list[str], beat: Beat, study_uid: str
+    ) -> None:
         """Result objects (SEG first, then SR), by spool key."""
-        self._send_instances(name, dest, keys, self.store.spool.get, beat, "result")
+        self._send_instances(name, dest, keys, self.store.spool.get, beat, "result", study_uid)
 
     def _send_instances(
         self,
@@ -324,6 +337,7 @@ class Pipeline:
         read: Callable[[str], bytes],
         beat: Beat,
         label: str,
+        study_uid: str = "",
     ) -> None:
         queue = self.store.queue
         done = queue.delivered(name, keys)
@@ -354,6 +368,23 @@ class Pipeline:
         # what arrived is recorded (one commit) before any failure is raised, so a retry
         # sends only the rest
         queue.record_deliveries(name, delivered, self._now())
+        if delivered or failed_permanent or transient:
+            assert dest.dicom is not None
+            self.audit(
+                "instances-transferred",
+                "success" if not (failed_permanent or transient) else "minor-failure",
+                actor={"ae_title": self.cfg.dicom.ae_title},
+                destination={
+                    "node": name,
+                    "ae_title": dest.dicom.ae_title,
+                    "host": dest.dicom.host,
+                    "port": dest.dicom.port,
+                },
+                objects=([{"type": "study", "id": study_uid}] if _is_uid(study_uid) else [])
+                + [{"type": "sop-instance", "count": len(delivered)}],
+                detail=f"{label if label == 'result' else 'forwarded'}: sent {len(delivered)}, "
+                f"refused {failed_permanent}" + (f", will retry: {transient}" if transient else ""),
+            )
         log.info(
             "deliver.study",
             destination=name,
@@ -377,6 +408,20 @@ class Pipeline:
         assert dest.hl7 is not None
         outcome = self._hl7_sender(name, dest).send(raw, timeout=dest.hl7.ack_timeout)
         self.store.queue.record_delivery(envelope_id, name, 0, self._now())
+        assert dest.hl7 is not None
+        self.audit(
+            "message-transferred",
+            destination={
+                "node": name,
+                "host": dest.hl7.host,
+                "port": dest.hl7.port,
+                "application": dest.hl7.application,
+                "facility": dest.hl7.facility,
+            },
+            objects=[{"type": "message", "id": _control_id(raw)}]
+            + ([] if result else [{"type": "envelope", "id": envelope_id}]),
+            detail=f"{'result' if result else 'forwarded'}; ACK {outcome.code}",
+        )
         log.info("deliver.message", destination=name, envelope_id=envelope_id, ack=outcome.code)
 
     def _dicom_sender(self, name: str, dest: Destination) -> DicomSender:
@@ -409,6 +454,18 @@ class Pipeline:
     def close(self) -> None:
         for _, sender in self._hl7.values():
             sender.close()
+
+
+def _is_uid(value: str) -> bool:
+    return bool(value) and len(value) <= 64 and all(p.isdigit() for p in value.split("."))
+
+
+def _control_id(raw: bytes) -> str:
+    """MSH-10 of a message for the audit record ('?' when it cannot be read)."""
+    try:
+        return parse_header(raw).control_id[:64] or "?"
+    except Exception:
+        return "?"
 
 
 def _delivery(destination: str, kind: Kind, target: str, mode: str) -> NextJob:

@@ -47,6 +47,7 @@ from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
 from gateway.route.keywords import ROUTING_KEYWORDS
 from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
+from gateway.security.audit import NO_AUDIT, Auditor
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -176,6 +177,8 @@ class StoreHandler:
         self.metrics = metrics
         # per-association outcome counts, logged once when the association ends
         self.tallies: dict[int, Counter[str]] = {}
+        # per-association Study Instance UIDs stored, for the audit record at its end
+        self.studies: dict[int, set[str]] = {}
 
     def _count(self, event: evt.Event, outcome: str, nbytes: int = 0) -> None:
         self.metrics.instances.labels(outcome=outcome).inc()
@@ -247,6 +250,7 @@ class StoreHandler:
             quiet=self.quiet,
         )
         self._count(event, "stored" if ack.new else "duplicate", size if ack.new else 0)
+        self.studies.setdefault(id(event.assoc), set()).add(header.study_instance_uid)
         if ack.new:
             self.metrics.instance_bytes.inc(size)
         log.debug(
@@ -301,9 +305,12 @@ class _TLSAssociationServer(ThreadedAssociationServer):
 
     daemon_threads = True  # a handshake still waiting must not hold up shutdown
 
-    def __init__(self, *args: Any, tls: ssl.SSLContext, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, tls: ssl.SSLContext, audit: Auditor = NO_AUDIT, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._tls = tls
+        self.audit = audit
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -311,10 +318,17 @@ class _TLSAssociationServer(ThreadedAssociationServer):
             secured = self._tls.wrap_socket(request, server_side=True)
             secured.settimeout(None)  # pynetdicom expects a blocking socket from here on
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            peer = str(client_address[0]) if isinstance(client_address, tuple) else None
             log.warning(
                 "dicom.tls.handshake_failed",
-                peer=str(client_address[0]) if isinstance(client_address, tuple) else None,
+                peer=peer,
                 error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            )
+            self.audit(
+                "security-alert",
+                "minor-failure",
+                actor={"host": peer or "?"},
+                detail=f"DICOM TLS handshake refused: {type(exc).__name__}: {str(exc)[:200]}",
             )
             self.shutdown_request(request)
             return
@@ -339,9 +353,11 @@ class DicomSCP:
         incoming: Path,
         ssl_context: ssl.SSLContext | None = None,
         keywords: Iterable[str] = ROUTING_KEYWORDS,
+        audit: Auditor = NO_AUDIT,
     ) -> None:
         configure_pynetdicom(incoming if cfg.receive_to_disk else None)
         self.incoming = incoming
+        self.audit = audit
         self.cfg = cfg
         self.metrics = metrics
         self.ssl_context = ssl_context
@@ -417,6 +433,7 @@ class DicomSCP:
                     evt_handlers=self.handlers,
                     server_class=_TLSAssociationServer,
                     tls=self.ssl_context,
+                    audit=self.audit,
                 ),
             )
             threading.Thread(
@@ -459,6 +476,13 @@ class DicomSCP:
                 peer=req.address,
                 hint="add them under dicom.allowed_callers",
             )
+            self.audit(
+                "security-alert",
+                "minor-failure",
+                actor={"ae_title": ae_title, "host": req.address},
+                destination={"ae_title": self.cfg.ae_title},
+                detail="DICOM association refused: calling AE title and host not allowed",
+            )
             # 0x01 rejected-permanent, 0x01 service-user, 0x03 calling AE not recognised
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             event.assoc.kill()  # as pynetdicom does after its own rejections: flush, then close
@@ -472,6 +496,14 @@ class DicomSCP:
             calling_ae=event.assoc.requestor.ae_title.strip(),
             peer=event.assoc.requestor.address,
         )
+        self.audit(
+            "association",
+            actor={
+                "ae_title": event.assoc.requestor.ae_title.strip(),
+                "host": event.assoc.requestor.address,
+            },
+            destination={"ae_title": self.cfg.ae_title},
+        )
 
     def _on_rejected(self, event: evt.Event) -> None:
         # pynetdicom's own rejections: wrong called AE title, too many associations.
@@ -484,6 +516,16 @@ class DicomSCP:
             peer=event.assoc.requestor.address,
             expected_called_ae=self.cfg.ae_title,
             max_associations=self.cfg.max_associations,
+        )
+        self.audit(
+            "association",
+            "minor-failure",
+            actor={
+                "ae_title": str(prim.calling_ae_title).strip(),
+                "host": event.assoc.requestor.address,
+            },
+            destination={"ae_title": str(prim.called_ae_title).strip()},
+            detail="DICOM association rejected (called AE title or association limit)",
         )
 
     def _on_closed(self, event: evt.Event) -> None:
@@ -499,6 +541,24 @@ class DicomSCP:
             return
         self.metrics.active_associations.dec()
         tally = self.store_handler.tallies.pop(id(event.assoc), Counter())
+        studies = self.store_handler.studies.pop(id(event.assoc), set())
+        if tally.get("stored") or tally.get("duplicate") or tally.get("refused"):
+            failed = tally.get("refused", 0) + tally.get("out_of_resources", 0)
+            aborted = event.event is not evt.EVT_RELEASED
+            self.audit(
+                "instances-received",
+                "minor-failure" if failed or aborted else "success",
+                actor={
+                    "ae_title": event.assoc.requestor.ae_title.strip(),
+                    "host": event.assoc.requestor.address,
+                },
+                destination={"ae_title": self.cfg.ae_title},
+                objects=[{"type": "study", "id": uid} for uid in sorted(studies)[:50]]
+                + [{"type": "sop-instance", "count": int(tally.get("stored", 0))}],
+                detail=f"stored {tally.get('stored', 0)}, duplicates "
+                f"{tally.get('duplicate', 0)}, refused {failed}"
+                + (", association aborted" if aborted else ""),
+            )
         log.info(
             "dicom.association.released"
             if event.event is evt.EVT_RELEASED

@@ -42,6 +42,7 @@ from gateway.hl7.mllp import FramingError, frame, read_frame
 from gateway.hl7.msh import ERR_APPLICATION_INTERNAL, Header, HeaderError, parse_header
 from gateway.observability.logging import exception_fields
 from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
+from gateway.security.audit import NO_AUDIT, Auditor
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -93,6 +94,7 @@ class HL7Listener:
         on_message: OnMessage | None = None,
         on_connection: OnConnection | None = None,
         clock: Callable[[], datetime] | None = None,
+        audit: Auditor = NO_AUDIT,
     ) -> None:
         if (config.tls is None) != (ssl_context is None):
             raise ValueError("hl7.tls and the ssl context go together: give both or neither")
@@ -101,6 +103,7 @@ class HL7Listener:
         self.ssl_context = ssl_context
         self.on_message = on_message
         self.on_connection = on_connection
+        self.audit = audit  # records are written off the event loop (Auditor.later)
         self._clock = clock or (lambda: datetime.now().astimezone())
         self._executor: ThreadPoolExecutor | None = None
         self._servers: list[asyncio.Server] = []
@@ -117,14 +120,19 @@ class HL7Listener:
         self._senders = [await self._resolve(s) for s in self.config.allowed_senders]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hl7-store")
         plain = await asyncio.start_server(
-            self._serve, self.config.host, self.config.port,
+            self._serve,
+            self.config.host,
+            self.config.port,
             limit=_reader_limit(self.config.max_frame_bytes),
         )
         self._servers.append(plain)
         self._ports["mllp"] = _bound_port(plain)
         if self.config.tls is not None and self.ssl_context is not None:
             secure = await asyncio.start_server(
-                self._serve, self.config.host, self.config.tls.port, ssl=self.ssl_context,
+                self._serve,
+                self.config.host,
+                self.config.tls.port,
+                ssl=self.ssl_context,
                 limit=_reader_limit(self.config.max_frame_bytes),
             )
             self._servers.append(secure)
@@ -238,8 +246,12 @@ class HL7Listener:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 async with asyncio.timeout(5):
                     await writer.wait_closed()
-            bound.info("hl7.connection.closed", reason=reason, messages=conn.messages,
-                       error_type=error_type)
+            bound.info(
+                "hl7.connection.closed",
+                reason=reason,
+                messages=conn.messages,
+                error_type=error_type,
+            )
             self._hook(self.on_connection, reason)
 
     async def _handle(self, raw: bytes, host: str) -> bytes | None:
@@ -251,17 +263,24 @@ class HL7Listener:
             partial = exc.partial
             reply = self._refuse(partial, "AR", exc.message, exc.code, exc.location)
             log.warning(
-                "hl7.message.rejected", peer=host, size=len(raw), error_code=exc.code,
-                error=exc.message, ack_code=_code(partial, "AR"),
+                "hl7.message.rejected",
+                peer=host,
+                size=len(raw),
+                error_code=exc.code,
+                error=exc.message,
+                ack_code=_code(partial, "AR"),
                 sender_app=partial.sending_application if partial else None,
                 sender_facility=partial.sending_facility if partial else None,
             )
             self._count(partial.message_type if partial else "", _code(partial, "AR"))
             return _send_policy(partial, "AR", reply)
         fields = {
-            "peer": host, "sender_app": header.sending_application,
-            "sender_facility": header.sending_facility, "message_type": header.message_type,
-            "version": header.version, "size": len(raw),
+            "peer": host,
+            "sender_app": header.sending_application,
+            "sender_facility": header.sending_facility,
+            "message_type": header.message_type,
+            "version": header.version,
+            "size": len(raw),
         }
         if not self._allowed(header, host):
             text = (
@@ -269,8 +288,19 @@ class HL7Listener:
                 f"from {host} is not allowed"
             )
             reply = self._refuse(header, "AR", text, ERR_APPLICATION_INTERNAL, ("MSH", 1, 3))
-            log.warning("hl7.message.rejected", **fields, ack_code=_code(header, "AR"),
-                        error="sender not allowed")
+            log.warning(
+                "hl7.message.rejected",
+                **fields,
+                ack_code=_code(header, "AR"),
+                error="sender not allowed",
+            )
+            self.audit.later(
+                "security-alert",
+                "minor-failure",
+                actor=_sender(header, host),
+                objects=[{"type": "message", "id": header.control_id[:64]}],
+                detail="HL7 sender not on the allow-list; message refused (AR)",
+            )
             self._count(header.message_type, _code(header, "AR"))
             return _send_policy(header, "AR", reply)
 
@@ -281,16 +311,20 @@ class HL7Listener:
             return build_ack(header, success, control_id=envelope_id[:20], now=now)
 
         ingest = functools.partial(
-            self.store.ingest_message, raw,
+            self.store.ingest_message,
+            raw,
             sender=(header.sending_application, header.sending_facility),
             control_id=header.control_id,
             attrs={
-                "message_type": header.message_type, "trigger": header.trigger,
-                "structure": header.structure, "version": header.version,
+                "message_type": header.message_type,
+                "trigger": header.trigger,
+                "structure": header.structure,
+                "version": header.version,
                 "segments": list(header.segment_ids),
                 "sending_application": header.sending_application,
                 "sending_facility": header.sending_facility,
-                "processing_id": header.processing_id, "charset": header.charset,
+                "processing_id": header.processing_id,
+                "charset": header.charset,
             },
             source=f"{header.sending_application}^{header.sending_facility}@{host}",
             build_ack=accept,
@@ -300,38 +334,65 @@ class HL7Listener:
             result = await asyncio.get_running_loop().run_in_executor(self._executor, ingest)
         except Transient as exc:
             reply = self._refuse(header, "AE", STORE_FAILED_TEXT, ERR_APPLICATION_INTERNAL, None)
-            log.error("hl7.message.not_stored", **fields, ack_code=_code(header, "AE"),
-                      error=f"{type(exc).__name__}: {exc.message}")
+            log.error(
+                "hl7.message.not_stored",
+                **fields,
+                ack_code=_code(header, "AE"),
+                error=f"{type(exc).__name__}: {exc.message}",
+            )
             self._count(header.message_type, _code(header, "AE"))
             return _send_policy(header, "AE", reply)
         except Exception as exc:
             reply = self._refuse(header, "AE", INTERNAL_ERROR_TEXT, ERR_APPLICATION_INTERNAL, None)
             log.error(
-                "hl7.message.failed", **fields, ack_code=_code(header, "AE"),
+                "hl7.message.failed",
+                **fields,
+                ack_code=_code(header, "AE"),
                 **exception_fields(exc),
             )
             self._count(header.message_type, _code(header, "AE"))
             return _send_policy(header, "AE", reply)
         assert result.ack is not None
         log.info(
-            "hl7.message.stored" if result.new else "hl7.message.duplicate", **fields,
-            envelope_id=result.envelope_id, ack_code=success,
+            "hl7.message.stored" if result.new else "hl7.message.duplicate",
+            **fields,
+            envelope_id=result.envelope_id,
+            ack_code=success,
             control_id_hash=self.store.keys.index("log", header.control_id)[:12],
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
         self._count(header.message_type, success)
+        if result.new:
+            self.audit.later(
+                "message-received",
+                actor=_sender(header, host),
+                objects=[
+                    {"type": "message", "id": header.control_id[:64]},
+                    {"type": "envelope", "id": result.envelope_id},
+                ],
+                detail=header.message_type,
+            )
         return _send_policy(header, "AA", result.ack)
 
     def _allowed(self, header: Header, host: str) -> bool:
         return any(s.allows(header, host) for s in self._senders)
 
     def _refuse(
-        self, header: Header | None, code: str, text: str, error_code: int,
+        self,
+        header: Header | None,
+        code: str,
+        text: str,
+        error_code: int,
         location: tuple[str, int, int] | None,
     ) -> bytes:
         return build_ack(
-            header, _code(header, code), control_id=uuid.uuid4().hex[:20], text=text,
-            error_code=error_code, error_location=location, now=self._clock(),
+            header,
+            _code(header, code),
+            control_id=uuid.uuid4().hex[:20],
+            text=text,
+            error_code=error_code,
+            error_location=location,
+            now=self._clock(),
         )
 
     def _count(self, message_type: str, code: str) -> None:
@@ -344,6 +405,14 @@ class HL7Listener:
                 hook(*args)
             except Exception as exc:  # a metrics problem must not cost an ACK
                 log.error("hl7.metrics_hook_failed", error_type=type(exc).__name__)
+
+
+def _sender(header: Header, host: str) -> dict[str, str]:
+    return {
+        "application": header.sending_application[:64],
+        "facility": header.sending_facility[:64],
+        "host": host,
+    }
 
 
 def _code(header: Header | None, original: str) -> str:

@@ -65,6 +65,9 @@ class Metrics:
         self.studies_completed = Counter(
             "gateway_studies_completed", "Studies marked complete", registry=r
         )
+        self.audit_failures = Counter(
+            "gateway_audit_failures", "Audit records that could not be written", registry=r
+        )
         self.model_runs = Counter(
             "gateway_model_runs",
             "Model runs by model and outcome (ok, input, failed)",

@@ -54,6 +54,13 @@ class ResultBuilder:
         assert dest.hl7 is not None
         return [self.oru((dest.hl7.application, dest.hl7.facility))]
 
+    def study_uid(self) -> str:
+        """The Study Instance UID the results belong to ("" when there is none)."""
+        try:
+            return result_study_uid(self.result, self._headers or [])
+        except Exception:
+            return ""
+
     # --- sources ----------------------------------------------------------------------
 
     def source_headers(self) -> list[Dataset]:

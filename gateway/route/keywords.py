@@ -29,6 +29,7 @@ ROUTING_KEYWORDS = (
     "InstitutionName",
     "ProtocolName",
     "AccessionNumber",
+    "StudyInstanceUID",  # kept (encrypted) so audit records of transfers can name the study
 )
 
 

@@ -340,3 +340,27 @@ def test_readme_tour_end_to_end(tour: Tour) -> None:
     assert tour.gw.stop() == 0
     assert not port_open(tour.ports["dicom"])
     assert not port_open(tour.ports["hl7"])
+
+
+def test_the_readme_results_config_is_valid(tmp_path: Path) -> None:
+    """The README's "Results back to the PACS and the EHR" snippet, put into the shipped
+    config, passes check-config."""
+    text = README.read_text()
+    start = text.index("## Results back to the PACS and the EHR")
+    section = text[start : text.index("\n## ", start + 1)]
+    (snippet,) = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+    cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    cfg.update(yaml.safe_load(snippet))
+    for model in cfg["models"].values():
+        model["bundle"] = str((SHIPPED_CONFIG.parent / model["bundle"]).resolve())
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check-config", "-c", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 destinations, 2 models, 2 routes" in r.stdout

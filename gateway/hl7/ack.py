@@ -102,11 +102,18 @@ def build_ack(
     else:
         msg_type = f"ACK{comp}{e(h.trigger)}{comp}ACK"
     msh = [
-        "MSH", enc,
-        e(h.receiving_application or OUR_APPLICATION), e(h.receiving_facility),
-        e(h.sending_application), e(h.sending_facility),
-        _timestamp(now), "", msg_type, e(control_id[:MAX_CONTROL_ID]),
-        e(h.processing_id or "P"), version,
+        "MSH",
+        enc,
+        e(h.receiving_application or OUR_APPLICATION),
+        e(h.receiving_facility),
+        e(h.sending_application),
+        e(h.sending_facility),
+        _timestamp(now),
+        "",
+        msg_type,
+        e(control_id[:MAX_CONTROL_ID]),
+        e(h.processing_id or "P"),
+        version,
     ]
     if h.charset:
         msh += ["", "", "", "", "", e(h.charset)]
@@ -123,15 +130,19 @@ def build_ack(
     return ("\r".join(segments) + "\r").encode("latin-1", "replace")
 
 
-
 def _err(
-    number: int, message: str, location: tuple[str, int, int] | None, version: str,
-    fs: str, enc: str,
+    number: int,
+    message: str,
+    location: tuple[str, int, int] | None,
+    version: str,
+    fs: str,
+    enc: str,
 ) -> str:
     comp, sub = enc[0], enc[3]
     where = (
         [location[0], str(location[1]), str(location[2]) if location[2] else ""]
-        if location else ["", "", ""]
+        if location
+        else ["", "", ""]
     )
     text = escape(message, fs, enc)
     if _version_at_least(version, (2, 5)):

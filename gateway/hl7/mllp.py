@@ -41,9 +41,7 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | No
         if first == START_BLOCK:
             break
         if first[0] not in _BETWEEN_FRAMES:
-            raise FramingError(
-                f"expected the MLLP start block 0x0B, received 0x{first[0]:02X}"
-            )
+            raise FramingError(f"expected the MLLP start block 0x0B, received 0x{first[0]:02X}")
     pieces: list[bytes] = []
     size = 0
     while True:

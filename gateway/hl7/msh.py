@@ -150,14 +150,16 @@ def parse_header(data: bytes) -> Header:
         shown = "an empty message" if not start else "a segment other than MSH"
         raise HeaderError(
             f"the message must start with an MSH segment, found {shown}",
-            code=ERR_SEGMENT_SEQUENCE, location=("MSH", 1, 0),
+            code=ERR_SEGMENT_SEQUENCE,
+            location=("MSH", 1, 0),
         )
     segments = [s for s in _SEGMENT_SPLIT.split(start) if s]
     msh = segments[0]
     if len(msh) < 8:
         raise HeaderError(
             "the MSH segment is too short to hold its separators",
-            code=ERR_DATA_TYPE, location=("MSH", 1, 2),
+            code=ERR_DATA_TYPE,
+            location=("MSH", 1, 2),
         )
     field_sep = msh[3]
     parts = msh.split(field_sep)
@@ -195,27 +197,37 @@ def parse_header(data: bytes) -> Header:
     if not header.message_code:
         raise HeaderError(
             "MSH-9 (message type) is missing",
-            code=ERR_REQUIRED_FIELD_MISSING, location=("MSH", 1, 9), partial=header,
+            code=ERR_REQUIRED_FIELD_MISSING,
+            location=("MSH", 1, 9),
+            partial=header,
         )
     if not _MESSAGE_CODE.fullmatch(header.message_code):
         raise HeaderError(
             "MSH-9 (message type) must start with a three-character message code",
-            code=ERR_UNSUPPORTED_MESSAGE_TYPE, location=("MSH", 1, 9), partial=header,
+            code=ERR_UNSUPPORTED_MESSAGE_TYPE,
+            location=("MSH", 1, 9),
+            partial=header,
         )
     if not header.control_id:
         raise HeaderError(
             "MSH-10 (message control id) is missing",
-            code=ERR_REQUIRED_FIELD_MISSING, location=("MSH", 1, 10), partial=header,
+            code=ERR_REQUIRED_FIELD_MISSING,
+            location=("MSH", 1, 10),
+            partial=header,
         )
     if not header.version:
         raise HeaderError(
             "MSH-12 (version id) is missing",
-            code=ERR_REQUIRED_FIELD_MISSING, location=("MSH", 1, 12), partial=header,
+            code=ERR_REQUIRED_FIELD_MISSING,
+            location=("MSH", 1, 12),
+            partial=header,
         )
     if header.version not in SUPPORTED_VERSIONS:
         raise HeaderError(
             f"unsupported HL7 version '{header.version[:10]}'; supported: 2.3 to 2.8.2",
-            code=ERR_UNSUPPORTED_VERSION, location=("MSH", 1, 12), partial=header,
+            code=ERR_UNSUPPORTED_VERSION,
+            location=("MSH", 1, 12),
+            partial=header,
         )
     return header
 

@@ -186,8 +186,7 @@ def _drop_file_io(parser: Any, item: str) -> None:
             t
             for t in raw["transforms"]
             if not (
-                isinstance(t, dict)
-                and str(t.get("_target_", "")).rsplit(".", 1)[-1] in _FILE_IO
+                isinstance(t, dict) and str(t.get("_target_", "")).rsplit(".", 1)[-1] in _FILE_IO
             )
         ]
         parser[f"{item}#transforms"] = kept

@@ -226,8 +226,6 @@ def _decode(data: bytes) -> str:
         return data.decode("latin-1")
 
 
-
-
 # --- inputs of `gateway explain` ---------------------------------------------------------
 
 

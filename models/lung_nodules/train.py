@@ -1,14 +1,15 @@
 """Train the lung-nodule UNet on synthetic volumes; writes ``models/model.pt`` and a log.
 
-    python -m models.lung_nodules.train            # defaults: 40 volumes, 2000 iterations
+    python -m models.lung_nodules.train            # defaults: 80 volumes, 3600 iterations
 
 The network and the preprocessing come from ``configs/inference.json`` (the same objects
 inference uses), so the weights always match the bundle. Each synthetic case is made at
 its native spacing (0.6-0.9 mm in-plane, 1-3 mm slices) and passed through the bundle's
 preprocessing (Spacingd to 1.5 mm, HU window); labels are resampled the same way
-(bilinear, then > 0.5). Training draws 64^3 patches: half centred near a nodule (each
-nodule equally likely, whatever its size), the rest in the lungs, at the ends of the slab
-or anywhere, with flips, intensity jitter and extra noise.
+(bilinear, then > 0.5). Training draws 64^3 patches: half centred near a nodule (half of
+those on a nodule under ``--small-mm`` (8 mm) drawn from the whole training set, the other
+half on a nodule of the drawn volume, each equally likely whatever its size), the rest in
+the lungs, at the ends of the slab or anywhere, with flips, intensity jitter and extra noise.
 Loss: Dice + cross-entropy. Seeded; deterministic algorithms on, fixed thread count.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ class Sample:
     label: np.ndarray  # (X, Y, Z) uint8
     lung_idx: np.ndarray  # (n, 3) lung voxel indices (subsampled)
     nodule_idx: np.ndarray  # (m, 3) nodule centres (network grid voxels)
+    nodule_mm: np.ndarray  # (m,) nodule diameters
 
 
 def prepare(case: synth.SynthCase, pixdim: tuple[float, float, float], bundle_root: Path
@@ -57,7 +60,8 @@ def prepare(case: synth.SynthCase, pixdim: tuple[float, float, float], bundle_ro
     lung_idx = np.argwhere(lungs)[::7]
     centres = np.array([n.centre_mm for n in case.nodules]).reshape(-1, 3)
     nodule_idx = np.rint(centres / np.asarray(pixdim)).astype(int)
-    return Sample(img, label, lung_idx, nodule_idx)
+    diameters = np.array([n.diameter_mm for n in case.nodules], dtype=np.float64)
+    return Sample(img, label, lung_idx, nodule_idx, diameters)
 
 
 def _crop(sample: Sample, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,14 +78,26 @@ def _crop(sample: Sample, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return img[sl], lab[sl]
 
 
-def draw_batch(samples: list[Sample], rng: np.random.Generator, batch: int
+def small_nodules(samples: list[Sample], below_mm: float) -> list[tuple[int, int]]:
+    """(sample, nodule) pairs of every nodule under ``below_mm`` across the training set."""
+    return [(i, j) for i, s in enumerate(samples) for j, d in enumerate(s.nodule_mm)
+            if d < below_mm]
+
+
+def draw_batch(samples: list[Sample], rng: np.random.Generator, batch: int,
+               small: list[tuple[int, int]] | None = None, small_frac: float = 0.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for _ in range(batch):
         s = samples[int(rng.integers(len(samples)))]
         u = rng.uniform()
-        shape = np.array(s.image.shape)
-        if u < 0.5 and len(s.nodule_idx):
+        centre: np.ndarray
+        if u < 0.5 and small and rng.uniform() < small_frac:
+            # A small nodule from the whole set: they are the hard (and rare) ones.
+            i, j = small[int(rng.integers(len(small)))]
+            s = samples[i]
+            centre = s.nodule_idx[j] + rng.integers(-24, 25, size=3)
+        elif u < 0.5 and len(s.nodule_idx):
             # One nodule chosen uniformly (not by voxel count, which would favour big ones).
             centre = s.nodule_idx[int(rng.integers(len(s.nodule_idx)))]
             centre = centre + rng.integers(-24, 25, size=3)
@@ -89,10 +105,10 @@ def draw_batch(samples: list[Sample], rng: np.random.Generator, batch: int
             centre = s.lung_idx[int(rng.integers(len(s.lung_idx)))]
         elif u < 0.9:
             # The ends of the slab, where the lungs taper and the inferer pads.
-            centre = rng.integers(0, shape)
-            centre[2] = rng.choice([0, shape[2] - 1])
+            centre = rng.integers(0, np.array(s.image.shape))
+            centre[2] = rng.choice([0, s.image.shape[2] - 1])
         else:
-            centre = rng.integers(0, shape)
+            centre = rng.integers(0, np.array(s.image.shape))
         x, y = _crop(s, np.asarray(centre))
         for ax in range(3):
             if rng.uniform() < 0.5:
@@ -107,12 +123,18 @@ def draw_batch(samples: list[Sample], rng: np.random.Generator, batch: int
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--volumes", type=int, default=40)
-    ap.add_argument("--iterations", type=int, default=2000)
+    ap.add_argument("--volumes", type=int, default=80)
+    ap.add_argument("--iterations", type=int, default=3600)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--small-mm", type=float, default=8.0,
+                    help="nodules under this diameter are oversampled")
+    ap.add_argument("--small-frac", type=float, default=0.5,
+                    help="share of the nodule patches centred on a small nodule")
     ap.add_argument("--bundle", type=Path, default=BUNDLE_ROOT)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for model.pt and train_log.json (default: <bundle>/models)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -121,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     bundle = load_bundle(args.bundle, weights=False)
     net = bundle.network
-    log_path = args.bundle / "models" / "train_log.json"
+    out_dir = args.out or args.bundle / "models"
+    log_path = out_dir / "train_log.json"
     t0 = time.perf_counter()
 
     params = synth.SynthParams(p_no_nodule=0.15)
@@ -131,7 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         samples.append(prepare(case, bundle.pixdim, args.bundle))
     t_data = time.perf_counter() - t0
     n_nod = sum(int(len(s.nodule_idx) > 0) for s in samples)
-    print(f"{len(samples)} volumes ({n_nod} with nodules) prepared in {t_data:.1f}s", flush=True)
+    small = small_nodules(samples, args.small_mm)
+    n_all = sum(len(s.nodule_idx) for s in samples)
+    print(f"{len(samples)} volumes ({n_nod} with nodules, {n_all} nodules, {len(small)} under "
+          f"{args.small_mm:g} mm) prepared in {t_data:.1f}s", flush=True)
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=1e-5)
@@ -142,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     history: list[dict[str, float]] = []
     running = 0.0
     for it in range(1, args.iterations + 1):
-        x, y = draw_batch(samples, rng, args.batch)
+        x, y = draw_batch(samples, rng, args.batch, small, args.small_frac)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(net(x), y)
         loss.backward()
@@ -156,20 +182,27 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(entry), flush=True)
             running = 0.0
     net.eval()
-    out = args.bundle / "models" / "model.pt"
+    out = out_dir / "model.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), out)
+    # Write next to the target and rename, so model.pt is never half-written.
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, out)
     total = time.perf_counter() - t0
     log = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch": torch.__version__,
         "volumes_with_nodules": n_nod,
+        "nodules": n_all,
+        "small_nodules": len(small),
         "data_seconds": t_data,
         "total_seconds": total,
         "weights_bytes": out.stat().st_size,
         "history": history,
     }
-    log_path.write_text(json.dumps(log, indent=1) + "\n")
+    tmp_log = log_path.with_name(log_path.name + ".tmp")
+    tmp_log.write_text(json.dumps(log, indent=1) + "\n")
+    os.replace(tmp_log, log_path)
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB) in {total:.0f}s total", flush=True)
 
 

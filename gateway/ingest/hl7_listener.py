@@ -47,6 +47,9 @@ from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
 
+AUDIT_BATCH = 200  # received messages named in one audit record, at most
+AUDIT_SECONDS = 1.0  # how long a received message waits for its audit record, at most
+
 OnMessage = Callable[[str, str], None]
 """Metrics hook: called once per message with (message type, ACK code) e.g. ("ORU^R01", "AA");
 the code is the one decided even when MSH-15 says not to send it."""
@@ -104,6 +107,10 @@ class HL7Listener:
         self.on_message = on_message
         self.on_connection = on_connection
         self.audit = audit  # records are written off the event loop (Auditor.later)
+        # received messages are audited in batches: one record per sender and host for
+        # up to AUDIT_BATCH messages or AUDIT_SECONDS, so the ACK path pays no fsync
+        self._received: dict[tuple[str, str, str], list[str]] = {}
+        self._audit_flush: asyncio.TimerHandle | None = None
         self._clock = clock or (lambda: datetime.now().astimezone())
         self._executor: ThreadPoolExecutor | None = None
         self._servers: list[asyncio.Server] = []
@@ -158,6 +165,7 @@ class HL7Listener:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        self._flush_received()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -363,16 +371,37 @@ class HL7Listener:
         )
         self._count(header.message_type, success)
         if result.new:
-            self.audit.later(
-                "message-received",
-                actor=_sender(header, host),
-                objects=[
-                    {"type": "message", "id": header.control_id[:64]},
-                    {"type": "envelope", "id": result.envelope_id},
-                ],
-                detail=header.message_type,
-            )
+            self._audit_received(header, host)
         return _send_policy(header, "AA", result.ack)
+
+    def _audit_received(self, header: Header, host: str) -> None:
+        key = (header.sending_application[:64], header.sending_facility[:64], host)
+        ids = self._received.setdefault(key, [])
+        ids.append(header.control_id[:64] or "?")
+        if len(ids) >= AUDIT_BATCH:
+            self._flush_received(key)
+        elif self._audit_flush is None:
+            self._audit_flush = asyncio.get_running_loop().call_later(
+                AUDIT_SECONDS, self._flush_received
+            )
+
+    def _flush_received(self, only: tuple[str, str, str] | None = None) -> None:
+        """One ``message-received`` record per sender and host, naming each MSH-10."""
+        keys = [only] if only is not None else list(self._received)
+        for key in keys:
+            ids = self._received.pop(key, [])
+            if ids:
+                application, facility, host = key
+                self.audit.later(
+                    "message-received",
+                    actor={"application": application, "facility": facility, "host": host},
+                    objects=[{"type": "message", "id": i} for i in ids],
+                    detail=f"{len(ids)} messages stored (ACK AA)",
+                )
+        if only is None or not self._received:
+            if self._audit_flush is not None:
+                self._audit_flush.cancel()
+            self._audit_flush = None
 
     def _allowed(self, header: Header, host: str) -> bool:
         return any(s.allows(header, host) for s in self._senders)

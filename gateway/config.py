@@ -97,8 +97,20 @@ class ClientTLS(_Strict):
 class AllowedCaller(_Strict):
     ae_title: AETitle
     hosts: list[str] = Field(min_length=1)
+    # with TLS: the client certificate's subject this caller must present, as its common
+    # name ("pacs1") or as attributes, e.g. "CN=pacs1,O=General Hospital" (all must match)
+    cert_subject: str | None = None
 
     _hosts = field_validator("hosts")(lambda v: [_check_host(h) for h in v])
+
+    @field_validator("cert_subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        if value is not None:
+            from gateway.security.tls import parse_subject
+
+            parse_subject(value)  # raises ValueError with the reason
+        return value
 
 
 class DicomSection(_Strict):

@@ -48,6 +48,7 @@ from gateway.observability.metrics import Metrics
 from gateway.route.keywords import ROUTING_KEYWORDS
 from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
 from gateway.security.audit import NO_AUDIT, Auditor
+from gateway.security.tls import parse_subject, peer_subject, subject_text
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -92,22 +93,35 @@ def configure_pynetdicom(incoming: Path | None) -> None:
         tempfile.tempdir = str(incoming)
 
 
-def resolve_callers(callers: list[AllowedCaller]) -> list[tuple[str, tuple[IPNetwork, ...]]]:
-    """(AE title, networks) per allowed caller; host names resolved now, not per association."""
+Subject = frozenset[tuple[str, str]]
+ResolvedCaller = tuple[str, tuple[IPNetwork, ...], Subject | None]
+
+
+def resolve_callers(callers: list[AllowedCaller]) -> list[ResolvedCaller]:
+    """(AE title, networks, required certificate subject) per allowed caller; host names
+    resolved now, not per association."""
     resolved = []
     for caller in callers:
         networks, unresolved = resolve_hosts(caller.hosts)
         for host in unresolved:
             log.warning("dicom.allowlist.unresolved", host=host, ae_title=caller.ae_title)
-        resolved.append((caller.ae_title.strip(), networks))
+        subject = parse_subject(caller.cert_subject) if caller.cert_subject else None
+        resolved.append((caller.ae_title.strip(), networks, subject))
     return resolved
 
 
 def caller_allowed(
-    ae_title: str, peer: str, callers: list[tuple[str, tuple[IPNetwork, ...]]]
+    ae_title: str, peer: str, callers: list[ResolvedCaller], cert: Subject | None = None
 ) -> bool:
+    """Whether (calling AE, peer address) is allowed; an entry with ``cert_subject`` also
+    needs a verified client certificate whose subject has those attributes."""
     ae = ae_title.strip()
-    return any(title == ae and peer_in(peer, networks) for title, networks in callers)
+    return any(
+        title == ae
+        and peer_in(peer, networks)
+        and (subject is None or (cert is not None and subject <= cert))
+        for title, networks, subject in callers
+    )
 
 
 @dataclass(frozen=True)
@@ -467,11 +481,14 @@ class DicomSCP:
     def _on_requested(self, event: evt.Event) -> None:
         req = event.assoc.requestor
         ae_title = str(cast(A_ASSOCIATE, req.primitive).calling_ae_title).strip()
-        if not caller_allowed(ae_title, req.address, self._callers):
+        cert = peer_subject(getattr(event.assoc.dul.socket, "socket", None))
+        if not caller_allowed(ae_title, req.address, self._callers, cert):
             self.metrics.associations.labels(outcome="rejected").inc()
             log.warning(
                 "dicom.association.rejected",
-                reason="calling AE title and host are not on the allow-list",
+                reason="calling AE title, host (and certificate subject, where the "
+                "allow-list binds one) are not on the allow-list",
+                cert_subject=subject_text(cert) or None,
                 calling_ae=ae_title,
                 peer=req.address,
                 hint="add them under dicom.allowed_callers",
@@ -479,7 +496,8 @@ class DicomSCP:
             self.audit(
                 "security-alert",
                 "minor-failure",
-                actor={"ae_title": ae_title, "host": req.address},
+                actor={"ae_title": ae_title, "host": req.address}
+                | ({"cert_subject": subject_text(cert)[:200]} if cert else {}),
                 destination={"ae_title": self.cfg.ae_title},
                 detail="DICOM association refused: calling AE title and host not allowed",
             )

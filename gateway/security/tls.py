@@ -37,3 +37,64 @@ def client_context(tls: ClientTLS, resolve: Resolve) -> ssl.SSLContext:
     if tls.cert is not None and tls.key is not None:
         ctx.load_cert_chain(resolve(tls.cert), resolve(tls.key))
     return ctx
+
+
+# short names of the subject attributes a client certificate is matched on
+_SUBJECT_NAMES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "emailAddress": "EMAIL",
+    "serialNumber": "SERIALNUMBER",
+}
+
+
+def parse_subject(text: str) -> frozenset[tuple[str, str]]:
+    """``"pacs1"`` (a common name) or ``"CN=pacs1,O=Hospital"`` as a set of (attribute,
+    value) pairs; ValueError when it cannot be read."""
+    text = text.strip()
+    if not text:
+        raise ValueError("cert_subject is empty")
+    if "=" not in text:
+        return frozenset({("CN", text)})
+    pairs = set()
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip().upper()
+        if not sep or not value.strip():
+            raise ValueError(f"cert_subject part {part.strip()!r} is not NAME=value")
+        if name not in set(_SUBJECT_NAMES.values()):
+            known = ", ".join(sorted(set(_SUBJECT_NAMES.values())))
+            raise ValueError(f"cert_subject attribute {name!r} is not one of {known}")
+        pairs.add((name, value.strip()))
+    return frozenset(pairs)
+
+
+def peer_subject(sock: object) -> frozenset[tuple[str, str]] | None:
+    """The verified client certificate's subject attributes of a TLS socket; None when the
+    connection is not TLS or the peer presented no certificate."""
+    getpeercert = getattr(sock, "getpeercert", None)
+    if getpeercert is None:
+        return None
+    try:
+        cert = getpeercert()
+    except (ValueError, OSError):
+        return None
+    if not cert:
+        return None
+    pairs = set()
+    for rdn in cert.get("subject", ()):
+        for name, value in rdn:
+            pairs.add((_SUBJECT_NAMES.get(name, name), str(value)))
+    return frozenset(pairs)
+
+
+def subject_text(subject: frozenset[tuple[str, str]] | None) -> str:
+    """For logs and audit records: "CN=pacs1,O=Hospital" (CN first), or "" without one."""
+    if not subject:
+        return ""
+    order = {"CN": 0, "OU": 1, "O": 2, "L": 3, "ST": 4, "C": 5}
+    return ",".join(f"{k}={v}" for k, v in sorted(subject, key=lambda kv: order.get(kv[0], 9)))

@@ -358,3 +358,66 @@ def test_sigterm_exits_while_an_idle_connection_sits_on_the_tls_port(
     except subprocess.TimeoutExpired:
         code = None
     assert code == 0, "the gateway did not exit within 10 s of SIGTERM"
+
+
+# --- the client certificate bound to the calling AE ----------------------------------------
+
+
+def test_a_caller_bound_to_a_certificate_subject_needs_that_certificate(tmp_path: Path) -> None:
+    """allowed_callers: [{ae_title, hosts, cert_subject}]: the right AE title and host with
+    another certificate from the same CA is refused; so is the plain port (no
+    certificate); an expired or self-signed client certificate fails the handshake. Each
+    refusal is a security-alert audit record."""
+    from tests.certs import issue
+
+    pki = make_pki(tmp_path / "pki")
+    other_client = issue(tmp_path / "pki", "workstation-7", pki.ca, client=True)
+    self_signed = issue(tmp_path / "pki", "selfmade", None, client=True)
+    tls_port = free_port()
+    config = tls_config(tmp_path, pki, tls_port)
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["dicom"]["allowed_callers"] = [
+        {"ae_title": "ECHOSCU", "hosts": ["127.0.0.1"], "cert_subject": "CN=client"},
+    ]
+    config.write_text(yaml.safe_dump(cfg))
+    gw = GatewayProcess(config, tmp_path / "gateway.log").start()
+    try:
+        ok = echoscu(tls_port, *dcmtk_tls(pki.client_key, pki.client_cert, pki.ca_cert))
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        wrong = echoscu(tls_port, *dcmtk_tls(other_client.key, other_client.cert, pki.ca_cert))
+        assert wrong.returncode != 0
+        assert "Calling AE Title Not Recognized" in wrong.stdout + wrong.stderr
+        plain = echoscu(gw.dicom_port)
+        assert plain.returncode != 0
+        assert "Calling AE Title Not Recognized" in plain.stdout + plain.stderr
+        forged = echoscu(tls_port, *dcmtk_tls(self_signed.key, self_signed.cert, pki.ca_cert))
+        assert forged.returncode != 0
+    finally:
+        gw.stop()
+    from gateway.security.audit import trail_path
+
+    trail = [json.loads(line) for line in trail_path(gw.data_dir).read_text().splitlines()]
+    alerts = [r for r in trail if r["event"] == "security-alert"]
+    subjects = [a["actor"].get("cert_subject", "") for a in alerts]
+    assert any("CN=workstation-7" in s for s in subjects), alerts
+    assert any("TLS handshake refused" in a["detail"] for a in alerts), alerts
+    accepted = [r for r in trail if r["event"] == "association" and r["outcome"] == "success"]
+    assert len(accepted) == 1
+
+
+def test_a_certificate_subject_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+
+    path = write_config(
+        tmp_path,
+        dicom={
+            "allowed_callers": [
+                {"ae_title": "PACS", "hosts": ["127.0.0.1"], "cert_subject": "XX=pacs,CN="}
+            ]
+        },
+    )
+    with pytest.raises(ConfigError, match="cert_subject"):
+        load_config(path)

@@ -11,6 +11,8 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -35,6 +37,7 @@ log = structlog.get_logger(__name__)
 
 
 WORKER_DRAIN_SECONDS = 10.0  # SIGTERM: how long jobs in hand get to finish
+CERT_WARN_DAYS = 30  # /readyz details flag certificates expiring sooner
 
 
 # What a reload cannot change: listeners, identities and storage are set up at start.
@@ -160,6 +163,8 @@ class Gateway:
         )
         dicom_tls = server_context(cfg.dicom.tls, cfg.path) if cfg.dicom.tls else None
         hl7_tls = server_context(cfg.hl7.tls, cfg.path) if cfg.hl7.tls else None
+        # the live server contexts: a reload loads renewed certificate files into them
+        self._server_tls = {"dicom": dicom_tls, "hl7": hl7_tls}
         self.dicom = DicomSCP(
             cfg.dicom,
             self.store,
@@ -196,6 +201,7 @@ class Gateway:
                 self.metrics,
                 self.readiness,
                 self.refresh_metrics,
+                details=self.readiness_details,
             )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hl7", daemon=True)
@@ -281,7 +287,73 @@ class Gateway:
             "store": store_ok,
         }
 
+    def certificates(self) -> dict[str, Path]:
+        """Every certificate file the configuration names, by where it is configured."""
+        found: dict[str, Path] = {}
+        for section in ("dicom", "hl7"):
+            tls = getattr(self.cfg, section).tls
+            if tls is not None:
+                found[f"{section}.tls.cert"] = self.cfg.path(tls.cert)
+                if tls.ca is not None:
+                    found[f"{section}.tls.ca"] = self.cfg.path(tls.ca)
+        for name, dest in self.cfg.destinations.items():
+            client = (dest.dicom or dest.hl7).tls  # type: ignore[union-attr]
+            if client is not None:
+                found[f"destinations.{name}.tls.ca"] = self.cfg.path(client.ca)
+                if client.cert is not None:
+                    found[f"destinations.{name}.tls.cert"] = self.cfg.path(client.cert)
+        return found
+
+    def certificate_days(self) -> dict[str, float | None]:
+        from gateway.security.certs import days_left
+
+        now = datetime.now(UTC)
+        days: dict[str, float | None] = {}
+        for name, path in self.certificates().items():
+            try:
+                days[name] = round(days_left(path, now), 1)
+            except Exception:  # unreadable: reported as unknown, never a crash here
+                days[name] = None
+        return days
+
+    def readiness_details(self) -> dict[str, object]:
+        """/readyz details: certificates expiring within CERT_WARN_DAYS (or expired)."""
+        certs = {
+            name: {"days_left": d, "expires_soon": d is None or d < CERT_WARN_DAYS}
+            for name, d in self.certificate_days().items()
+        }
+        return {"certificates": certs} if certs else {}
+
+    def reload_certificates(self) -> None:
+        """Load renewed certificate and key files (same paths) into the running TLS
+        listeners, and make destinations' senders start again with theirs. A file that
+        does not load leaves the running certificate in place."""
+        for section, ctx in self._server_tls.items():
+            tls = getattr(self.cfg, section).tls
+            if ctx is None or tls is None:
+                continue
+            cert, key = self.cfg.path(tls.cert), self.cfg.path(tls.key)
+            try:
+                server_context(tls, self.cfg.path)  # all files load together, or none
+                ctx.load_cert_chain(cert, key)
+                if tls.ca is not None:
+                    ctx.load_verify_locations(cafile=str(self.cfg.path(tls.ca)))
+            except Exception as exc:
+                log.error(
+                    "tls.reload_failed",
+                    listener=section,
+                    error=str(exc)[:300],
+                    outcome="the running certificate is kept",
+                )
+                continue
+            log.info("tls.reloaded", listener=section)
+        self.pipeline.reset_senders()
+
     def refresh_metrics(self) -> None:
+        self.metrics.certificate_days_left.clear()
+        for name, days in self.certificate_days().items():
+            if days is not None:
+                self.metrics.certificate_days_left.labels(certificate=name).set(days)
         counts = self.store.queue.counts()
         self.metrics.queue_depth.clear()
         for key, states in counts.items():
@@ -410,6 +482,7 @@ class Gateway:
             if worker.lane not in lanes:  # a new destination gets its lane
                 self.workers.append(worker)
                 worker.start()
+        self.reload_certificates()
         self.audit(
             "configuration-change",
             actor=_this_process(),

@@ -61,8 +61,11 @@ class Pipeline:
         self._now = clock
         self.store = store
         self.metrics = metrics
-        self._dicom: dict[str, tuple[Destination, DicomSender]] = {}
-        self._hl7: dict[str, tuple[Destination, HL7Sender]] = {}
+        # senders per destination, with the settings and the TLS generation they were made
+        # with; a reload that renews certificates bumps the generation
+        self._dicom: dict[str, tuple[Destination, DicomSender, int]] = {}
+        self._hl7: dict[str, tuple[Destination, HL7Sender, int]] = {}
+        self._tls_generation = 0
 
     # --- retry policy per job -------------------------------------------------------
 
@@ -429,7 +432,7 @@ class Pipeline:
         # reload that changed the destination, the next delivery gets a new sender.  Only
         # the destination's own lane worker uses it, so no other thread is sending on it.
         held = self._dicom.get(name)
-        if held is None or held[0] != dest:
+        if held is None or held[0] != dest or held[2] != self._tls_generation:
             assert dest.dicom is not None
             tls = client_context(dest.dicom.tls, self.cfg.path) if dest.dicom.tls else None
             sender = DicomSender(
@@ -438,21 +441,28 @@ class Pipeline:
                 ssl_context=tls,
                 uid_hash=lambda uid: self.store.keys.index("log", uid)[:12],
             )
-            self._dicom[name] = held = (dest, sender)
+            self._dicom[name] = held = (dest, sender, self._tls_generation)
         return held[1]
 
     def _hl7_sender(self, name: str, dest: Destination) -> HL7Sender:
         held = self._hl7.get(name)
-        if held is None or held[0] != dest:
+        if held is None or held[0] != dest or held[2] != self._tls_generation:
             if held is not None:
                 held[1].close()  # the old address: its connection goes
             assert dest.hl7 is not None
             tls = client_context(dest.hl7.tls, self.cfg.path) if dest.hl7.tls else None
-            self._hl7[name] = held = (dest, HL7Sender(dest.hl7, ssl_context=tls))
+            sender = HL7Sender(dest.hl7, ssl_context=tls)
+            self._hl7[name] = held = (dest, sender, self._tls_generation)
         return held[1]
 
+    def reset_senders(self) -> None:
+        """The next delivery to each destination makes a new sender (with the TLS files
+        as they are now: a reload after certificates were renewed).  The lane worker
+        replaces its own sender, so nothing in flight is cut."""
+        self._tls_generation += 1
+
     def close(self) -> None:
-        for _, sender in self._hl7.values():
+        for _, sender, _ in self._hl7.values():
             sender.close()
 
 

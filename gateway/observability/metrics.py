@@ -65,6 +65,12 @@ class Metrics:
         self.studies_completed = Counter(
             "gateway_studies_completed", "Studies marked complete", registry=r
         )
+        self.certificate_days_left = Gauge(
+            "gateway_certificate_days_left",
+            "Days until each configured TLS certificate expires (negative: expired)",
+            ["certificate"],
+            registry=r,
+        )
         self.audit_failures = Counter(
             "gateway_audit_failures", "Audit records that could not be written", registry=r
         )
@@ -96,6 +102,7 @@ class HealthServer:
         metrics: Metrics,
         ready: Callable[[], dict[str, bool]],
         refresh: Callable[[], None],
+        details: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         outer = self
 
@@ -107,7 +114,10 @@ class HealthServer:
                 elif path == "/readyz":
                     checks = outer.ready()
                     ok = all(checks.values())
-                    body = json.dumps({"ready": ok, "checks": checks}).encode() + b"\n"
+                    answer: dict[str, object] = {"ready": ok, "checks": checks}
+                    if outer.details is not None:
+                        answer["details"] = outer.details()
+                    body = json.dumps(answer).encode() + b"\n"
                     self._send(200 if ok else 503, body, "application/json")
                 elif path == "/metrics":
                     outer.refresh()
@@ -128,6 +138,7 @@ class HealthServer:
         self.metrics = metrics
         self.ready = ready
         self.refresh = refresh
+        self.details = details
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)

@@ -421,3 +421,54 @@ def test_a_certificate_subject_that_cannot_be_read_is_a_config_error(tmp_path: P
     )
     with pytest.raises(ConfigError, match="cert_subject"):
         load_config(path)
+
+
+def test_renewed_certificate_files_are_loaded_on_sighup_and_expiry_shows_in_readyz(
+    tmp_path: Path,
+) -> None:
+    import signal
+
+    from cryptography import x509
+
+    from tests.certs import issue
+
+    pki = make_pki(tmp_path / "pki")  # its server certificate expires in a day
+    tls_port = free_port()
+    gw = GatewayProcess(tls_config(tmp_path, pki, tls_port), tmp_path / "gateway.log").start()
+    try:
+        code, body = gw.get("/readyz")
+        details = json.loads(body)["details"]["certificates"]
+        assert code == 200
+        assert details["dicom.tls.cert"]["expires_soon"] is True
+        assert 0 < details["dicom.tls.cert"]["days_left"] <= 1
+        _, metrics = gw.get("/metrics")
+        assert 'gateway_certificate_days_left{certificate="dicom.tls.cert"}' in metrics.decode()
+
+        def served_serial() -> int:
+            ctx = pki.client_context()
+            with (
+                socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw,
+                ctx.wrap_socket(raw, server_hostname="localhost") as s,
+            ):
+                der = s.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der).serial_number
+
+        before = served_serial()
+        renewed = issue(tmp_path / "pki", "server", pki.ca, server=True, days=90)  # same paths
+        assert renewed.cert == pki.server_cert
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not any(_is(e, "tls reloaded") for e in gw.log_events()):
+            assert time.monotonic() < deadline, gw.log()
+            time.sleep(0.1)
+        after = served_serial()
+        new_serial = x509.load_pem_x509_certificate(renewed.cert.read_bytes()).serial_number
+        assert after == new_serial != before
+        details = json.loads(gw.get("/readyz")[1])["details"]["certificates"]
+        assert details["dicom.tls.cert"]["expires_soon"] is False
+        ok = echoscu(tls_port, *dcmtk_tls(pki.client_key, pki.client_cert, pki.ca_cert))
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+    finally:
+        gw.stop()

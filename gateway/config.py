@@ -94,6 +94,14 @@ class ClientTLS(_Strict):
         return self
 
 
+def _check_subject(value: str | None) -> str | None:
+    if value is not None:
+        from gateway.security.tls import parse_subject
+
+        parse_subject(value)  # raises ValueError with the reason
+    return value
+
+
 class AllowedCaller(_Strict):
     ae_title: AETitle
     hosts: list[str] = Field(min_length=1)
@@ -103,14 +111,7 @@ class AllowedCaller(_Strict):
 
     _hosts = field_validator("hosts")(lambda v: [_check_host(h) for h in v])
 
-    @field_validator("cert_subject")
-    @classmethod
-    def _subject(cls, value: str | None) -> str | None:
-        if value is not None:
-            from gateway.security.tls import parse_subject
-
-            parse_subject(value)  # raises ValueError with the reason
-        return value
+    _subject = field_validator("cert_subject")(lambda v: _check_subject(v))
 
 
 class DicomSection(_Strict):
@@ -132,8 +133,10 @@ class AllowedSender(_Strict):
     application: str = Field(min_length=1)
     facility: str | None = None
     hosts: list[str] = Field(min_length=1)
+    cert_subject: str | None = None  # as for AllowedCaller: the TLS client certificate
 
     _hosts = field_validator("hosts")(lambda v: [_check_host(h) for h in v])
+    _subject = field_validator("cert_subject")(lambda v: _check_subject(v))
 
 
 class HL7Section(_Strict):

@@ -43,6 +43,7 @@ from gateway.hl7.msh import ERR_APPLICATION_INTERNAL, Header, HeaderError, parse
 from gateway.observability.logging import exception_fields
 from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
 from gateway.security.audit import NO_AUDIT, Auditor
+from gateway.security.tls import parse_subject, peer_subject, subject_text
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
@@ -67,11 +68,16 @@ class _Sender:
     application: str
     facility: str | None
     networks: tuple[IPNetwork, ...]
+    subject: frozenset[tuple[str, str]] | None = None  # the TLS client certificate's
 
-    def allows(self, header: Header, peer: str) -> bool:
+    def allows(
+        self, header: Header, peer: str, cert: frozenset[tuple[str, str]] | None = None
+    ) -> bool:
         if header.sending_application.casefold() != self.application:
             return False
         if self.facility is not None and header.sending_facility.casefold() != self.facility:
+            return False
+        if self.subject is not None and (cert is None or not self.subject <= cert):
             return False
         return peer_in(peer, self.networks)
 
@@ -196,6 +202,7 @@ class HL7Listener:
             application=sender.application.casefold(),
             facility=sender.facility.casefold() if sender.facility is not None else None,
             networks=networks,
+            subject=parse_subject(sender.cert_subject) if sender.cert_subject else None,
         )
 
     # --- connections --------------------------------------------------------------------
@@ -204,6 +211,7 @@ class HL7Listener:
         peername = writer.get_extra_info("peername")
         host = str(peername[0]) if isinstance(peername, tuple) and peername else "unknown"
         conn = _Connection(peer=host, task=asyncio.current_task())
+        cert = peer_subject(writer.get_extra_info("ssl_object"))
         if self._stopping:
             writer.close()
             return
@@ -223,7 +231,7 @@ class HL7Listener:
                 if payload is None:
                     break
                 conn.busy = True
-                reply = await self._handle(payload, host)
+                reply = await self._handle(payload, host, cert)
                 if reply is not None:
                     writer.write(frame(reply))
                     async with asyncio.timeout(self.config.idle_timeout):
@@ -262,7 +270,9 @@ class HL7Listener:
             )
             self._hook(self.on_connection, reason)
 
-    async def _handle(self, raw: bytes, host: str) -> bytes | None:
+    async def _handle(
+        self, raw: bytes, host: str, cert: frozenset[tuple[str, str]] | None = None
+    ) -> bytes | None:
         """Decide and build the reply to one message; ``None`` when MSH-15 says no reply."""
         started = time.perf_counter()
         try:
@@ -290,7 +300,7 @@ class HL7Listener:
             "version": header.version,
             "size": len(raw),
         }
-        if not self._allowed(header, host):
+        if not self._allowed(header, host, cert):
             text = (
                 f"sender {header.sending_application}^{header.sending_facility} "
                 f"from {host} is not allowed"
@@ -305,7 +315,8 @@ class HL7Listener:
             self.audit.later(
                 "security-alert",
                 "minor-failure",
-                actor=_sender(header, host),
+                actor=_sender(header, host)
+                | ({"cert_subject": subject_text(cert)[:200]} if cert else {}),
                 objects=[{"type": "message", "id": header.control_id[:64]}],
                 detail="HL7 sender not on the allow-list; message refused (AR)",
             )
@@ -403,8 +414,10 @@ class HL7Listener:
                 self._audit_flush.cancel()
             self._audit_flush = None
 
-    def _allowed(self, header: Header, host: str) -> bool:
-        return any(s.allows(header, host) for s in self._senders)
+    def _allowed(
+        self, header: Header, host: str, cert: frozenset[tuple[str, str]] | None = None
+    ) -> bool:
+        return any(s.allows(header, host, cert) for s in self._senders)
 
     def _refuse(
         self,

@@ -635,3 +635,57 @@ def test_mllp_over_tls_with_client_certificates(tmp_path: Path) -> None:
     ack, refused = asyncio.run(run())
     assert msa(ack) == ("AA", "TLS1")
     assert refused
+
+
+def test_a_sender_bound_to_a_certificate_subject_needs_that_certificate(tmp_path: Path) -> None:
+    """allowed_senders: [{application, facility, hosts, cert_subject}]: the same MSH-3/4
+    from the same host with another certificate of the same CA gets AR."""
+    ca = _issue(tmp_path, "ca", None, ca=True)
+    _issue(tmp_path, "server", ca)
+    _issue(tmp_path, "ehr-interface", ca)
+    _issue(tmp_path, "workstation", ca)
+    tls = ServerTLS(port=2577, cert=tmp_path / "server.pem", key=tmp_path / "server.key",
+                    ca=tmp_path / "ca.pem", require_client_cert=True)
+    senders = [{**SENDERS[0], "cert_subject": "CN=ehr-interface"}]
+    config = hl7_config(allowed_senders=senders).model_copy(
+        update={"tls": tls.model_copy(update={"port": 0})}
+    )
+
+    def client(name: str) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        ctx.load_cert_chain(tmp_path / f"{name}.pem", tmp_path / f"{name}.key")
+        return ctx
+
+    async def send(port: int, name: str, cid: str) -> bytes:
+        reader, writer = await hl7.mllp.open_hl7_connection(
+            "127.0.0.1", port, ssl=client(name), server_hostname="localhost"
+        )
+        writer.writeblock(message(cid=cid))
+        await writer.drain()
+        ack: bytes = await asyncio.wait_for(reader.readblock(), 10)
+        writer.close()
+        return ack
+
+    async def run() -> tuple[bytes, bytes, bytes]:
+        store = Store(tmp_path / "var", tmp_path / "var" / "keys.json")
+        listener = HL7Listener(config, store, server_context(tls, lambda p: p))
+        await listener.start()
+        try:
+            assert listener.tls_port is not None
+            bound = await send(listener.tls_port, "ehr-interface", "CERT1")
+            other = await send(listener.tls_port, "workstation", "CERT2")
+            # the plain port has no certificate at all
+            reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", listener.port)
+            writer.writeblock(message(cid="CERT3"))
+            await writer.drain()
+            plain: bytes = await asyncio.wait_for(reader.readblock(), 10)
+            writer.close()
+            return bound, other, plain
+        finally:
+            await listener.stop()
+            assert store.queue.counts()["received"].get("hl7") == 1
+            store.close()
+
+    bound, other, plain = asyncio.run(run())
+    assert msa(bound) == ("AA", "CERT1")
+    assert msa(other)[0] == "AR" and msa(plain)[0] == "AR"

@@ -28,8 +28,8 @@ from gateway.ingest.hl7_listener import HL7Listener
 from gateway.observability.metrics import HealthServer, Metrics
 from gateway.pipeline import Pipeline
 from gateway.route.keywords import routing_keywords
-from gateway.security.audit import AuditLog, Auditor, trail_path
-from gateway.security.tls import server_context
+from gateway.security.audit import AuditLog, Auditor, SyslogForwarder, trail_path
+from gateway.security.tls import client_context, server_context
 from gateway.store.store import Store
 from gateway.workers import Beat, Worker, worker_alive
 
@@ -158,8 +158,15 @@ class Gateway:
         self.metrics = Metrics()
         self.store = Store(cfg.data_dir, cfg.key_file)
         # who sent what and where it went: a hash-chained trail apart from the logs
+        syslog = cfg.gateway.audit.syslog
+        forward = (
+            SyslogForwarder(syslog.host, syslog.port, client_context(syslog.tls, cfg.path))
+            if syslog is not None
+            else None
+        )
         self.audit = Auditor(
-            AuditLog.open(trail_path(cfg.data_dir)), on_error=self.metrics.audit_failures.inc
+            AuditLog.open(trail_path(cfg.data_dir), forward=forward),
+            on_error=self.metrics.audit_failures.inc,
         )
         dicom_tls = server_context(cfg.dicom.tls, cfg.path) if cfg.dicom.tls else None
         hl7_tls = server_context(cfg.hl7.tls, cfg.path) if cfg.hl7.tls else None

@@ -57,13 +57,6 @@ class InferenceConfig(_Strict):
     warm_up: bool = True  # one run on a blank input per model at start
 
 
-class GatewaySection(_Strict):
-    data_dir: Path = Path("../var")
-    http: HTTPConfig = HTTPConfig()
-    encryption_key_file: Path = Path("../var/keys.json")
-    inference: InferenceConfig = InferenceConfig()
-
-
 class ServerTLS(_Strict):
     """TLS on a listening port: our certificate, and the CA client certificates chain to."""
 
@@ -100,6 +93,26 @@ def _check_subject(value: str | None) -> str | None:
 
         parse_subject(value)  # raises ValueError with the reason
     return value
+
+
+class AuditSyslog(_Strict):
+    """A copy of every audit record to a syslog server: RFC 5424 over TLS (RFC 5425)."""
+
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 6514
+    tls: ClientTLS  # verify the server against tls.ca; present tls.cert when it asks
+
+
+class AuditConfig(_Strict):
+    syslog: AuditSyslog | None = None
+
+
+class GatewaySection(_Strict):
+    data_dir: Path = Path("../var")
+    http: HTTPConfig = HTTPConfig()
+    encryption_key_file: Path = Path("../var/keys.json")
+    inference: InferenceConfig = InferenceConfig()
+    audit: AuditConfig = AuditConfig()
 
 
 class AllowedCaller(_Strict):
@@ -483,6 +496,10 @@ def _check_files(cfg: Config, filename: str, lines: LineMap) -> None:
         if tls is not None:
             for key in ("cert", "key", "ca"):
                 need(getattr(tls, key), (section, "tls", key))
+    syslog = cfg.gateway.audit.syslog
+    if syslog is not None:
+        for key in ("ca", "cert", "key"):
+            need(getattr(syslog.tls, key), ("gateway", "audit", "syslog", "tls", key))
     for name, dest in cfg.destinations.items():
         kind = "dicom" if dest.dicom else "hl7"
         client = (dest.dicom or dest.hl7).tls  # type: ignore[union-attr]

@@ -159,3 +159,50 @@ def test_the_trail_says_who_sent_what_and_where_it_went(tmp_path: Path) -> None:
     bad = gw.cli("audit", "verify")
     assert bad.returncode == 1
     assert f"record {n + 1}: hash does not match its content (edited?)" in bad.stdout
+
+
+def test_audit_records_are_copied_to_a_syslog_server_over_tls(tmp_path: Path) -> None:
+    """gateway.audit.syslog: every record also goes to a syslog server as an RFC 5424
+    message in RFC 5425 (octet-counted) framing over TLS, verified against its CA."""
+    import socket
+    import threading
+
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    ctx = pki.server_context(require_client_cert=False)
+    received = bytearray()
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(30)
+            while b"gateway stopped" not in received:
+                data = tls.recv(65536)
+                if not data:
+                    break
+                received.extend(data)
+        done.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    config = write_config(
+        tmp_path,
+        gateway={
+            "audit": {
+                "syslog": {"host": "127.0.0.1", "port": port, "tls": {"ca": str(pki.ca_cert)}}
+            }
+        },
+    )
+    gw = GatewayProcess(config, tmp_path / "gw.log").start()
+    gw.stop()
+    assert done.wait(30), gw.log()
+    server.close()
+    text = received.decode("utf-8", "replace")
+    frames = [f for f in text.split("<") if "ai-gateway" in f]
+    assert any("application-activity" in f and "gateway started" in f for f in frames), text
+    # octet counting: each frame starts with its length and a space
+    assert text.split(" ", 1)[0].isdigit(), text[:80]
+    assert "<110>1 " in text  # facility 13 (log audit), severity 6 (info), RFC 5424 version 1

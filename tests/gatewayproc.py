@@ -59,6 +59,10 @@ def write_config(folder: Path, **overrides: Any) -> Path:
     return path
 
 
+#: Every gateway the tests made in this session (for the session-wide PHI scan).
+STARTED: list[GatewayProcess] = []
+
+
 @dataclass
 class GatewayProcess:
     config: Path
@@ -68,6 +72,7 @@ class GatewayProcess:
 
     def __post_init__(self) -> None:
         self.cfg = yaml.safe_load(self.config.read_text())
+        STARTED.append(self)  # tests/conftest.py scans every log and audit trail at the end
 
     @property
     def dicom_port(self) -> int:

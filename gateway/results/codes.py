@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from highdicom import ContributingEquipment
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.coding import Code
@@ -224,6 +225,20 @@ class ResultModel:
     def description(self, what: str = "") -> str:
         """SeriesDescription, e.g. ``AI lung-nodules 0.1.0 segmentation``."""
         return " ".join(p for p in ("AI", self.name, self.version, what) if p)[:64]
+
+    def contributing_equipment(self, when: dt.datetime) -> list[ContributingEquipment]:
+        """The algorithm as Contributing Equipment (purpose: processing equipment)."""
+        return [
+            ContributingEquipment(
+                manufacturer=MANUFACTURER,
+                purpose_of_reference=PROCESSING_EQUIPMENT,
+                manufacturer_model_name=self.bundle,
+                software_versions=self.version,
+                device_serial_number=self.serial_number,
+                contribution_datetime=when,
+                contribution_description=f"AI model {self.name}"[:64],
+            )
+        ]
 
     def uid(self, kind: str, study_uid: str) -> str:
         return result_uid(kind, study_uid, self.name, self.version)

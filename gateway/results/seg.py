@@ -24,7 +24,6 @@ from gateway.results.codes import (
     ABNORMAL_STRUCTURE,
     ALGORITHM_FAMILY,
     MANUFACTURER,
-    PROCESSING_EQUIPMENT,
     ResultModel,
     code,
     finding_site,
@@ -146,17 +145,7 @@ def build_seg(
         content_time=when.time(),
         series_date=when.date(),
         series_time=when.time(),
-        contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=MANUFACTURER,
-                purpose_of_reference=PROCESSING_EQUIPMENT,
-                manufacturer_model_name=model.bundle,
-                software_versions=model.version,
-                device_serial_number=model.serial_number,
-                contribution_datetime=when,
-                contribution_description=f"AI model {model.name}"[:64],
-            )
-        ],
+        contributing_equipment=model.contributing_equipment(when),
     )
     stamp_times(seg, when)
     return seg

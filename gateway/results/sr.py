@@ -34,7 +34,6 @@ from gateway.results.codes import (
     MANUFACTURER,
     PRESENT,
     PROBABILITY,
-    PROCESSING_EQUIPMENT,
     UNIT_MM,
     UNIT_MM3,
     UNIT_PROBABILITY,
@@ -141,17 +140,7 @@ def build_sr(
         content_time=when.time(),
         series_date=when.date(),
         series_time=when.time(),
-        contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=MANUFACTURER,
-                purpose_of_reference=PROCESSING_EQUIPMENT,
-                manufacturer_model_name=model.bundle,
-                software_versions=model.version,
-                device_serial_number=model.serial_number,
-                contribution_datetime=when,
-                contribution_description=f"AI model {model.name}"[:64],
-            )
-        ],
+        contributing_equipment=model.contributing_equipment(when),
     )
     stamp_times(sr, when)
     return sr

@@ -1,0 +1,112 @@
+"""DICOM ingest over TLS against plain: what encryption on the wire costs the gateway.
+
+    python -m bench.tls [--rounds 3] [--count 300]
+
+One gateway per round listens on a plain port and a TLS port (`dicom.tls`, certificates
+from `gateway certs dev`, client certificate required). The same cached CT series as
+`bench.ingest` (300 x 512 KB) is sent by `storescu` over one association to each port in
+turn (`+tls` for TLS; the order alternates between rounds; `+II` gives every send new
+SOP Instance UIDs), so the two differ only in TLS. Reported:
+instances/s for each and the ratio TLS/plain (target >= 0.8). Results: printed, and
+bench/out/tls.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from typing import Any
+
+from bench import (
+    CALLING_AE,
+    GATEWAY_AE,
+    GatewayProcess,
+    log,
+    machine,
+    median,
+    scratch_dir,
+    table,
+    verdict,
+    write_gateway_config,
+    write_json,
+)
+from bench.ingest import cached_series, send
+from tests.dicomgen import free_port, storescu_args
+
+TARGET = 0.8
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--count", type=int, default=300)
+    args = parser.parse_args(argv)
+
+    from gateway.security.certs import make_dev_pki
+
+    paths = cached_series(args.count)
+    rows: list[list[Any]] = []
+    plain: list[float] = []
+    tls: list[float] = []
+    for round_no in range(1, args.rounds + 1):
+        folder = scratch_dir("tls-")
+        pki = make_dev_pki(folder / "pki", client_names=("pacs",))
+        tls_port = free_port()
+        cfg = write_gateway_config(
+            folder,
+            dicom={
+                "tls": {
+                    "port": tls_port,
+                    "cert": str(pki.server.cert),
+                    "key": str(pki.server.key),
+                    "ca": str(pki.ca.cert),
+                    "require_client_cert": True,
+                }
+            },
+        )
+        gw = GatewayProcess(cfg)
+        client = pki.client("pacs")
+        # +II: new SOP Instance UIDs on every send, so the second send stores as much as
+        # the first (a resent instance is only acknowledged, which is faster)
+        base = storescu_args(
+            paths, port=cfg.dicom_port, aet=CALLING_AE, aec=GATEWAY_AE, extra=["+II"]
+        )
+        secure = storescu_args(paths, port=tls_port, aet=CALLING_AE, aec=GATEWAY_AE, extra=["+II"])
+        options = ["+tls", str(client.key), str(client.cert), "-pw", "+cf", str(pki.ca.cert)]
+        secure = [secure[0], *options, *secure[1:]]
+        # the order alternates between rounds: the first send into a fresh gateway is slower
+        order = [("plain", base, plain), ("TLS", secure, tls)]
+        if round_no % 2 == 0:
+            order.reverse()
+        try:
+            gw.start()
+            for name, argv, results in order:
+                seconds, rc, _ = send(argv, instances=len(paths))
+                if rc == 0:
+                    results.append(len(paths) / seconds)
+                    rows.append([round_no, name, len(paths) / seconds])
+        finally:
+            gw.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+    if not plain or not tls:
+        raise SystemExit("no good round for plain or TLS; see the messages above")
+    ratio = median(tls) / median(plain)
+    log(table(["round", "port", "inst/s"], rows))
+    log(f"median plain: {median(plain):,.1f} inst/s, TLS: {median(tls):,.1f} inst/s")
+    log(f"ratio TLS/plain = {ratio:.2f}   target >= {TARGET}: {verdict(ratio, TARGET)}")
+    out = write_json(
+        "tls.json",
+        {
+            "machine": machine(),
+            "count": len(paths),
+            "plain_inst_s": plain,
+            "tls_inst_s": tls,
+            "ratio": ratio,
+        },
+    )
+    log(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,7 +20,7 @@ import structlog
 from gateway.config import Config, load_config
 from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import ConfigError, ListenError
-from gateway.infer.bundles import Registry
+from gateway.infer.bundles import Registry, sha256_file
 from gateway.infer.runner import ModelRunner, RunnerSettings
 from gateway.ingest.assemble import Assembler
 from gateway.ingest.dicom_scp import DicomSCP
@@ -89,12 +89,9 @@ def _this_process() -> dict[str, str]:
     return {"application": "ai-gateway", "host": socket.gethostname()[:64], "user": user[:64]}
 
 
-def _file_hash(path: object) -> str:
-    import hashlib
-    from pathlib import Path
-
+def _file_hash(path: Path | None) -> str:
     try:
-        return hashlib.sha256(Path(str(path)).read_bytes()).hexdigest()
+        return sha256_file(path) if path is not None else "?"
     except OSError:
         return "?"
 

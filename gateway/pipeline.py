@@ -28,7 +28,7 @@ from gateway.infer.text import report_text_from_hl7
 from gateway.observability.metrics import Metrics
 from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom
 from gateway.route.rules import Attributes, decide
-from gateway.security.audit import NO_AUDIT, Auditor
+from gateway.security.audit import NO_AUDIT, Auditor, is_dicom_uid
 from gateway.security.tls import client_context
 from gateway.store.store import Store
 from gateway.workers import Beat
@@ -383,7 +383,7 @@ class Pipeline:
                     "host": dest.dicom.host,
                     "port": dest.dicom.port,
                 },
-                objects=([{"type": "study", "id": study_uid}] if _is_uid(study_uid) else [])
+                objects=([{"type": "study", "id": study_uid}] if is_dicom_uid(study_uid) else [])
                 + [{"type": "sop-instance", "count": len(delivered)}],
                 detail=f"{label if label == 'result' else 'forwarded'}: sent {len(delivered)}, "
                 f"refused {failed_permanent}" + (f", will retry: {transient}" if transient else ""),
@@ -464,10 +464,6 @@ class Pipeline:
     def close(self) -> None:
         for _, sender, _ in self._hl7.values():
             sender.close()
-
-
-def _is_uid(value: str) -> bool:
-    return bool(value) and len(value) <= 64 and all(p.isdigit() for p in value.split("."))
 
 
 def _control_id(raw: bytes) -> str:

@@ -20,7 +20,8 @@ from pydicom.filewriter import dcmwrite
 
 from gateway.config import Destination
 from gateway.envelope import Kind
-from gateway.errors import Permanent, ResultInvalid
+from gateway.errors import MalformedInput, Permanent, ResultInvalid
+from gateway.route.attributes import from_hl7
 from gateway.store.store import Store
 
 
@@ -156,24 +157,19 @@ class ResultBuilder:
 
 def report_study_ids(message: bytes) -> tuple[str, str]:
     """(accession number, Study Instance UID) a report names: the accession from OBR-3
-    (filler order number), else OBR-2 or ORC-3; the study UID from ZDS-1 (IHE)."""
-    import hl7
-
+    (filler order number), else OBR-2 or ORC-3; the study UID from ZDS-1 (IHE).  Read with
+    the routing reader (separators from MSH, escapes decoded, first repetition)."""
     try:
-        parsed = hl7.parse(message.decode("utf-8", "replace").replace("\n", "\r"))
-    except Exception:
+        attrs = from_hl7(message)
+    except MalformedInput:
         return "", ""
 
-    def field(segment: str, number: int) -> str:
-        try:
-            value = str(parsed.segment(segment)[number])
-        except (KeyError, IndexError):
-            return ""
-        component, repetition = str(parsed.separators[3]), str(parsed.separators[2])
-        return value.split(repetition)[0].split(component)[0].strip()
+    def first(path: str) -> str:
+        values = attrs.get(path)
+        return values[0].strip() if values else ""
 
-    accession = field("OBR", 3) or field("OBR", 2) or field("ORC", 3)
-    return accession, field("ZDS", 1)
+    accession = first("OBR-3.1") or first("OBR-2.1") or first("ORC-3.1")
+    return accession, first("ZDS-1.1")
 
 
 def check_dicom(ds: Dataset, result: dict[str, Any], headers: list[Dataset]) -> None:

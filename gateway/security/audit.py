@@ -152,6 +152,12 @@ OBJECT_TYPES: Final[Mapping[str, str]] = {
 _UID_TYPES = frozenset({"study", "series", "sop-instance"})
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
+
+def is_dicom_uid(value: str) -> bool:
+    """A well-formed DICOM UID (what a study, series or instance object id must be)."""
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
 #: Keys allowed in ``actor`` and ``destination``; ``node`` is a configured name (a
 #: destination key such as "pacs", a listener such as "dicom-tls"), ``user`` an OS user.
 PARTY_KEYS: Final[frozenset[str]] = frozenset(
@@ -240,7 +246,7 @@ def _object(obj: Mapping[str, Any]) -> dict[str, str | int]:
         ident = _text(obj["id"], f"object {kind!r} id")
         if "^" in ident:
             raise ValueError(f"audit object {kind!r} id looks like a person name (has '^')")
-        if kind in _UID_TYPES and (len(ident) > 64 or not _UID.fullmatch(ident)):
+        if kind in _UID_TYPES and not is_dicom_uid(ident):
             raise ValueError(f"audit object {kind!r} id is not a DICOM UID")
         out["id"] = ident
     if "count" in obj:

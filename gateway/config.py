@@ -201,6 +201,9 @@ class ModelConfig(_Strict):
     bundle: Path
     timeout: float = Field(default=300.0, gt=0)  # seconds; past it the run is stopped
     memory_mb: int = Field(default=4096, ge=256)  # resident memory of the model process
+    # the model sees de-identified input (PS3.15 basic profile; scrubbed report text), and
+    # its results are re-identified before they are built and sent
+    deidentify: bool = False
 
 
 MatchValue = str | int | float | bool | list[str | int | float] | dict[str, Any]

@@ -24,11 +24,12 @@ from gateway.errors import Permanent, Transient
 from gateway.hl7.msh import parse_header
 from gateway.infer.masks import decode_mask, encode_mask
 from gateway.infer.runner import Limits, ModelRunner
-from gateway.infer.text import report_text_from_hl7
+from gateway.infer.text import identifiers_from_hl7, report_text_from_hl7
 from gateway.observability.metrics import Metrics
 from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom
 from gateway.route.rules import Attributes, decide
 from gateway.security.audit import NO_AUDIT, Auditor, is_dicom_uid
+from gateway.security.deid import reidentify, scrub_text
 from gateway.security.tls import client_context
 from gateway.store.store import Store
 from gateway.workers import Beat
@@ -162,9 +163,13 @@ class Pipeline:
         result = self._run_model(name, kind, target, model, beat)
         result["made_at"] = self._now()  # the results' content time, stable across rebuilds
         mask = result.pop("mask", None)
+        crosswalk = result.pop("crosswalk", None)
         spool = self.store.spool
+        # the result as the model made it (pseudonymous UIDs when it saw de-identified
+        # input) and, apart from it, the crosswalk back to the originals
         result_key = spool.put(json.dumps(result).encode())
         mask_key = spool.put(encode_mask(mask)) if mask is not None else None
+        crosswalk_key = spool.put(json.dumps(crosswalk).encode()) if crosswalk else None
         log.info(
             "infer.done",
             model=name,
@@ -173,6 +178,7 @@ class Pipeline:
             findings=len(result["findings"]),
             seconds=result.get("seconds"),
             device=result.get("device"),
+            deidentified=model.deidentify,
         )
         send = [str(d) for d in job.payload.get("send", [])]
         if not send:
@@ -191,6 +197,7 @@ class Pipeline:
                     "route": job.payload.get("route"),
                     "result": result_key,
                     "mask": mask_key,
+                    "crosswalk": crosswalk_key,
                 },
             )
         ]
@@ -210,10 +217,14 @@ class Pipeline:
                 str(self.store.spool.root),
                 str(self.cfg.key_file),
                 tuple(e.spool_key for e in envelopes if e.spool_key),
+                deidentify=model.deidentify,  # done inside the runner, before the model
             )
         else:
             _, raw = self.store.read(target)
-            model_input = TextInput(report_text_from_hl7(raw))
+            text = report_text_from_hl7(raw)
+            if model.deidentify:
+                text = scrub_text(text, identifiers_from_hl7(raw))
+            model_input = TextInput(text)
         limits = Limits(timeout=model.timeout, memory_mb=model.memory_mb)
         try:
             result = self.runner.run(name, model_input, limits, beat)
@@ -240,6 +251,8 @@ class Pipeline:
         payload = job.payload
         spool = self.store.spool
         result = json.loads(spool.get(str(payload["result"])))
+        if payload.get("crosswalk"):  # the model saw de-identified input: put the UIDs back
+            result = reidentify(result, json.loads(spool.get(str(payload["crosswalk"]))))
         mask = decode_mask(spool.get(str(payload["mask"]))) if payload.get("mask") else None
         kind = Kind(payload["kind"])
         target = str(payload["target"])

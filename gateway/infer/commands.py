@@ -67,7 +67,8 @@ def models_run(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         pick_device,
         summarize,
     )
-    from gateway.infer.text import report_text_from_file
+    from gateway.infer.text import identifiers_from_file, report_text_from_file
+    from gateway.security.deid import reidentify, scrub_text
 
     registry = Registry.from_config(cfg.models, cfg.base_dir)
     if args.name not in cfg.models:
@@ -85,13 +86,19 @@ def models_run(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
             f"{model.device}) loaded in {loaded_s:.1f} s",
             file=out,
         )
+    deidentify = cfg.models[args.name].deidentify  # run it as the gateway would
+    if deidentify and not args.json:
+        print(f"{info.name} is configured with deidentify: its input is de-identified", file=out)
     runs: list[tuple[str, Any]] = []
     if info.input == "text":
         for path in args.inputs:
-            runs.append((str(path), TextInput(report_text_from_file(path))))
+            text = report_text_from_file(path)
+            if deidentify:
+                text = scrub_text(text, identifiers_from_file(path))
+            runs.append((str(path), TextInput(text)))
     else:
         files = _dicom_files(args.inputs)
-        runs.append((", ".join(str(p) for p in args.inputs), FilesInput(tuple(files))))
+        runs.append((", ".join(str(p) for p in args.inputs), FilesInput(tuple(files), deidentify)))
     results = []
     failed = 0
     for label, model_input in runs:
@@ -102,6 +109,9 @@ def models_run(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
             print(f"{label}: cannot run {info.name}: {exc.message}", file=out)
             continue
         mask = result.pop("mask", None)
+        if "crosswalk" in result:
+            crosswalk = result.pop("crosswalk")
+            result = reidentify(result, crosswalk)  # findings name the files' own UIDs
         if args.mask is not None and mask is not None:
             np.save(args.mask, mask)
         if args.json:

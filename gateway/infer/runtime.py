@@ -6,10 +6,12 @@ command import it; the network side of the gateway never does.
 How a bundle is run, by its ``gateway`` section (see :mod:`gateway.infer.bundles`):
 
 - **image, with ``entrypoint``** (``"infer.py:run"``): the function is called as
-  ``run(volume_hu, spacing, *, affine=..., [threads=...], [device=...])`` with the selected
-  series as a float32 volume indexed ``[column, row, slice]``, its spacing in mm and its
-  voxel-to-patient (LPS, mm) affine.  It returns ``{"findings": [...], "classification":
-  {...} | None, "mask": uint8 array | None}``.
+  ``run(volume_hu, spacing, *, affine=..., [threads=...], [device=...], [datasets=...])``
+  with the selected series as a float32 volume indexed ``[column, row, slice]``, its
+  spacing in mm and its voxel-to-patient (LPS, mm) affine; ``datasets`` (asked for by
+  naming it) are the series' pydicom datasets, de-identified when the model's config says
+  ``deidentify: true`` (:mod:`gateway.security.deid`).  It returns ``{"findings": [...],
+  "classification": {...} | None, "mask": uint8 array | None}``.
 - **image, without ``entrypoint``**: the MONAI Model Zoo layout (``network_def``,
   ``preprocessing``, ``inferer``, ``postprocessing`` in ``inference.json``) is run on the
   volume by :mod:`gateway.infer.segmentation`; labels become findings through
@@ -37,6 +39,7 @@ import numpy as np
 
 from gateway.errors import Permanent
 from gateway.infer.bundles import ModelInfo
+from gateway.security.deid import PROFILE
 
 # --- inputs ----------------------------------------------------------------------------
 
@@ -51,6 +54,7 @@ class FilesInput:
     """DICOM files on disk (``gateway models run``)."""
 
     paths: tuple[str, ...]
+    deidentify: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class SpoolInput:
     spool_dir: str
     key_file: str
     keys: tuple[str, ...]
+    deidentify: bool = False  # the basic profile before the model sees the series
 
 
 ModelInput = TextInput | FilesInput | SpoolInput
@@ -81,7 +86,7 @@ class LoadedModel:
         self._call = call
         self.device = device
         params = _parameters(call)
-        self._kwargs = {k for k in ("threads", "device") if k in params}
+        self._kwargs = {k for k in ("threads", "device", "datasets") if k in params}
 
     def run(self, model_input: ModelInput, *, threads: int | None = None) -> dict[str, Any]:
         started = time.monotonic()
@@ -100,14 +105,22 @@ class LoadedModel:
         else:
             if isinstance(model_input, TextInput):
                 raise InputError(f"model '{self.info.name}' takes a DICOM series, not text")
-            volume = read_volume(model_input, self.info.series_selection)
+            series = read_series(model_input, self.info.series_selection)
+            volume = series.volume
             extra: dict[str, Any] = {}
             if "threads" in self._kwargs and threads:
                 extra["threads"] = threads
             if "device" in self._kwargs:
                 extra["device"] = self.device
+            if "datasets" in self._kwargs:
+                extra["datasets"] = series.datasets
             out = self._call(volume.array, volume.spacing, affine=volume.affine, **extra)
             result = image_result(out, volume)
+            if series.crosswalk is not None:
+                # pseudonym -> original UID: the gateway keeps it apart, encrypted, and
+                # re-identifies the result with it before anything is built or sent
+                result["input"]["deidentified"] = PROFILE
+                result["crosswalk"] = series.crosswalk
             concept = self.info.outputs.get("classification")
             if result["classification"] and isinstance(concept, dict):
                 # what the study-level class means, coded, for the result builders
@@ -239,8 +252,23 @@ def _datasets(model_input: FilesInput | SpoolInput) -> tuple[list[Any], Callable
     return headers, full_from_spool
 
 
-def read_volume(model_input: FilesInput | SpoolInput, selection: dict[str, Any]) -> Any:
-    """Select the series the model wants and build its volume (see gateway.infer.image)."""
+@dataclass
+class Series:
+    """The series a model gets: its volume, its datasets, and, when it was de-identified,
+    the crosswalk from pseudonymous UIDs back to the originals."""
+
+    volume: Any
+    datasets: list[Any]
+    crosswalk: dict[str, str] | None = None
+
+
+def read_series(model_input: FilesInput | SpoolInput, selection: dict[str, Any]) -> Series:
+    """Select the series the model wants and build its volume (see gateway.infer.image).
+
+    The selection runs on the original headers (the gateway's own code); with
+    ``deidentify`` the chosen instances are then de-identified before the volume is built,
+    so nothing the model is given carries the patient's identity.
+    """
     from gateway.infer.image import (
         NoSeriesMatch,
         SeriesRules,
@@ -248,14 +276,21 @@ def read_volume(model_input: FilesInput | SpoolInput, selection: dict[str, Any])
         build_volume,
         select_series,
     )
+    from gateway.security.deid import DeidentificationError, Pseudonymizer, deidentify_dataset
 
     headers, full = _datasets(model_input)
     if not headers:
         raise InputError("no DICOM instances in the input")
     try:
         chosen = select_series(headers, SeriesRules.from_dict(selection))
-        return build_volume([full(h) for h in chosen.instances])
-    except (NoSeriesMatch, VolumeError) as exc:
+        datasets = [full(h) for h in chosen.instances]
+        crosswalk = None
+        if model_input.deidentify:
+            pseudonyms = Pseudonymizer()
+            datasets = [deidentify_dataset(ds, pseudonyms) for ds in datasets]
+            crosswalk = pseudonyms.crosswalk
+        return Series(build_volume(datasets), datasets, crosswalk)
+    except (NoSeriesMatch, VolumeError, DeidentificationError) as exc:
         raise InputError(str(exc)) from None
 
 

@@ -180,6 +180,14 @@ def _escape(body: str, seps: Separators, charset: str) -> str | None:
     return None
 
 
+def identifiers_from_file(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """:func:`identifiers_from_hl7` of a file that holds an HL7 message; none for plain text."""
+    start = _strip_framing(Path(path).read_bytes())
+    if start[:3] in (b"MSH", b"FHS", b"BHS"):
+        return identifiers_from_hl7(_from_first_msh(start))
+    return []
+
+
 def _count(text: str) -> int:
     text = text.lstrip("+")
     return int(text) if text.isdigit() else 1
@@ -237,3 +245,107 @@ def decode_message(data: bytes, charset: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.decode("latin-1")
+
+
+# Fields of a message that identify the patient or the people and orders around them, and
+# which of their components hold the identifying part (see :func:`identifiers_from_hl7`).
+# CX/EI: the ID (component 1); XPN: family, given, middle; XCN: ID, family, given, middle;
+# XAD: street, other, city, postcode; XTN: the number as written, area code, local number;
+# DT: a date; NDL (OBR-32…35): the name, as subcomponents of component 1.
+_ID_COMPONENTS: dict[str, tuple[tuple[int, ...], str]] = {
+    "CX": ((1,), "[ID]"),
+    "EI": ((1,), "[ID]"),
+    "ST": ((1,), "[ID]"),
+    "XPN": ((1, 2, 3), "[NAME]"),
+    "XCN": ((2, 3, 4), "[NAME]"),
+    "XAD": ((1, 2, 3, 5), "[ADDRESS]"),
+    "XTN": ((1, 6, 7), "[CONTACT]"),
+    "DT": ((1,), "[DATE]"),
+    "NDL": ((1,), "[NAME]"),
+}
+_ID_FIELDS: dict[str, dict[int, str]] = {
+    "PID": {
+        2: "CX",
+        3: "CX",
+        4: "CX",
+        5: "XPN",
+        6: "XPN",
+        7: "DT",
+        9: "XPN",
+        11: "XAD",
+        13: "XTN",
+        14: "XTN",
+        18: "CX",
+        19: "ST",
+        20: "ST",
+        21: "CX",
+        29: "DT",
+    },
+    "PD1": {4: "XCN"},
+    "NK1": {2: "XPN", 4: "XAD", 5: "XTN", 6: "XTN"},
+    "PV1": {7: "XCN", 8: "XCN", 9: "XCN", 17: "XCN", 19: "CX", 50: "CX", 52: "XCN"},
+    "MRG": {1: "CX", 2: "CX", 3: "CX", 5: "CX", 7: "XPN"},
+    "ORC": {2: "EI", 3: "EI", 4: "EI", 10: "XCN", 11: "XCN", 12: "XCN"},
+    "OBR": {
+        2: "EI",
+        3: "EI",
+        16: "XCN",
+        18: "ST",
+        19: "ST",
+        20: "ST",
+        21: "ST",
+        28: "XCN",
+        32: "NDL",
+        33: "NDL",
+        34: "NDL",
+        35: "NDL",
+    },
+    "GT1": {3: "XPN", 5: "XAD", 6: "XTN", 7: "XTN"},
+    "IN1": {16: "XPN", 19: "XAD", 36: "ST"},
+}
+
+
+def identifiers_from_hl7(message: bytes) -> list[tuple[str, str]]:
+    """The identifying values a message carries, as ``(placeholder, value)`` pairs for
+    :func:`gateway.security.deid.scrub_text`: the patient's names, IDs, birth date,
+    address and phone numbers, next of kin, providers, visit and order numbers.
+
+    A birth date is given in the spellings a report might use (``1961-03-14``,
+    ``14/03/1961``, ``03/14/1961``, ``14.03.1961``).
+    """
+    data = _strip_framing(message)
+    charset = message_charset(data)
+    segments = _segments(decode_message(data, charset))
+    if not segments or not segments[0].startswith("MSH"):
+        raise MalformedInput("an HL7 message must start with an MSH segment")
+    seps = Separators.from_msh(segments[0])
+    found: list[tuple[str, str]] = []
+    for segment in segments:
+        if segment.startswith("MSH"):
+            seps = Separators.from_msh(segment)
+            continue
+        fields_of = _ID_FIELDS.get(segment[:3])
+        if fields_of is None:
+            continue
+        fields = segment.split(seps.field)
+        for number, data_type in fields_of.items():
+            components, placeholder = _ID_COMPONENTS[data_type]
+            for repetition in _field(fields, number).split(seps.repetition):
+                parts = repetition.split(seps.component)
+                for c in components:
+                    if c > len(parts):
+                        continue
+                    for sub in parts[c - 1].split(seps.subcomponent):
+                        value = decode_escapes(sub, seps, charset).strip()
+                        if data_type == "DT":
+                            found += [(placeholder, v) for v in _date_spellings(value)]
+                        elif value:
+                            found.append((placeholder, value))
+    return found
+
+
+def _date_spellings(value: str) -> list[str]:
+    if len(value) < 8 or not value[:8].isdigit():
+        return [value] if value else []
+    y, m, d = value[:4], value[4:6], value[6:8]
+    return [value, value[:8], f"{y}-{m}-{d}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{d}.{m}.{y}"]

@@ -37,6 +37,8 @@ log = structlog.get_logger(__name__)
 
 
 WORKER_DRAIN_SECONDS = 10.0  # SIGTERM: how long jobs in hand get to finish
+RETENTION_FIRST_PASS = 60.0  # seconds after the start
+RETENTION_INTERVAL = 3600.0
 CERT_WARN_DAYS = 30  # /readyz details flag certificates expiring sooner
 
 
@@ -211,6 +213,7 @@ class Gateway:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hl7", daemon=True)
         self._stopped = threading.Event()
         self._started = False
+        self._retention = threading.Thread(target=self._retention_loop, name="retention")
 
     def _workers(self) -> list[Worker]:
         """One worker for routing (and, later, inference), one per destination lane."""
@@ -353,6 +356,34 @@ class Gateway:
             log.info("tls.reloaded", listener=section)
         self.pipeline.reset_senders()
 
+    def _retention_loop(self) -> None:
+        """With ``gateway.retention_days`` set: a retention pass a minute after the start,
+        then every hour (more often when the retention is shorter than a few hours)."""
+        from gateway.store.retention import DAY, audit_fields, purge
+
+        days = self.cfg.gateway.retention_days  # a restart-only setting
+        if days is None:
+            return
+        every = min(RETENTION_INTERVAL, days * DAY / 4)
+        wait = min(RETENTION_FIRST_PASS, every)
+        while not self._stopped.wait(wait):
+            wait = every
+            try:
+                # its own connection: its scans never hold the ingest connection's lock
+                store = Store(self.cfg.data_dir, self.cfg.key_file, create=False, durable=False)
+                try:
+                    report = purge(store, days)
+                finally:
+                    store.close()
+            except Exception as exc:  # the next pass tries again
+                log.error("retention.failed", error=type(exc).__name__, detail=str(exc)[:200])
+                continue
+            self.metrics.purged.labels(kind="study").inc(report.studies)
+            self.metrics.purged.labels(kind="message").inc(report.messages)
+            if report.studies or report.messages or report.files or report.keys_destroyed:
+                self.audit("data-deleted", actor=_this_process(), **audit_fields(report))
+                log.info("retention.done", **report.as_dict())
+
     def refresh_metrics(self) -> None:
         self.metrics.certificate_days_left.clear()
         for name, days in self.certificate_days().items():
@@ -396,6 +427,7 @@ class Gateway:
             self.runner.start()  # the processes load and warm up the models meanwhile
         for worker in self.workers:
             worker.start()
+        self._retention.start()
         self._started = True
         self.audit("application-activity", actor=_this_process(), detail="gateway started")
         log.info(
@@ -431,6 +463,8 @@ class Gateway:
             self.runner.close()  # a model still running is stopped; its job is retried
             for worker in self.workers:
                 worker.stop(2.0)
+        if self._retention.is_alive():
+            self._retention.join(timeout=30)
         self.pipeline.close()
         if self.assembler.running:
             self.assembler.stop()

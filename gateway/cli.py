@@ -181,6 +181,27 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     dev.add_argument("--force", action="store_true", help="overwrite existing files")
 
+    purge = with_config(
+        sub.add_parser(
+            "purge",
+            help="delete what the gateway is done with (retention), now",
+            description="Delete complete studies and HL7 messages received more than DAYS "
+            "ago whose every job is done, their results and spool files, and data keys no "
+            "object uses any more. Anything with a waiting, running or dead job is kept. "
+            "The running gateway does this every hour when gateway.retention_days is set; "
+            "this command does one pass now (safe beside a running gateway) and records it "
+            "in the audit trail.",
+        )
+    )
+    purge.add_argument(
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        help="retention in days (default: gateway.retention_days from the config)",
+    )
+    purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    purge.add_argument("--json", action="store_true", help="machine-readable output")
+
     keys = sub.add_parser("keys", help="manage the at-rest encryption keys")
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     with_config(
@@ -241,6 +262,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         if args.models_command == "list":
             return models_list(cfg, args.json, out)
         return models_run(cfg, args, out)
+    if args.command == "purge":
+        return _purge(cfg, args, out)
     if args.command == "keys":
         from gateway.store.crypto import KeyStore
 
@@ -254,6 +277,64 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         )
         return 0
     raise AssertionError(args.command)
+
+
+def _purge(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
+    import getpass
+
+    from gateway.security.audit import AuditLog, trail_path
+    from gateway.store.retention import audit_fields, purge
+    from gateway.store.store import Store
+
+    days = args.older_than if args.older_than is not None else cfg.gateway.retention_days
+    if days is None:
+        raise GatewayError(
+            f"no retention: set gateway.retention_days in {cfg.source} or pass --older-than DAYS"
+        )
+    if days < 0:
+        raise GatewayError("--older-than takes a number of days >= 0")
+    if not (cfg.data_dir / "queue.sqlite3").exists():
+        print(f"{cfg.data_dir}: no gateway data here, nothing to purge", file=out)
+        return 0
+    store = Store(cfg.data_dir, cfg.key_file, create=False)
+    try:
+        report = purge(store, days, dry_run=args.dry_run)
+    finally:
+        store.close()
+    if not args.dry_run:
+        with AuditLog.open(trail_path(cfg.data_dir)) as trail:  # safe beside a running gateway
+            trail.record(
+                "data-deleted",
+                actor={"application": "gateway-cli", "user": getpass.getuser()},
+                **audit_fields(report),
+            )
+    if args.json:
+        json.dump(report.as_dict(), out, indent=2)
+        out.write("\n")
+        return 0
+    d = report.as_dict()
+    verb = "would delete" if args.dry_run else "deleted"
+    print(
+        f"{verb}: {d['studies']} studies and {d['messages']} messages received before "
+        f"{d['cutoff']}"
+        + (f" ({d['envelopes']} stored objects)" if d["envelopes"] else "")
+        + f", {d['spool_files']} spool files ({d['spool_bytes'] / 1e6:.1f} MB)"
+        + ("" if args.dry_run else f", {len(d['keys_destroyed'])} data keys destroyed"),
+        file=out,
+    )
+    if report.kept:
+        print(
+            f"kept: {report.kept} old enough but with a job waiting, running or dead "
+            "(see gateway queue status / queue dead)",
+            file=out,
+        )
+    if args.dry_run:
+        print(
+            "(a dry run counts only the spool files no row names now; the files of what "
+            "it would delete go in the same pass)",
+            file=out,
+        )
+    return 0
 
 
 def _audit_key_rotation(cfg: Config, key_id: str) -> None:

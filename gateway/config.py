@@ -113,6 +113,10 @@ class GatewaySection(_Strict):
     encryption_key_file: Path = Path("../var/keys.json")
     inference: InferenceConfig = InferenceConfig()
     audit: AuditConfig = AuditConfig()
+    # days a study or message is kept after the gateway is done with it (every job done);
+    # then it, its results and, eventually, the keys that sealed them are deleted.
+    # null: keep everything (the spool grows until someone runs `gateway purge`)
+    retention_days: float | None = Field(default=None, gt=0)
 
 
 class AllowedCaller(_Strict):

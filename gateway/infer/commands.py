@@ -88,7 +88,7 @@ def models_run(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         )
     deidentify = cfg.models[args.name].deidentify  # run it as the gateway would
     if deidentify and not args.json:
-        print(f"{info.name} is configured with deidentify: its input is de-identified", file=out)
+        print("input de-identified first, as the gateway gives it (deidentify: true)", file=out)
     runs: list[tuple[str, Any]] = []
     if info.input == "text":
         for path in args.inputs:

@@ -56,6 +56,12 @@ class Metrics:
             registry=r,
         )
         self.dead_letters = Gauge("gateway_dead_letters", "Jobs that gave up", registry=r)
+        self.purged = Counter(
+            "gateway_purged_total",
+            "Studies and messages deleted by retention",
+            ["kind"],
+            registry=r,
+        )
         self.oldest_waiting = Gauge(
             "gateway_oldest_waiting_seconds",
             "Age of the oldest job not yet done, by lane",

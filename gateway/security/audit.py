@@ -17,6 +17,7 @@ event                      when
                            tampering was detected
 ``configuration-change``   the configuration was (re)loaded
 ``key-rotation``           a new at-rest data key was made current
+``data-deleted``           retention deleted studies and messages (and data keys)
 ``application-activity``   the gateway started or stopped
 =========================  ==========================================================
 
@@ -122,6 +123,7 @@ AuditEvent = Literal[
     "security-alert",
     "configuration-change",
     "key-rotation",
+    "data-deleted",
     "application-activity",
 ]
 Outcome = Literal["success", "minor-failure", "serious-failure", "major-failure"]

@@ -136,6 +136,22 @@ class KeyStore:
             self._save()
             return new
 
+    def forget(self, key_ids: Iterable[str]) -> list[str]:
+        """Destroy data keys that no stored object uses any more (never the current one):
+        whatever they sealed, copies included, can no longer be decrypted.  Returns the ids
+        destroyed.  The file is re-read first, so a key another process added is kept and
+        one it destroyed stays destroyed."""
+        with self._lock:
+            on_disk = KeyStore.open(self.path, create=False)
+            self._keys = dict(on_disk._keys)  # the file is the truth (rotations, forgets)
+            self.current = on_disk.current
+            gone = [k for k in key_ids if k in self._keys and k != self.current]
+            for key_id in gone:
+                del self._keys[key_id]
+            if gone:
+                self._save()
+            return gone
+
     @property
     def key_ids(self) -> list[str]:
         return list(self._keys)
@@ -156,6 +172,16 @@ class KeyStore:
             mac.update(part.encode("utf-8", "surrogateescape"))
             mac.update(b"\x1f")
         return mac.hexdigest()[:32]
+
+
+def key_id_of(blob_head: bytes) -> str:
+    """The data key id in a sealed blob's header ("" when it is not one)."""
+    if blob_head[:4] != MAGIC or len(blob_head) < 5 or len(blob_head) < 5 + blob_head[4]:
+        return ""
+    try:
+        return blob_head[5 : 5 + blob_head[4]].decode("ascii")
+    except UnicodeDecodeError:
+        return ""
 
 
 def _new_key_id() -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import threading
 import time
@@ -28,11 +29,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gateway.errors import IntegrityError, SpoolFull
-from gateway.store.crypto import Sealer, fsync_dir
+from gateway.store.crypto import Sealer, fsync_dir, key_id_of
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 POOL_BATCH = 32  # empty files created (and their directory fsync'd) at a time
+#: what a spool key looks like (``<UTC hour YYYYMMDDHH>-<32 hex>``), e.g. inside a payload
+SPOOL_KEY = re.compile(r"\b\d{10}-[0-9a-f]{32}\b")
 
 
 class Spool:
@@ -161,8 +164,70 @@ class Spool:
             raise IntegrityError(f"spool object {key} is missing") from None
         return self.sealer.open(blob, key.encode())
 
+    def size(self, key: str) -> int | None:
+        """The size of a blob on disk, or None when it is not there."""
+        try:
+            return self.path_for(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
     def exists(self, key: str) -> bool:
         return self.path_for(key).exists()
+
+    def sweep(
+        self, before: float, referenced: set[str], *, dry_run: bool = False
+    ) -> tuple[int, int]:
+        """Remove the spool files written before *before* (a time) that no row names
+        (deleted by retention, or left by a crash between a write and its commit); return
+        (files, bytes).  A file's hour is in its name; within *before*'s own hour its
+        modification time decides.  Empty files are spares created ahead: left alone."""
+        limit = time.strftime("%Y%m%d%H", time.gmtime(before))
+        with self._pool_lock:
+            spares = set(self._pool)
+        files = size = 0
+        for day in sorted(self.root.glob("[0-9]" * 8)):
+            if day.name > limit[:8]:
+                break
+            for hour in sorted(day.iterdir()):
+                if day.name + hour.name > limit:
+                    break
+                same_hour = day.name + hour.name == limit
+                for path in hour.glob("*.blob"):
+                    key = path.name[: -len(".blob")]
+                    if key in referenced or key in spares:
+                        continue
+                    try:
+                        st = path.stat()
+                    except FileNotFoundError:
+                        continue
+                    length = st.st_size
+                    if length == 0 or (same_hour and st.st_mtime >= before):
+                        continue
+                    files += 1
+                    size += length
+                    if not dry_run:
+                        _unlink_quietly(path)
+                if not dry_run:
+                    with contextlib.suppress(OSError):
+                        hour.rmdir()  # only when empty
+            if not dry_run:
+                with contextlib.suppress(OSError):
+                    day.rmdir()
+        return files, size
+
+    def key_ids_in_use(self) -> set[str]:
+        """The data keys the spool's files are sealed with (from each file's header)."""
+        used: set[str] = set()
+        for path in self.root.glob("*/*/*.blob"):
+            try:
+                with path.open("rb") as f:
+                    head = f.read(64)
+            except FileNotFoundError:
+                continue
+            key_id = key_id_of(head)
+            if key_id:
+                used.add(key_id)
+        return used
 
     def discard(self, key: str) -> None:
         """Remove a blob that no queue row references (e.g. the loser of a duplicate race)."""

@@ -14,12 +14,14 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.envelope import Envelope, Job, JobState, Kind, NextJob, Stage
 from gateway.errors import QueueUnavailable
 from gateway.store.queue import Ack, StudyInfo
+from gateway.store.spool import SPOOL_KEY
 
 SCHEMA_VERSION = 3
 
@@ -101,6 +103,27 @@ MIGRATIONS: dict[int, list[str]] = {
 
 
 SUPERSEDED = "superseded: a newer job for the same subject is waiting"
+
+
+@dataclass
+class PurgedRows:
+    """What :meth:`SQLiteQueue.purge_rows` deleted (or, in a dry run, would delete)."""
+
+    studies: list[str]  # study keys
+    messages: list[str]  # HL7 envelope ids
+    kept: int  # old enough, but a job is still waiting, running or dead
+    envelopes: int = 0
+    #: the spool files of what is deleted: instances, results, masks, crosswalks, built objects
+    spool_keys: list[str] = field(default_factory=list)
+    #: (envelope id, sealed attributes) of one instance per deleted study, for the audit
+    study_attrs: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def _delete_in(db: sqlite3.Connection, table: str, column: str, values: Sequence[Any]) -> None:
+    for start in range(0, len(values), 500):
+        part = list(values[start : start + 500])
+        marks = ",".join("?" * len(part))
+        db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", part)
 
 
 class LeaseLost(QueueUnavailable):
@@ -646,6 +669,117 @@ class SQLiteQueue:
                 "SELECT * FROM jobs WHERE state = 'dead' ORDER BY id"
             ).fetchall()
         return [_job(r) for r in rows]
+
+    # --- retention ----------------------------------------------------------------------
+
+    def purge_rows(self, cutoff: float, *, dry_run: bool = False, chunk: int = 200) -> PurgedRows:
+        """Delete what the gateway is done with and received before *cutoff*: complete
+        studies and HL7 messages whose every job is done, with their envelopes, jobs,
+        delivery records and accession references.  A study or message with a job that is
+        waiting, running or dead is kept (a dead letter may still be replayed).
+
+        Spool files are not touched here: their keys come back in ``spool_keys``, for the
+        caller to remove once the rows are gone.  Deletes run in transactions of *chunk*
+        subjects, so ingest waits for one short transaction at a time.
+        """
+        with self._lock:
+            busy = {
+                str(r["subject"]).rsplit("|", 1)[-1]
+                for r in self._db.execute("SELECT subject FROM jobs WHERE state != 'done'")
+            }
+            studies = [
+                str(r["study_key"])
+                for r in self._db.execute(
+                    "SELECT study_key FROM studies WHERE state = 'complete' AND last_at < ?"
+                    " ORDER BY last_at",
+                    (cutoff,),
+                )
+            ]
+            messages = [
+                str(r["id"])
+                for r in self._db.execute(
+                    "SELECT id FROM envelopes WHERE kind = 'hl7' AND received_at < ?"
+                    " ORDER BY received_at",
+                    (cutoff,),
+                )
+            ]
+            targets = {t for t in [*studies, *messages] if t not in busy}
+            jobs: dict[str, list[int]] = {}
+            keys: dict[str, list[str]] = {}
+            for r in self._db.execute("SELECT id, subject, payload FROM jobs WHERE state = 'done'"):
+                target = str(r["subject"]).rsplit("|", 1)[-1]
+                if target in targets:
+                    jobs.setdefault(target, []).append(int(r["id"]))
+                    keys.setdefault(target, []).extend(SPOOL_KEY.findall(str(r["payload"])))
+        out = PurgedRows(
+            studies=[s for s in studies if s in targets],
+            messages=[m for m in messages if m in targets],
+            kept=len(studies) + len(messages) - len(targets),
+        )
+        if dry_run:
+            out.study_attrs = [self._first_attrs(s) for s in out.studies]
+            for target in out.studies:
+                out.spool_keys += [e.spool_key for e in self.study_envelopes(target) if e.spool_key]
+            for target in targets:
+                out.spool_keys += keys.get(target, [])
+            return out
+        ordered = [*out.studies, *out.messages]
+        for start in range(0, len(ordered), chunk):
+            part = ordered[start : start + chunk]
+            with self._tx() as db:
+                for target in part:
+                    rows = db.execute(
+                        "SELECT id, attrs, spool_key FROM envelopes"
+                        " WHERE study_key = ? OR id = ? ORDER BY received_at",
+                        (target, target),
+                    ).fetchall()
+                    envs = [(str(r["id"]), bytes(r["attrs"])) for r in rows]
+                    out.spool_keys += [str(r["spool_key"]) for r in rows if r["spool_key"]]
+                    out.spool_keys += keys.get(target, [])
+                    if target in studies and envs:
+                        out.study_attrs.append((envs[0][0], envs[0][1]))
+                    ids = [e[0] for e in envs]
+                    _delete_in(db, "deliveries", "envelope_id", ids)
+                    _delete_in(db, "envelopes", "id", ids)
+                    _delete_in(db, "jobs", "id", jobs.get(target, []))
+                    db.execute("DELETE FROM study_refs WHERE study_key = ?", (target,))
+                    db.execute("DELETE FROM studies WHERE study_key = ?", (target,))
+                    out.envelopes += len(ids)
+        return out
+
+    def _first_attrs(self, study_key: str) -> tuple[str, bytes]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, attrs FROM envelopes WHERE study_key = ? ORDER BY received_at",
+                (study_key,),
+            ).fetchone()
+        return ("", b"") if row is None else (str(row["id"]), bytes(row["attrs"]))
+
+    def referenced_spool_keys(self) -> set[str]:
+        """Every spool key a row still names: envelopes' objects, and the results, masks,
+        crosswalks and built objects that jobs carry in their payloads."""
+        with self._lock:
+            keys = {
+                str(r["spool_key"])
+                for r in self._db.execute(
+                    "SELECT spool_key FROM envelopes WHERE spool_key IS NOT NULL"
+                )
+            }
+            for r in self._db.execute("SELECT payload FROM jobs"):
+                keys.update(SPOOL_KEY.findall(str(r["payload"])))
+        return keys
+
+    def sealed_blobs(self) -> Iterator[bytes]:
+        """The sealed values kept in rows (attributes, inline HL7 messages): for finding
+        which data keys are still in use."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT substr(attrs, 1, 64) AS a, substr(inline_blob, 1, 64) AS b FROM envelopes"
+            ).fetchall()
+        for r in rows:
+            for value in (r["a"], r["b"]):
+                if value is not None:
+                    yield bytes(value)
 
     def close(self) -> None:
         with self._lock:

@@ -88,7 +88,9 @@ def peek_image_bundle(root: Path, seen: Path) -> Path:
                     "study_uids": sorted({{str(ds.StudyInstanceUID) for ds in datasets}}),
                     "series_uids": sorted({{str(ds.SeriesInstanceUID) for ds in datasets}}),
                     "sop_uids": [str(ds.SOPInstanceUID) for ds in datasets],
-                    "patient_names": sorted({{str(ds.get("PatientName") or "") for ds in datasets}}),
+                    "patient_names": sorted(
+                        {{str(ds.get("PatientName") or "") for ds in datasets}}
+                    ),
                 }}, f)
             nx, ny, nz = volume_hu.shape
             centre = [nx // 2, ny // 2, nz // 2]

@@ -109,10 +109,12 @@ def issue(
     client: bool = False,
     key_type: KeyType = "ec",
     days: int = 1,
+    expired: bool = False,
 ) -> Issued:
     """Write ``folder/NAME.pem`` and ``folder/NAME.key``: a certificate for CN=*name*, signed
     by *issuer* (self-signed when None). ``server`` adds SAN DNS:localhost + IP:127.0.0.1 and
-    the serverAuth usage, ``client`` the clientAuth usage, ``ca`` makes it a CA."""
+    the serverAuth usage, ``client`` the clientAuth usage, ``ca`` makes it a CA.
+    ``expired``: valid from 30 days ago until yesterday."""
     folder.mkdir(parents=True, exist_ok=True)
     key = _new_key(key_type)
     subject = x509.Name(
@@ -127,14 +129,17 @@ def issue(
         (issuer.name, issuer.private_key) if issuer is not None else (subject, key)
     )
     now = dt.datetime.now(dt.UTC)
+    start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+    if expired:
+        start, end = now - dt.timedelta(days=30), now - dt.timedelta(days=1)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )

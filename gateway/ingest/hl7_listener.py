@@ -50,6 +50,7 @@ log = structlog.get_logger(__name__)
 
 AUDIT_BATCH = 200  # received messages named in one audit record, at most
 AUDIT_SECONDS = 1.0  # how long a received message waits for its audit record, at most
+TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds a client on the TLS port gets for its handshake
 
 OnMessage = Callable[[str, str], None]
 """Metrics hook: called once per message with (message type, ACK code) e.g. ("ORU^R01", "AA");
@@ -141,11 +142,12 @@ class HL7Listener:
         self._servers.append(plain)
         self._ports["mllp"] = _bound_port(plain)
         if self.config.tls is not None and self.ssl_context is not None:
+            # TCP first, then our own handshake (_serve_tls): asyncio's ssl= server drops a
+            # failed handshake without telling us, and a refused peer must be audited
             secure = await asyncio.start_server(
-                self._serve,
+                self._serve_tls,
                 self.config.host,
                 self.config.tls.port,
-                ssl=self.ssl_context,
                 limit=_reader_limit(self.config.max_frame_bytes),
             )
             self._servers.append(secure)
@@ -206,6 +208,33 @@ class HL7Listener:
         )
 
     # --- connections --------------------------------------------------------------------
+
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection on the TLS port: the handshake (client certificate verified against
+        hl7.tls.ca, TLS 1.2+), within :data:`TLS_HANDSHAKE_TIMEOUT`; a refusal is logged and
+        audited as a security alert, and the connection closed."""
+        peername = writer.get_extra_info("peername")
+        host = str(peername[0]) if isinstance(peername, tuple) and peername else "unknown"
+        assert self.ssl_context is not None
+        try:
+            await writer.start_tls(self.ssl_context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, TimeoutError, ValueError) as exc:  # ssl.SSLError is an OSError
+            # e.g. "CERTIFICATE_VERIFY_FAILED (certificate has expired)"
+            reason = getattr(exc, "reason", None) or str(exc)[:200] or "no handshake"
+            if getattr(exc, "verify_message", None):
+                reason = f"{reason} ({exc.verify_message})"  # type: ignore[attr-defined]
+            log.warning(
+                "hl7.tls.handshake_failed", peer=host, error=type(exc).__name__, reason=reason
+            )
+            self.audit.later(
+                "security-alert",
+                "minor-failure",
+                actor={"host": host},
+                detail=f"MLLP TLS handshake refused: {type(exc).__name__}: {reason}",
+            )
+            writer.close()
+            return
+        await self._serve(reader, writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")

@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.certs import PKI, make_pki
+from tests.certs import PKI, issue, make_pki
 from tests.dicomgen import SeriesSpec, dcmtk_env, free_port, make_study, storescu_args
 from tests.gatewayproc import GatewayProcess, write_config
 
@@ -36,6 +36,21 @@ class TLSGateway:
         r = self.gw.cli("queue", "status", "--json")
         assert r.returncode == 0, r.stderr
         return int(json.loads(r.stdout)["received"].get("dicom", 0))
+
+    def alerts(self) -> list[dict[str, object]]:
+        """The security-alert records of the gateway's audit trail."""
+        path = self.gw.data_dir / "audit" / "audit.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return [r for r in records if r["event"] == "security-alert"]
+
+    def wait_alert(self, before: int, timeout: float = 10.0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.alerts()
+            if len(found) > before:
+                return found[-1]
+            time.sleep(0.2)
+        raise AssertionError("no security-alert audit record")
 
     def accepted_associations(self) -> int:
         return sum(1 for e in self.gw.log_events() if _is(e, "association accepted"))
@@ -281,12 +296,42 @@ def _legacy_client(pki: PKI) -> ssl.SSLContext:
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
-def test_tls_1_1_client_is_refused(tls_gateway: TLSGateway) -> None:
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_tls_1_0_and_1_1_clients_are_refused_and_audited(
+    tls_gateway: TLSGateway, version: ssl.TLSVersion
+) -> None:
     pki = tls_gateway.pki
     if not _legacy_tls_available(pki):
         pytest.skip("this machine's OpenSSL cannot negotiate TLS 1.1 even with a willing peer")
-    reason = tls_refusal(tls_gateway.tls_port, _legacy_client(pki))
+    before = len(tls_gateway.alerts())
+    ctx = _legacy_client(pki)
+    ctx.minimum_version = ctx.maximum_version = version
+    reason = tls_refusal(tls_gateway.tls_port, ctx)
     assert reason in {"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL"}, reason
+    alert = tls_gateway.wait_alert(before)
+    assert str(alert["detail"]).startswith("DICOM TLS handshake refused")
+    assert "PROTOCOL" in str(alert["detail"]), alert
+
+
+def test_an_expired_client_certificate_is_refused_and_audited(
+    tls_gateway: TLSGateway, tmp_path: Path
+) -> None:
+    pki = tls_gateway.pki
+    expired = issue(tmp_path, "expired-client", pki.ca, client=True, expired=True)
+    before, accepted = len(tls_gateway.alerts()), tls_gateway.accepted_associations()
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    ctx.load_cert_chain(expired.cert, expired.key)
+    assert tls_refusal(tls_gateway.tls_port, ctx) == "SSLV3_ALERT_CERTIFICATE_EXPIRED"
+    r = echoscu(tls_gateway.tls_port, *dcmtk_tls(expired.key, expired.cert, pki.ca_cert))
+    assert r.returncode != 0
+    assert "certificate has expired" in str(tls_gateway.wait_alert(before)["detail"])
+    assert tls_gateway.accepted_associations() == accepted
+    assert (
+        echoscu(
+            tls_gateway.tls_port, *dcmtk_tls(pki.client_key, pki.client_cert, pki.ca_cert)
+        ).returncode
+        == 0
+    )
 
 
 # --- the plain port alongside ------------------------------------------------------------

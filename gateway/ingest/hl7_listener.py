@@ -221,8 +221,8 @@ class HL7Listener:
         except (OSError, TimeoutError, ValueError) as exc:  # ssl.SSLError is an OSError
             # e.g. "CERTIFICATE_VERIFY_FAILED (certificate has expired)"
             reason = getattr(exc, "reason", None) or str(exc)[:200] or "no handshake"
-            if getattr(exc, "verify_message", None):
-                reason = f"{reason} ({exc.verify_message})"  # type: ignore[attr-defined]
+            if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+                reason = f"{reason} ({exc.verify_message})"
             log.warning(
                 "hl7.tls.handshake_failed", peer=host, error=type(exc).__name__, reason=reason
             )

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
 from gateway.errors import IntegrityError, KeyStoreError
 
 MAGIC = b"GWE1"
+KEY_GRACE = 3600.0  # seconds a replaced data key is kept at least (see KeyStore.forget)
 NONCE_BYTES = 12
 TAG_BYTES = 16
 
@@ -58,6 +59,8 @@ class KeyStore:
         self._keys = {k.key_id: k for k in keys}
         self.current = current
         self._lock = threading.Lock()
+        self._seen = _mtime(path)  # the key file as last read (see refresh)
+        self._checked = time.monotonic()
         # A keyed hash for identifiers (UIDs, MSH-10): stable across rotations, never reversible.
         self.index_key = HKDF(SHA256(), 32, salt=None, info=b"gateway index v1").derive(master)
 
@@ -126,6 +129,7 @@ class KeyStore:
             os.close(fd)
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
+        self._seen = _mtime(self.path)
 
     def rotate(self) -> DataKey:
         """Add a new data key and make it current; older keys stay for reading."""
@@ -136,16 +140,49 @@ class KeyStore:
             self._save()
             return new
 
-    def forget(self, key_ids: Iterable[str]) -> list[str]:
+    def refresh(self, *, every: float = 1.0) -> None:
+        """Pick up a rotation another process (``gateway keys rotate``) wrote to the key
+        file: checked at most every *every* seconds, re-read only when the file changed."""
+        now = time.monotonic()
+        if now - self._checked < every:
+            return
+        self._checked = now
+        seen = _mtime(self.path)
+        if seen == self._seen or seen is None:
+            return
+        with self._lock:
+            on_disk = KeyStore.open(self.path, create=False)
+            self._keys = dict(on_disk._keys)
+            self.current = on_disk.current
+            self._seen = seen
+
+    def forget(
+        self, key_ids: Iterable[str], *, now: float | None = None, grace: float = KEY_GRACE
+    ) -> list[str]:
         """Destroy data keys that no stored object uses any more (never the current one):
         whatever they sealed, copies included, can no longer be decrypted.  Returns the ids
         destroyed.  The file is re-read first, so a key another process added is kept and
-        one it destroyed stays destroyed."""
+        one it destroyed stays destroyed.
+
+        A key replaced less than *grace* seconds ago is kept: a running gateway notices a
+        rotation within a second (:meth:`refresh`) but may still be sealing an object with
+        the old key meanwhile, and that object's file may not exist yet."""
+        now = time.time() if now is None else now
         with self._lock:
             on_disk = KeyStore.open(self.path, create=False)
             self._keys = dict(on_disk._keys)  # the file is the truth (rotations, forgets)
             self.current = on_disk.current
-            gone = [k for k in key_ids if k in self._keys and k != self.current]
+            created = sorted(k.created for k in self._keys.values())
+
+            def replaced_long_ago(key: DataKey) -> bool:
+                later = [c for c in created if c > key.created]
+                return bool(later) and later[0] < now - grace
+
+            gone = [
+                k
+                for k in key_ids
+                if k in self._keys and k != self.current and replaced_long_ago(self._keys[k])
+            ]
             for key_id in gone:
                 del self._keys[key_id]
             if gone:
@@ -157,12 +194,15 @@ class KeyStore:
         return list(self._keys)
 
     def key(self, key_id: str) -> bytes:
+        if key_id not in self._keys:
+            self.refresh(every=0)  # a key made by a rotation since we read the file
         try:
             return self._keys[key_id].key
         except KeyError:
             raise IntegrityError(f"blob encrypted with unknown data key '{key_id}'") from None
 
     def current_key(self) -> DataKey:
+        self.refresh()
         return self._keys[self.current]
 
     def index(self, *parts: str) -> str:
@@ -172,6 +212,13 @@ class KeyStore:
             mac.update(part.encode("utf-8", "surrogateescape"))
             mac.update(b"\x1f")
         return mac.hexdigest()[:32]
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def key_id_of(blob_head: bytes) -> str:

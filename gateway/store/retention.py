@@ -10,9 +10,10 @@ The gateway is a relay, not an archive.  With ``gateway.retention_days`` set, a 
 2. their spool files: the instances, model results, masks, crosswalks and built SR/SEG/ORU
    objects; and spool files written before the cutoff that no row names (a crash left them
    between a write and its commit);
-3. data keys that no stored object is sealed with any more (never the current key): after
-   a key rotation the old key is destroyed once the last object it sealed is gone, so a
-   copy of those files (a backup, a disk image) can no longer be decrypted.
+3. data keys that no stored object is sealed with any more (never the current key, nor
+   one replaced less than an hour ago): after a key rotation the old key is destroyed once
+   the last object it sealed is gone, so a copy of those files (a backup, a disk image)
+   can no longer be decrypted.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def purge(
     store: Store, older_than_days: float, *, now: float | None = None, dry_run: bool = False
 ) -> PurgeReport:
     """One retention pass over *store* (see the module docstring)."""
-    cutoff = (time.time() if now is None else now) - older_than_days * DAY
+    now = time.time() if now is None else now
+    cutoff = now - older_than_days * DAY
     report = PurgeReport(cutoff=cutoff, dry_run=dry_run)
     rows = store.queue.purge_rows(cutoff, dry_run=dry_run)
     report.studies, report.messages, report.kept = len(rows.studies), len(rows.messages), rows.kept
@@ -89,7 +91,7 @@ def purge(
         used = store.spool.key_ids_in_use()
         used |= {key_id_of(head) for head in store.queue.sealed_blobs()}
         unused = [k for k in store.keys.key_ids if k not in used]
-        report.keys_destroyed = store.keys.forget(unused)
+        report.keys_destroyed = store.keys.forget(unused, now=now)
     return report
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.envelope import Job, Kind, NextJob, Stage
 from gateway.errors import IntegrityError
-from gateway.store.crypto import KeyStore
+from gateway.store.crypto import KeyStore, key_id_of
 from gateway.store.retention import DAY, audit_fields, purge
 from gateway.store.store import Store
 
@@ -143,12 +143,14 @@ def test_a_rotated_key_is_destroyed_once_nothing_it_sealed_is_left(
     old = ingest_study(store, "1.2.4", OLD)
     run_all(store, OLD + 10)
     first_key = store.keys.current
-    copy = next(store.spool.root.rglob("*.blob")).read_bytes()  # e.g. a backup
-    copy_key = next(store.spool.root.rglob("*.blob")).name[:-5]
+    blob = next(p for p in store.spool.root.rglob("*.blob") if p.stat().st_size)
+    copy, copy_key = blob.read_bytes(), blob.name[:-5]  # e.g. a backup
     store.keys.rotate()
     recent = ingest_study(store, "1.2.5", NOW)
 
-    report = purge(store, 7, now=NOW)
+    # a key replaced moments ago is kept: a running gateway may still be sealing with it
+    assert purge(store, 7, now=time.time()).keys_destroyed == []
+    report = purge(store, 7, now=time.time() + 2 * 3600)
     assert report.keys_destroyed == [first_key]
     on_disk = KeyStore.open(tmp_path / "var" / "keys.json", create=False)
     assert first_key not in on_disk.key_ids and on_disk.current == store.keys.current
@@ -159,7 +161,22 @@ def test_a_rotated_key_is_destroyed_once_nothing_it_sealed_is_left(
         assert store.read(env.id)[1].startswith(b"DICM")  # sealed with the current key
     # a key still in use is kept
     store.keys.rotate()
-    assert purge(store, 7, now=NOW).keys_destroyed == []
+    assert purge(store, 7, now=time.time() + 2 * 3600).keys_destroyed == []
+
+
+def test_a_rotation_by_another_process_is_used_for_the_next_object(
+    store: Store, tmp_path: Path
+) -> None:
+    """`gateway keys rotate` beside a running gateway: the gateway seals with the new key
+    within a second, so the old key can be destroyed once its objects are gone."""
+    before = store.keys.current
+    other = KeyStore.open(tmp_path / "var" / "keys.json", create=False)  # the CLI
+    new = other.rotate()
+    store.keys._checked -= 2  # a second has passed
+    key = store.spool.put(b"after the rotation")
+    assert store.keys.current == new.key_id != before
+    head = store.spool.path_for(key).read_bytes()[:64]
+    assert key_id_of(head) == new.key_id
 
 
 def test_a_message_dead_lettered_is_kept_until_replayed_and_done(store: Store) -> None:

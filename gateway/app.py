@@ -17,7 +17,7 @@ from types import FrameType
 
 import structlog
 
-from gateway.config import Config, load_config
+from gateway.config import Config, ServerTLS, load_config
 from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import ConfigError, ListenError
 from gateway.infer.bundles import Registry, sha256_file
@@ -135,7 +135,7 @@ def _model_runner(cfg: Config) -> ModelRunner | None:
 
 
 @contextlib.contextmanager
-def _listening(what: str, host: str, port: int) -> Iterator[None]:
+def _listening(what: str, host: str, port: int | str) -> Iterator[None]:
     """Turn a bind failure into an error that says which listener and what to do."""
     try:
         yield
@@ -149,6 +149,11 @@ def _listening(what: str, host: str, port: int) -> Iterator[None]:
         raise ListenError(
             f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}; {hint}"
         ) from None
+
+
+def _ports(plain: int | None, tls: ServerTLS | None) -> str:
+    """The ports a listener binds, for an error message: "11112", "11112/2762", "2762"."""
+    return "/".join(str(p) for p in (plain, tls.port if tls else None) if p is not None)
 
 
 class Gateway:
@@ -408,9 +413,11 @@ class Gateway:
         self.http.start()
         self._loop_thread.start()
         try:
-            with _listening("hl7", self.cfg.hl7.host, self.cfg.hl7.port):
+            with _listening("hl7", self.cfg.hl7.host, _ports(self.cfg.hl7.port, self.cfg.hl7.tls)):
                 asyncio.run_coroutine_threadsafe(self.hl7.start(), self._loop).result(timeout=30)
-            with _listening("dicom", self.cfg.dicom.host, self.cfg.dicom.port):
+            with _listening(
+                "dicom", self.cfg.dicom.host, _ports(self.cfg.dicom.port, self.cfg.dicom.tls)
+            ):
                 self.dicom.start()
         except BaseException:
             self.stop()

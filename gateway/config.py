@@ -134,7 +134,7 @@ class AllowedCaller(_Strict):
 class DicomSection(_Strict):
     ae_title: AETitle = "AI_GATEWAY"
     host: str = "127.0.0.1"
-    port: ListenPort = 11112
+    port: ListenPort | None = 11112  # null: no plain port (TLS only)
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
     max_pdu: Annotated[int, Field(ge=0)] = 0
     tls: ServerTLS | None = None
@@ -144,6 +144,12 @@ class DicomSection(_Strict):
     # memory: for sites sending instances of hundreds of MB (whole-slide, long multi-frame).
     # Trade-off: a full disk then aborts the association instead of answering 0xA700.
     receive_to_disk: bool = False
+
+    @model_validator(mode="after")
+    def _listens(self) -> DicomSection:
+        if self.port is None and self.tls is None:
+            raise ValueError("@port: null switches the plain port off, which needs dicom.tls")
+        return self
 
 
 class AllowedSender(_Strict):
@@ -158,11 +164,17 @@ class AllowedSender(_Strict):
 
 class HL7Section(_Strict):
     host: str = "127.0.0.1"
-    port: ListenPort = 2575
+    port: ListenPort | None = 2575  # null: no plain port (TLS only)
     tls: ServerTLS | None = None
     allowed_senders: list[AllowedSender] = Field(min_length=1)
     max_frame_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     idle_timeout: Seconds = 600
+
+    @model_validator(mode="after")
+    def _listens(self) -> HL7Section:
+        if self.port is None and self.tls is None:
+            raise ValueError("@port: null switches the plain port off, which needs hl7.tls")
+        return self
 
 
 class RetryPolicyConfig(_Strict):

@@ -429,16 +429,17 @@ class DicomSCP:
 
     def start(self) -> None:
         self.purge_incoming()
-        self.servers.append(
-            cast(
-                ThreadedAssociationServer,
-                self.ae.start_server(
-                    (self.cfg.host, self.cfg.port),
-                    block=False,
-                    evt_handlers=self.handlers,
-                ),
+        if self.cfg.port is not None:  # null: TLS only
+            self.servers.append(
+                cast(
+                    ThreadedAssociationServer,
+                    self.ae.start_server(
+                        (self.cfg.host, self.cfg.port),
+                        block=False,
+                        evt_handlers=self.handlers,
+                    ),
+                )
             )
-        )
         if self.cfg.tls is not None and self.ssl_context is not None:
             server = cast(
                 _TLSAssociationServer,

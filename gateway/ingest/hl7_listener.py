@@ -133,14 +133,15 @@ class HL7Listener:
         self._stopping = False
         self._senders = [await self._resolve(s) for s in self.config.allowed_senders]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hl7-store")
-        plain = await asyncio.start_server(
-            self._serve,
-            self.config.host,
-            self.config.port,
-            limit=_reader_limit(self.config.max_frame_bytes),
-        )
-        self._servers.append(plain)
-        self._ports["mllp"] = _bound_port(plain)
+        if self.config.port is not None:  # null: TLS only
+            plain = await asyncio.start_server(
+                self._serve,
+                self.config.host,
+                self.config.port,
+                limit=_reader_limit(self.config.max_frame_bytes),
+            )
+            self._servers.append(plain)
+            self._ports["mllp"] = _bound_port(plain)
         if self.config.tls is not None and self.ssl_context is not None:
             # TCP first, then our own handshake (_serve_tls): asyncio's ssl= server drops a
             # failed handshake without telling us, and a refused peer must be audited
@@ -180,9 +181,10 @@ class HL7Listener:
         log.info("hl7.stopped")
 
     @property
-    def port(self) -> int:
-        """The bound plain MLLP port (the real one when the config says 0)."""
-        return self._ports["mllp"]
+    def port(self) -> int | None:
+        """The bound plain MLLP port (the real one when the config says 0); ``None`` when
+        the plain port is switched off (``hl7.port: null``)."""
+        return self._ports.get("mllp")
 
     @property
     def tls_port(self) -> int | None:

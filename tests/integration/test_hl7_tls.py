@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +22,13 @@ from tests.certs import PKI, issue, make_pki
 from tests.dicomgen import free_port
 from tests.gatewayproc import GatewayProcess, write_config
 from tests.hl7msgs import oru_r01
-from tests.integration.test_dicom_tls import _legacy_client, _legacy_tls_available, tls_refusal
+from tests.integration.test_dicom_tls import (
+    _legacy_client,
+    _legacy_tls_available,
+    dcmtk_tls,
+    echoscu,
+    tls_refusal,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -171,3 +179,43 @@ def test_plain_mllp_on_the_tls_port_gets_no_ack_and_is_audited(listener: TLSList
     assert b"MSA" not in reply
     assert "MLLP TLS handshake refused" in listener.wait_alert(before)["detail"]
     assert received(listener) == stored  # nothing was stored
+
+
+def test_the_plain_ports_can_be_switched_off(tmp_path: Path) -> None:
+    """dicom.port: null and hl7.port: null: the gateway listens on its TLS ports only."""
+    pki = make_pki(tmp_path / "pki")
+    tls = {
+        "cert": str(pki.server_cert),
+        "key": str(pki.server_key),
+        "ca": str(pki.ca_cert),
+        "require_client_cert": True,
+    }
+    dicom_tls, hl7_tls = free_port(), free_port()
+    config = write_config(
+        tmp_path,
+        dicom={"port": None, "tls": {"port": dicom_tls, **tls}},
+        hl7={"port": None, "tls": {"port": hl7_tls, **tls}},
+    )
+    gw = GatewayProcess(config, tmp_path / "gateway.log").start()
+    try:
+        events = {e["event"]: e for e in gw.log_events() if str(e["event"]).endswith("listening")}
+        assert events["dicom.listening"]["ports"] == [dicom_tls]
+        assert events["hl7.listening"]["ports"] == {"mllp+tls": hl7_tls}
+        r = echoscu(dicom_tls, *dcmtk_tls(pki.client_key, pki.client_cert, pki.ca_cert))
+        assert r.returncode == 0, r.stdout + r.stderr
+        ack = send_over_tls(hl7_tls, pki.client_context(), oru_r01(control_id="TLSONLY1"))
+        assert b"MSA|AA|TLSONLY1" in ack
+    finally:
+        gw.stop()
+
+
+def test_switching_the_plain_port_off_without_tls_is_a_config_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, hl7={"port": None})
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check-config", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1
+    assert "hl7.port: null switches the plain port off, which needs hl7.tls" in r.stderr

@@ -112,7 +112,10 @@ def _study_uid(store: Store, envelope_id: str, sealed: bytes) -> str:
 def audit_fields(report: PurgeReport, limit: int = 200) -> dict[str, Any]:
     """The ``data-deleted`` audit record of a pass: the deleted studies by UID (the first
     *limit*; the count says how many in all), messages and destroyed keys."""
-    objects: list[dict[str, Any]] = [{"type": "study", "id": u} for u in report.study_uids[:limit]]
+    from gateway.security.audit import is_dicom_uid
+
+    uids = [u for u in report.study_uids if is_dicom_uid(u)]  # the trail takes only UIDs
+    objects: list[dict[str, Any]] = [{"type": "study", "id": u} for u in uids[:limit]]
     objects.append({"type": "study", "count": report.studies})
     objects.append({"type": "message", "count": report.messages})
     objects += [{"type": "data-key", "id": k} for k in report.keys_destroyed]

@@ -157,3 +157,53 @@ class GatewayProcess:
             text=True,
             timeout=60,
         )
+
+    # --- what tests ask of a running gateway -------------------------------------------
+
+    def send_study(self, paths: list[Path], aet: str = "STORESCU") -> None:
+        """dcmtk storescu of *paths* to the plain DICOM port; fails the test if refused."""
+        from tests.dicomgen import dcmtk_env, storescu_args
+
+        r = subprocess.run(
+            storescu_args(paths, port=self.dicom_port, aet=aet),
+            env=dcmtk_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    def queue_status(self) -> dict[str, Any]:
+        """``gateway queue status --json``."""
+        r = self.cli("queue", "status", "--json")
+        assert r.returncode == 0, r.stderr
+        value: dict[str, Any] = json.loads(r.stdout)
+        return value
+
+    def audit_records(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The audit trail's records (of one *event* type)."""
+        path = self.data_dir / "audit" / "audit.jsonl"
+        if not path.exists():
+            return []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return [r for r in records if event is None or r["event"] == event]
+
+    def wait_audit(self, event: str, after: int, timeout: float = 10.0) -> dict[str, Any]:
+        """The first *event* record after the first *after* ones (waits for it)."""
+        found: list[dict[str, Any]] = wait_until(
+            f"an audit record '{event}'",
+            lambda: (r := self.audit_records(event))[after:] and r,
+            timeout,
+        )
+        return found[after]
+
+
+def wait_until(what: str, check: Any, timeout: float = 60.0) -> Any:
+    """Poll *check* until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

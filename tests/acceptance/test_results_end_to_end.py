@@ -182,17 +182,13 @@ def test_a_chest_ct_comes_back_as_sr_seg_and_oru(
 
     # the audit trail says where each result went: the SR and SEG to the PACS under the
     # study's UID, the ORU to the EHR by its MSH-10; and the chain verifies
-    trail = [
-        json.loads(x) for x in (gw.data_dir / "audit" / "audit.jsonl").read_text().split("\n") if x
-    ]
     to_pacs = [
         r
-        for r in trail
-        if r["event"] == "instances-transferred"
-        and {"type": "study", "id": study_uid} in r["objects"]
+        for r in gw.audit_records("instances-transferred")
+        if {"type": "study", "id": study_uid} in r["objects"]
     ]
     assert len(to_pacs) == 2 and all(r["outcome"] == "success" for r in to_pacs)
-    to_ehr = [r for r in trail if r["event"] == "message-transferred"]
+    to_ehr = gw.audit_records("message-transferred")
     assert {"type": "message", "id": msh10[0]} in to_ehr[0]["objects"]
     assert gw.cli("audit", "verify").returncode == 0
 

@@ -28,7 +28,7 @@ import pytest
 pytest.importorskip("torch")
 
 from tests.ctstudy import write_ct_series
-from tests.dicomgen import dcmtk_env, free_port, storescp_args, storescu_args, wait_for_port
+from tests.dicomgen import dcmtk_env, free_port, storescp_args, wait_for_port
 from tests.gatewayproc import GatewayProcess, write_config
 from tests.hl7msgs import oru_r01, send_mllp
 from tests.integration.test_inference_pipeline import build_job, spool_of, wait_for
@@ -219,14 +219,7 @@ def test_an_image_model_sees_no_patient_and_its_results_file_under_the_original_
     source = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     study_uid = str(source[0].StudyInstanceUID)
     source_uids = {str(ds.SOPInstanceUID) for ds in source}
-    r = subprocess.run(
-        storescu_args(paths, port=gw.dicom_port),
-        env=dcmtk_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    gw.send_study(paths)
 
     job = build_job(gw, "peek-image")
     seen = json.loads((folder / "seen.json").read_text())

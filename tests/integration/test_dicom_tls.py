@@ -39,18 +39,10 @@ class TLSGateway:
 
     def alerts(self) -> list[dict[str, object]]:
         """The security-alert records of the gateway's audit trail."""
-        path = self.gw.data_dir / "audit" / "audit.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        return [r for r in records if r["event"] == "security-alert"]
+        return self.gw.audit_records("security-alert")
 
-    def wait_alert(self, before: int, timeout: float = 10.0) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.alerts()
-            if len(found) > before:
-                return found[-1]
-            time.sleep(0.2)
-        raise AssertionError("no security-alert audit record")
+    def wait_alert(self, before: int) -> dict[str, object]:
+        return self.gw.wait_audit("security-alert", before)
 
     def accepted_associations(self) -> int:
         return sum(1 for e in self.gw.log_events() if _is(e, "association accepted"))

@@ -5,12 +5,10 @@ listener serving the next, good client.  The mirror of tests/integration/test_di
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +41,10 @@ class TLSListener:
     port: int
 
     def alerts(self) -> list[dict[str, Any]]:
-        path = self.gw.data_dir / "audit" / "audit.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        return [r for r in records if r["event"] == "security-alert"]
+        return self.gw.audit_records("security-alert")
 
-    def wait_alert(self, before: int, timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.alerts()
-            if len(found) > before:
-                return found[-1]
-            time.sleep(0.2)
-        raise AssertionError("no security-alert audit record")
+    def wait_alert(self, before: int) -> dict[str, Any]:
+        return self.gw.wait_audit("security-alert", before)
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +153,7 @@ def test_tls_1_0_and_1_1_are_refused(listener: TLSListener, version: ssl.TLSVers
 
 
 def received(listener: TLSListener) -> int:
-    status = json.loads(listener.gw.cli("queue", "status", "--json").stdout)
-    return int(status["received"].get("hl7", 0))
+    return int(listener.gw.queue_status()["received"].get("hl7", 0))
 
 
 def test_plain_mllp_on_the_tls_port_gets_no_ack_and_is_audited(listener: TLSListener) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,9 @@ from tests.dicomgen import (
     free_port,
     make_study,
     storescp_args,
-    storescu_args,
     wait_for_port,
 )
-from tests.gatewayproc import GatewayProcess, write_config
+from tests.gatewayproc import GatewayProcess, wait_until, write_config
 from tests.hl7msgs import oru_r01, send_mllp
 from tests.mllpsink import MLLPSink
 
@@ -71,44 +69,13 @@ def forwarding_gateway(
     return GatewayProcess(config, folder / "gateway.log")
 
 
-def send_study(gw: GatewayProcess, paths: list[Path]) -> None:
-    r = subprocess.run(
-        storescu_args(paths, port=gw.dicom_port),
-        env=dcmtk_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def wait_until(what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def status(gw: GatewayProcess) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads(gw.cli("queue", "status", "--json").stdout)
-    return value
-
-
 def all_delivered(gw: GatewayProcess) -> bool:
-    s = status(gw)
+    s = gw.queue_status()
     return s.get("jobs:deliver") == {"done": 2} and s.get("jobs:route") == {"done": 2}
 
 
 def spool_blobs(gw: GatewayProcess) -> list[Path]:
     return [p for p in (gw.data_dir / "spool").rglob("*.blob") if p.stat().st_size]
-
-
-def trail(gw: GatewayProcess) -> list[dict[str, Any]]:
-    path = gw.data_dir / "audit" / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_the_running_gateway_deletes_what_it_delivered_once_retention_has_passed(
@@ -120,16 +87,16 @@ def test_the_running_gateway_deletes_what_it_delivered_once_retention_has_passed
     # 0.0001 days = 8.6 s: the gateway checks every 2.2 s at that retention
     gw = forwarding_gateway(tmp_path, pacs_port, sink, retention_days=0.0001).start()
     try:
-        send_study(gw, paths)
+        gw.send_study(paths)
         (ack,) = send_mllp(gw.hl7_port, [oru_r01(control_id="RET00001")])
         assert b"MSA|AA|RET00001" in ack
         wait_until("both deliveries", lambda: all_delivered(gw))
         assert len(list(received.iterdir())) == 3 and len(sink.received) == 1
         assert spool_blobs(gw)
 
-        wait_until("the retention pass", lambda: status(gw).get("jobs:route") is None, 60)
+        wait_until("the retention pass", lambda: gw.queue_status().get("jobs:route") is None, 60)
         assert not spool_blobs(gw)
-        deleted = [r for r in trail(gw) if r["event"] == "data-deleted"]
+        deleted = gw.audit_records("data-deleted")
         assert deleted and {"type": "study", "id": study_uid} in deleted[0]["objects"]
         metrics = gw.get("/metrics")[1].decode()
         assert 'gateway_purged_total{kind="study"} 1.0' in metrics
@@ -138,7 +105,7 @@ def test_the_running_gateway_deletes_what_it_delivered_once_retention_has_passed
         # the study is new to the gateway again: received and forwarded again
         for f in received.iterdir():
             f.unlink()
-        send_study(gw, paths)
+        gw.send_study(paths)
         wait_until("the resend at the PACS", lambda: len(list(received.iterdir())) == 3)
     finally:
         gw.stop()
@@ -152,30 +119,30 @@ def test_gateway_purge_counts_first_then_deletes_and_keeps_dead_letters(
     paths = make_study(tmp_path / "ct", series=[SeriesSpec("CT", count=2, rows=16, cols=16)])
     gw = forwarding_gateway(tmp_path, pacs_port, sink).start()
     try:
-        send_study(gw, paths)
+        gw.send_study(paths)
         send_mllp(gw.hl7_port, [oru_r01(control_id="RET00002")])
         wait_until("both deliveries", lambda: all_delivered(gw))
         sink.reply = "AR"  # the EHR refuses the next one: a dead letter
         send_mllp(gw.hl7_port, [oru_r01(control_id="RET00003")])
-        wait_until("the dead letter", lambda: status(gw).get("jobs:deliver", {}).get("dead"))
+        wait_until("the dead letter", lambda: gw.queue_status().get("jobs:deliver", {}).get("dead"))
 
         dry = gw.cli("purge", "--older-than", "0", "--dry-run")
         assert dry.returncode == 0, dry.stderr
         assert "would delete: 1 studies and 1 messages" in dry.stdout
         assert "kept: 1 old enough but with a job waiting, running or dead" in dry.stdout
-        assert status(gw)["jobs:route"] == {"done": 3}
+        assert gw.queue_status()["jobs:route"] == {"done": 3}
 
         done = gw.cli("purge", "--older-than", "0", "--json")
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
         assert (report["studies"], report["messages"], report["kept"]) == (1, 1, 1)
         assert report["envelopes"] == 3 and report["spool_files"] >= 2
-        assert status(gw)["jobs:route"] == {"done": 1}  # the dead letter's message stays
+        assert gw.queue_status()["jobs:route"] == {"done": 1}  # the dead letter's message stays
         assert len(spool_blobs(gw)) == 0  # HL7 messages live in their rows, not the spool
     finally:
         gw.stop()
     assert gw.cli("audit", "verify").returncode == 0
-    assert any(r["event"] == "data-deleted" for r in trail(gw))
+    assert gw.audit_records("data-deleted")
 
 
 def test_purge_without_a_retention_says_what_to_set(tmp_path: Path) -> None:

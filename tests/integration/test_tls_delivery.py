@@ -4,9 +4,7 @@ clear) a PACS whose certificate its CA did not issue."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +17,9 @@ from tests.dicomgen import (
     dcmtk_env,
     free_port,
     make_study,
-    storescu_args,
     wait_for_port,
 )
-from tests.gatewayproc import GatewayProcess, write_config
+from tests.gatewayproc import GatewayProcess, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,20 +80,9 @@ def gateway_to(folder: Path, port: int, pki: PKI) -> GatewayProcess:
     return GatewayProcess(config, folder / "gateway.log")
 
 
-def send(gw: GatewayProcess, paths: list[Path]) -> None:
-    r = subprocess.run(
-        storescu_args(paths, port=gw.dicom_port),
-        env=dcmtk_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
 def deliver_jobs(gw: GatewayProcess) -> dict[str, Any]:
-    status: dict[str, Any] = json.loads(gw.cli("queue", "status", "--json").stdout)
-    return status.get("jobs:deliver", {})
+    jobs: dict[str, Any] = gw.queue_status().get("jobs:deliver", {})
+    return jobs
 
 
 @pytest.fixture
@@ -115,11 +101,8 @@ def test_a_study_reaches_a_tls_storescp_that_requires_our_certificate(
     try:
         wait_for_port(port)
         gw = gateway_to(tmp_path, port, pki).start()
-        send(gw, study)
-        deadline = time.monotonic() + 60
-        while deliver_jobs(gw) != {"done": 1} and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert deliver_jobs(gw) == {"done": 1}
+        gw.send_study(study)
+        wait_until("the delivery", lambda: deliver_jobs(gw) == {"done": 1})
     finally:
         if gw is not None:
             gw.stop()
@@ -127,8 +110,7 @@ def test_a_study_reaches_a_tls_storescp_that_requires_our_certificate(
         scp.wait(timeout=10)
     got = sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in received.iterdir())
     assert got == sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in study)
-    trail = (gw.data_dir / "audit" / "audit.jsonl").read_text().splitlines()
-    transferred = [json.loads(r) for r in trail if '"instances-transferred"' in r]
+    transferred = gw.audit_records("instances-transferred")
     assert transferred and transferred[-1]["outcome"] == "success"
 
 
@@ -144,14 +126,8 @@ def test_a_pacs_with_a_certificate_from_another_ca_gets_nothing(
     try:
         wait_for_port(port)
         gw = gateway_to(tmp_path, port, pki).start()
-        send(gw, study)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            log = gw.log()
-            if "job.retry" in log and "TLS" in log:
-                break
-            time.sleep(0.3)
-        assert "job.retry" in gw.log() and "TLS" in gw.log()
+        gw.send_study(study)
+        wait_until("a retry naming TLS", lambda: "job.retry" in gw.log() and "TLS" in gw.log())
         assert deliver_jobs(gw).get("done") is None  # waiting to retry, not delivered
     finally:
         if gw is not None:

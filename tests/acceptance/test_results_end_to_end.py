@@ -12,10 +12,8 @@ results again, with the same SOP Instance UIDs: replaced, not duplicated.
 from __future__ import annotations
 
 import io
-import json
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from models.lung_nodules.synth import make_case
 from tests.ctstudy import write_ct_series
 from tests.dicomgen import dcmtk_env, free_port, storescu_args
 from tests.dicomvalidate import dciodvfy_errors, dsrdump_ok
-from tests.gatewayproc import REPO, GatewayProcess
+from tests.gatewayproc import REPO, GatewayProcess, wait_until
 from tests.hl7msgs import oru_r01, send_mllp
 from tests.mllpsink import MLLPSink
 from tests.orthanc import Orthanc
@@ -41,16 +39,6 @@ pytestmark = pytest.mark.timeout(300)
 
 SHIPPED = REPO / "config" / "gateway.yaml"
 NODULES = [((110.0, 150.0, 50.0), 14.0), ((240.0, 200.0, 90.0), 20.0)]
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 120.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def site_config(folder: Path, orthanc: Orthanc, sink: MLLPSink) -> Path:
@@ -102,13 +90,6 @@ def instances_by_modality(pacs: Orthanc) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
-def queue_status(gw: GatewayProcess) -> dict[str, Any]:
-    r = gw.cli("queue", "status", "--json")
-    assert r.returncode == 0, r.stderr
-    status: dict[str, Any] = json.loads(r.stdout)
-    return status
-
-
 def oru_messages(sink: MLLPSink) -> list[hl7.Message]:
     return [hl7.parse(m.decode("utf-8", "replace")) for m in sink.received]
 
@@ -130,8 +111,9 @@ def test_a_chest_ct_comes_back_as_sr_seg_and_oru(
     assert r.returncode == 0, r.stdout + r.stderr
 
     got = wait_until(
+        "an SR and a SEG in Orthanc",
         lambda: (m := instances_by_modality(pacs)).get("SR") and m.get("SEG") and m,
-        what="an SR and a SEG in Orthanc",
+        120,
     )
     (sr_tags,), (seg_tags,) = got["SR"], got["SEG"]
     assert sr_tags["StudyInstanceUID"] == seg_tags["StudyInstanceUID"] == study_uid
@@ -149,7 +131,7 @@ def test_a_chest_ct_comes_back_as_sr_seg_and_oru(
     text = str(sr.ContentSequence)
     assert "786838002" in text  # the nodule finding code
 
-    (oru,) = wait_until(lambda: oru_messages(sink), what="an ORU at the EHR")
+    (oru,) = wait_until("an ORU at the EHR", lambda: oru_messages(sink), 120)
     validate(sink.received[0].decode("utf-8"))  # hl7apy STRICT, as it arrived
     assert str(oru.segment("MSH")[9]) == "ORU^R01^ORU_R01"
     obx = list(oru.segments("OBX"))
@@ -168,12 +150,13 @@ def test_a_chest_ct_comes_back_as_sr_seg_and_oru(
         timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    wait_until(lambda: len(sink.received) >= 2, what="the second ORU")
+    wait_until("the second ORU", lambda: len(sink.received) >= 2, 120)
     wait_until(
-        lambda: set(queue_status(gw).get("jobs:deliver", {})) == {"done"},
-        what="every delivery done",
+        "every delivery done",
+        lambda: set(gw.queue_status().get("jobs:deliver", {})) == {"done"},
+        120,
     )
-    assert queue_status(gw)["jobs:deliver"]["done"] == 4  # SEG+SR to pacs, ORU to ehr, twice
+    assert gw.queue_status()["jobs:deliver"]["done"] == 4  # SEG+SR to pacs, ORU to ehr, twice
     found = instances_by_modality(pacs)
     assert [t["SOPInstanceUID"] for t in found["SR"]] == [first_sr_uid], "replaced, not added"
     assert len(found["SEG"]) == 1
@@ -203,7 +186,7 @@ def test_a_report_comes_back_as_an_oru_with_its_findings(
     report = oru_r01(control_id="E2EREP01", text=text, accession="ACCE2E1")
     (ack,) = send_mllp(gw.hl7_port, [report])
     assert b"MSA|AA|E2EREP01" in ack
-    wait_until(lambda: len(sink.received) > before, what="the report's ORU")
+    wait_until("the report's ORU", lambda: len(sink.received) > before, 120)
     oru = oru_messages(sink)[-1]
     values = {
         str(o[3]).split("^")[0]: str(o[5]).split("^")[0]
@@ -224,7 +207,7 @@ def test_a_report_comes_back_as_an_oru_with_its_findings(
             if "report-findings" in str(t.get("SeriesDescription", ""))
         ]
 
-    (tags,) = wait_until(report_sr, what="the report's SR in Orthanc")
+    (tags,) = wait_until("the report's SR in Orthanc", report_sr, 120)
     assert len(pacs.get("/studies")) == 1
     sr = dcmread(io.BytesIO(pacs.instance_file(tags["SOPInstanceUID"])))
     assert sr.AccessionNumber == "ACCE2E1"

@@ -13,7 +13,6 @@ import json
 import sqlite3
 import subprocess
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from gateway.store.spool import Spool
 from models.lung_nodules.synth import make_case
 from tests.ctstudy import write_ct_series
 from tests.dicomgen import SeriesSpec, dcmtk_env, free_port, make_study, storescu_args
-from tests.gatewayproc import REPO, GatewayProcess, write_config
+from tests.gatewayproc import REPO, GatewayProcess, wait_until, write_config
 from tests.hl7msgs import oru_r01, send_mllp
 
 pytestmark = pytest.mark.timeout(300)
@@ -135,13 +134,7 @@ def jobs(gw: GatewayProcess, stage: str) -> list[dict[str, Any]]:
 
 
 def wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(what, check, timeout)
 
 
 def spool_of(gw: GatewayProcess) -> Spool:

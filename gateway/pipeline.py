@@ -164,12 +164,6 @@ class Pipeline:
         result["made_at"] = self._now()  # the results' content time, stable across rebuilds
         mask = result.pop("mask", None)
         crosswalk = result.pop("crosswalk", None)
-        spool = self.store.spool
-        # the result as the model made it (pseudonymous UIDs when it saw de-identified
-        # input) and, apart from it, the crosswalk back to the originals
-        result_key = spool.put(json.dumps(result).encode())
-        mask_key = spool.put(encode_mask(mask)) if mask is not None else None
-        crosswalk_key = spool.put(json.dumps(crosswalk).encode()) if crosswalk else None
         log.info(
             "infer.done",
             model=name,
@@ -182,7 +176,13 @@ class Pipeline:
         )
         send = [str(d) for d in job.payload.get("send", [])]
         if not send:
-            return []
+            return []  # nothing goes anywhere: nothing is kept (the log line says what it found)
+        spool = self.store.spool
+        # the result as the model made it (pseudonymous UIDs when it saw de-identified
+        # input) and, apart from it, the crosswalk back to the originals
+        result_key = spool.put(json.dumps(result).encode())
+        mask_key = spool.put(encode_mask(mask)) if mask is not None else None
+        crosswalk_key = spool.put(json.dumps(crosswalk).encode()) if crosswalk else None
         # results are built (SR/SEG for DICOM destinations, ORU for HL7 ones) by the
         # build stage, from the stored result
         return [

@@ -23,12 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from gateway.store.crypto import key_id_of
 from gateway.store.store import Store
-
-log = structlog.get_logger(__name__)
 
 DAY = 86400.0
 

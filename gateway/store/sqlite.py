@@ -119,6 +119,13 @@ class PurgedRows:
     study_attrs: list[tuple[str, bytes]] = field(default_factory=list)
 
 
+def _still_done(db: sqlite3.Connection, study_key: str, cutoff: float) -> bool:
+    row = db.execute(
+        "SELECT state, last_at FROM studies WHERE study_key = ?", (study_key,)
+    ).fetchone()
+    return row is not None and row["state"] == "complete" and float(row["last_at"]) < cutoff
+
+
 def _delete_in(db: sqlite3.Connection, table: str, column: str, values: Sequence[Any]) -> None:
     for start in range(0, len(values), 500):
         part = list(values[start : start + 500])
@@ -724,10 +731,16 @@ class SQLiteQueue:
                 out.spool_keys += keys.get(target, [])
             return out
         ordered = [*out.studies, *out.messages]
+        study_keys = set(out.studies)
         for start in range(0, len(ordered), chunk):
             part = ordered[start : start + chunk]
             with self._tx() as db:
                 for target in part:
+                    if target in study_keys and not _still_done(db, target, cutoff):
+                        # sent again since the snapshot: it is being processed again
+                        out.studies.remove(target)
+                        out.kept += 1
+                        continue
                     rows = db.execute(
                         "SELECT id, attrs, spool_key FROM envelopes"
                         " WHERE study_key = ? OR id = ? ORDER BY received_at",
@@ -736,7 +749,7 @@ class SQLiteQueue:
                     envs = [(str(r["id"]), bytes(r["attrs"])) for r in rows]
                     out.spool_keys += [str(r["spool_key"]) for r in rows if r["spool_key"]]
                     out.spool_keys += keys.get(target, [])
-                    if target in studies and envs:
+                    if target in study_keys and envs:
                         out.study_attrs.append((envs[0][0], envs[0][1]))
                     ids = [e[0] for e in envs]
                     _delete_in(db, "deliveries", "envelope_id", ids)

@@ -187,3 +187,25 @@ def test_a_message_dead_lettered_is_kept_until_replayed_and_done(store: Store) -
     store.queue.replay(None, NOW)
     run_all(store, NOW)
     assert purge(store, 7, now=NOW).messages == 1
+
+
+def test_a_study_sent_again_while_it_is_being_purged_is_kept(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.store.sqlite import SQLiteQueue
+
+    key = ingest_study(store, "1.2.7", OLD)
+    run_all(store, OLD + 10)
+    pacs = SQLiteQueue(tmp_path / "var" / "queue.sqlite3")  # another connection: the SCP
+    original = store.queue._tx
+
+    def resent_meanwhile():  # type: ignore[no-untyped-def]
+        pacs.touch_study(key, time.time(), 1.0)  # an instance arrives again: reopened
+        return original()
+
+    monkeypatch.setattr(store.queue, "_tx", resent_meanwhile)
+    report = purge(store, 7, now=NOW)
+    pacs.close()
+    assert (report.studies, report.kept) == (0, 1)
+    assert store.queue.study(key) is not None
+    assert all(store.read(e.id)[1] for e in store.queue.study_envelopes(key))

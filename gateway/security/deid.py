@@ -169,9 +169,9 @@ def _clean(ds: Dataset, pseudonyms: Pseudonymizer) -> None:
         elif elem.VR == "SQ":  # K, U* and attributes outside the table: clean each item
             for item in elem.value or []:
                 _clean(item, pseudonyms)
-        elif action == "U*" or elem.VR in _TEMPORAL_VRS:
-            # U* on a value that is neither UID nor sequence: emptied; and, beyond the
-            # profile, no date or time is kept
+        elif action in ("U", "U*") or elem.VR in _TEMPORAL_VRS:
+            # a UID attribute not encoded as UI (e.g. UN) cannot be replaced: emptied;
+            # and, beyond the profile, no date or time is kept
             _empty(elem)
 
 

@@ -107,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                     "dicom": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
                 }
             },
-            models={"lung-nodules": {"bundle": str(REPO / "models" / "lung_nodules")}},
+            # as the shipped config runs it: the model sees the series de-identified
+            models={
+                "lung-nodules": {
+                    "bundle": str(REPO / "models" / "lung_nodules"),
+                    "deidentify": True,
+                }
+            },
             routes=[
                 {
                     "name": "chest-ct",

@@ -151,3 +151,14 @@ def test_identifiers_come_from_the_fields_that_hold_them() -> None:
     assert ("[DATE]", "1970-01-01") in found
     # assigning authorities and ID type codes are not identifiers
     assert all(v not in ("HOSP", "MR") for _, v in found)
+
+
+def test_a_deidentified_ct_slice_is_still_a_valid_ct_image(tmp_path: object) -> None:
+    """Dummy and empty values keep the IOD valid, so a bundle that reads the datasets
+    with a strict library (highdicom, say) still can."""
+    from tests.dicomvalidate import dciodvfy_errors
+
+    ds = a_ct_slice(tmp_path)
+    del ds.RequestAttributesSequence  # the test's own additions, not CT attributes
+    del ds.ReferencedImageSequence
+    assert dciodvfy_errors(deidentify_dataset(ds, Pseudonymizer())) == []

@@ -783,14 +783,15 @@ class SQLiteQueue:
         return keys
 
     def sealed_blobs(self) -> Iterator[bytes]:
-        """The sealed values kept in rows (attributes, inline HL7 messages): for finding
-        which data keys are still in use."""
+        """The sealed values kept in rows (attributes, inline HL7 messages, their ACKs): for
+        finding which data keys are still in use."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT substr(attrs, 1, 64) AS a, substr(inline_blob, 1, 64) AS b FROM envelopes"
+                "SELECT substr(attrs, 1, 64) AS a, substr(inline_blob, 1, 64) AS b,"
+                " substr(ack, 1, 64) AS c FROM envelopes"
             ).fetchall()
         for r in rows:
-            for value in (r["a"], r["b"]):
+            for value in (r["a"], r["b"], r["c"]):
                 if value is not None:
                     yield bytes(value)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.envelope import Envelope, Kind, new_id
 from gateway.errors import KeyStoreError
-from gateway.store.crypto import KeyStore, Sealer
+from gateway.store.crypto import MAGIC, KeyStore, Sealer
 from gateway.store.queue import Ack
 from gateway.store.spool import Spool
 from gateway.store.sqlite import SQLiteQueue
@@ -118,9 +118,23 @@ class Store:
             size=len(raw),
         )
         sealed = self.sealer.seal(raw, b"hl7:" + env.id.encode())
-        return self.queue.record_message(
-            env, sealed, self._seal_attrs(env.id, attrs), build_ack(env.id)
+        ack = build_ack(env.id)
+        result = self.queue.record_message(
+            env, sealed, self._seal_attrs(env.id, attrs), self._seal_ack(env.id, ack)
         )
+        if result.new:
+            return Ack(new=True, envelope_id=result.envelope_id, ack=ack)
+        # a resend: the ACK the first copy got, as it was stored
+        return Ack(False, result.envelope_id, self._open_ack(result.envelope_id, result.ack))
+
+    def _seal_ack(self, envelope_id: str, ack: bytes) -> bytes:
+        return self.sealer.seal(ack, b"ack:" + envelope_id.encode())
+
+    def _open_ack(self, envelope_id: str, stored: bytes | None) -> bytes | None:
+        """A stored ACK; rows written before ACKs were sealed hold them in clear."""
+        if stored is None or not stored.startswith(MAGIC):
+            return stored
+        return self.sealer.open(stored, b"ack:" + envelope_id.encode())
 
     # --- reading back (workers, tests, tools) -------------------------------------------
 

@@ -391,6 +391,16 @@ def test_store_keeps_hl7_messages_encrypted_in_the_queue_database(tmp_path: Path
         )
         assert store.read(ack.envelope_id)[1] == raw
         assert store.find_message("EHR", "HOSP", "C1") == ack.envelope_id
+        assert ack.ack == f"ACK|{ack.envelope_id}".encode()
+        resent = store.ingest_message(
+            raw,
+            sender=("EHR", "HOSP"),
+            control_id="C1",
+            attrs={"MSH-9": "ORU^R01"},
+            source="EHR@127.0.0.1",
+            build_ack=lambda env_id: b"never stored",
+        )
+        assert (resent.new, resent.ack) == (False, ack.ack)  # the first copy's ACK
     finally:
         store.close()
     db = (tmp_path / "data" / "queue.sqlite3").read_bytes()
@@ -398,6 +408,34 @@ def test_store_keeps_hl7_messages_encrypted_in_the_queue_database(tmp_path: Path
     everything = db + (wal.read_bytes() if wal.exists() else b"")
     assert b"DOE^JANE" not in everything
     assert b"MRN777" not in everything
+    assert b"ACK|" not in everything  # the ACK is sealed too
+
+
+def test_an_ack_stored_in_clear_by_an_older_version_is_still_answered(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", tmp_path / "keys.json")
+    try:
+        first = store.ingest_message(
+            b"MSH|^~\\&|EHR|HOSP|||20240101||ADT^A01|C2|P|2.5\r",
+            sender=("EHR", "HOSP"),
+            control_id="C2",
+            attrs={},
+            source="EHR@127.0.0.1",
+            build_ack=lambda env_id: b"ACK-OLD",
+        )
+        store.queue._db.execute(
+            "UPDATE envelopes SET ack = ? WHERE id = ?", (b"ACK-OLD", first.envelope_id)
+        )
+        again = store.ingest_message(
+            b"MSH|^~\\&|EHR|HOSP|||20240101||ADT^A01|C2|P|2.5\r",
+            sender=("EHR", "HOSP"),
+            control_id="C2",
+            attrs={},
+            source="EHR@127.0.0.1",
+            build_ack=lambda env_id: b"new",
+        )
+        assert again.ack == b"ACK-OLD"
+    finally:
+        store.close()
 
 
 def test_spool_writes_into_files_created_ahead_and_removes_the_unused_on_close(

@@ -26,7 +26,7 @@ from gateway.infer.masks import decode_mask, encode_mask
 from gateway.infer.runner import Limits, ModelRunner
 from gateway.infer.text import identifiers_from_hl7, report_text_from_hl7
 from gateway.observability.metrics import Metrics
-from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom
+from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom, hl7_keys
 from gateway.route.rules import Attributes, decide
 from gateway.security.audit import NO_AUDIT, Auditor, is_dicom_uid
 from gateway.security.deid import reidentify, scrub_text
@@ -82,7 +82,7 @@ class Pipeline:
         kind = Kind(job.payload.get("kind") or self._guess_kind(job.subject))
         if kind is Kind.HL7:
             _, raw = self.store.read(job.subject)
-            return kind, from_hl7(raw)
+            return kind, from_hl7(raw, hl7_keys(self.cfg.routes))  # what the routes test
         envelopes = self.store.queue.study_envelopes(job.subject)
         if not envelopes:
             raise Permanent("the study has no stored instances")

@@ -155,12 +155,15 @@ class ResultBuilder:
             raise ResultInvalid(f"cannot build a valid ORU^R01: {exc}") from None
 
 
+_REPORT_IDS = ("OBR-3", "OBR-2", "ORC-3", "ZDS-1")
+
+
 def report_study_ids(message: bytes) -> tuple[str, str]:
     """(accession number, Study Instance UID) a report names: the accession from OBR-3
     (filler order number), else OBR-2 or ORC-3; the study UID from ZDS-1 (IHE).  Read with
     the routing reader (separators from MSH, escapes decoded, first repetition)."""
     try:
-        attrs = from_hl7(message)
+        attrs = from_hl7(message, _REPORT_IDS)
     except MalformedInput:
         return "", ""
 

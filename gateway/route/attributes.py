@@ -17,7 +17,7 @@ Values are strings; empty values are dropped.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,8 +132,15 @@ def _strings(value: Any) -> list[str]:
 # --- HL7 --------------------------------------------------------------------------------
 
 
-def from_hl7(message: bytes | str) -> Attributes:
-    """The attributes of one HL7 v2 message.
+def hl7_keys(routes: Iterable[Any]) -> frozenset[str]:
+    """The HL7 keys (``MSH-9``, ``PID-3.1`` ...) that *routes* test: what routing needs
+    :func:`from_hl7` to read."""
+    return frozenset(key.upper() for route in routes for key in (route.when.hl7 or {}))
+
+
+def from_hl7(message: bytes | str, keys: Collection[str] | None = None) -> Attributes:
+    """The attributes of one HL7 v2 message (only those under *keys* when given: the
+    segments and fields they name are read, the rest skipped, with the same values).
 
     Keys: ``SEG`` (the segment is there), ``SEG-F`` (each repetition of the field, its
     components joined with ``^`` and subcomponents with ``&``, whatever separators the
@@ -163,14 +170,19 @@ def from_hl7(message: bytes | str) -> Attributes:
     def unescape(value: str) -> str:
         return unescape_hl7(value, seps) if escape and escape in value else value
 
+    # with keys: only the segments and fields ("PID-3") they name are read
+    wanted_fields = None if keys is None else {k.upper().split(".", 1)[0] for k in keys}
+    wanted_segments = None if wanted_fields is None else {f.split("-", 1)[0] for f in wanted_fields}
     values = _Collector()
     for segment in _SEGMENT_SPLIT.split(text):
         if not segment.strip():
             continue
-        fields = segment.split(field_sep)
-        seg_id = fields[0].strip().upper()
+        seg_id = segment.split(field_sep, 1)[0].strip().upper()
+        if wanted_segments is not None and seg_id not in wanted_segments:
+            continue
         if not _SEGMENT_ID.fullmatch(seg_id):
             continue
+        fields = segment.split(field_sep)
         values.add(seg_id, seg_id)
         if seg_id == "MSH":
             # MSH-1 is the field separator itself; MSH-2 the encoding characters.
@@ -181,6 +193,8 @@ def from_hl7(message: bytes | str) -> Attributes:
             numbered = list(enumerate(fields[1:], start=1))
         for number, raw in numbered:
             path = f"{seg_id}-{number}"
+            if wanted_fields is not None and path not in wanted_fields:
+                continue
             for repetition in raw.split(rep_sep):
                 components = repetition.split(comp_sep)
                 texts: list[str] = []

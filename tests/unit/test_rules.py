@@ -16,6 +16,7 @@ from gateway.route.attributes import (
     from_datasets,
     from_hl7,
     from_stored_dicom,
+    hl7_keys,
     split_hl7_messages,
 )
 from tests.hl7msgs import oru_r01
@@ -292,3 +293,30 @@ def test_split_hl7_messages_at_every_msh() -> None:
     two = oru_r01(control_id="B").replace(b"\r", b"\r\n")
     messages = split_hl7_messages(b"\n" + one + b"\n\n" + two + b"\n")
     assert messages == [one, oru_r01(control_id="B")]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        oru_r01(),
+        oru_r01(patient="O\\S\\NEIL^PAT", text="line one\\.br\\line two"),
+        b"MSH#$*@%#EHR#HOSP###20260101##ORU$R01#C1#P#2.5\n"
+        b"PID#1##A1$$$HOSP*B2$$$OTHER\n OBX#1#CE#X$Nodule@S@mass$L##yes\n"
+        b"OBX#2#CE#Y$Effusion%pleural$L\n",
+    ],
+)
+def test_reading_only_the_keys_routes_test_gives_the_same_values(message: bytes) -> None:
+    keys = [
+        "MSH", "MSH-1", "MSH-2", "MSH-3", "MSH-9", "MSH-9.1", "MSH-9.2.1", "PID", "PID-3",
+        "PID-3.1", "PID-5", "obx-3.2", "OBX-3.2.2", "OBX-5", "OBR-4.2", "ZZZ", "ZZZ-1",
+    ]
+    full = from_hl7(message)
+    for key in keys:
+        assert from_hl7(message, [key]).get(key) == full.get(key), key
+    assert from_hl7(message, keys).get("MSH-9") == full.get("MSH-9")
+    routes = [
+        route("a", hl7={"MSH-9": "ORU^R01", "PID-3.1": "B2"}),
+        route("b", hl7={"OBX-3.2.1": "effusion"}),
+        route("c", hl7={"PID": {"present": True}}),
+    ]
+    assert decide(from_hl7(message, hl7_keys(routes)), routes) == decide(full, routes)

@@ -413,27 +413,23 @@ def test_store_keeps_hl7_messages_encrypted_in_the_queue_database(tmp_path: Path
 
 def test_an_ack_stored_in_clear_by_an_older_version_is_still_answered(tmp_path: Path) -> None:
     store = Store(tmp_path / "data", tmp_path / "keys.json")
-    try:
-        first = store.ingest_message(
+
+    def send(ack: bytes) -> Ack:
+        return store.ingest_message(
             b"MSH|^~\\&|EHR|HOSP|||20240101||ADT^A01|C2|P|2.5\r",
             sender=("EHR", "HOSP"),
             control_id="C2",
             attrs={},
             source="EHR@127.0.0.1",
-            build_ack=lambda env_id: b"ACK-OLD",
+            build_ack=lambda env_id: ack,
         )
+
+    try:
+        first = send(b"ACK-OLD")
         store.queue._db.execute(
             "UPDATE envelopes SET ack = ? WHERE id = ?", (b"ACK-OLD", first.envelope_id)
         )
-        again = store.ingest_message(
-            b"MSH|^~\\&|EHR|HOSP|||20240101||ADT^A01|C2|P|2.5\r",
-            sender=("EHR", "HOSP"),
-            control_id="C2",
-            attrs={},
-            source="EHR@127.0.0.1",
-            build_ack=lambda env_id: b"new",
-        )
-        assert again.ack == b"ACK-OLD"
+        assert send(b"new").ack == b"ACK-OLD"
     finally:
         store.close()
 

@@ -328,12 +328,6 @@ def _purge(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
             "(see gateway queue status / queue dead)",
             file=out,
         )
-    if args.dry_run:
-        print(
-            "(a dry run counts only the spool files no row names now; the files of what "
-            "it would delete go in the same pass)",
-            file=out,
-        )
     return 0
 
 

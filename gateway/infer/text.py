@@ -83,13 +83,7 @@ def report_text_from_hl7(message: bytes) -> str:
     Raises :class:`~gateway.errors.MalformedInput` when the message has no usable MSH
     segment.  A message without text observations gives ``""``.
     """
-    data = _strip_framing(message)
-    charset = message_charset(data)
-    text = decode_message(data, charset)
-    segments = _segments(text)
-    if not segments or not segments[0].startswith("MSH"):
-        raise MalformedInput("an HL7 message must start with an MSH segment")
-    seps = Separators.from_msh(segments[0])
+    segments, seps, charset = _read_message(message)
     lines: list[str] = []
     for segment in segments:
         if segment.startswith("MSH"):  # a batch holds several messages, each with its own
@@ -108,13 +102,29 @@ def report_text_from_hl7(message: bytes) -> str:
     return "\n".join(lines).strip("\n")
 
 
+def _read_message(message: bytes) -> tuple[list[str], Separators, str]:
+    """A message's segments, its first MSH's separators and its codec (MSH-18)."""
+    data = _strip_framing(message)
+    charset = message_charset(data)
+    segments = _segments(decode_message(data, charset))
+    if not segments or not segments[0].startswith("MSH"):
+        raise MalformedInput("an HL7 message must start with an MSH segment")
+    return segments, Separators.from_msh(segments[0]), charset
+
+
+def _hl7_in_file(data: bytes) -> bytes | None:
+    """A file's HL7 message from its first MSH on, or None when the file is plain text."""
+    start = _strip_framing(data)
+    return _from_first_msh(start) if start[:3] in (b"MSH", b"FHS", b"BHS") else None
+
+
 def report_text_from_file(path: str | os.PathLike[str]) -> str:
     """The report text of a file: an HL7 v2 message (it starts with MSH) or plain text."""
     data = Path(path).read_bytes()
-    start = _strip_framing(data)
-    if start[:3] in (b"MSH", b"FHS", b"BHS"):
-        return report_text_from_hl7(_from_first_msh(start))
-    text = decode_message(start, "")
+    message = _hl7_in_file(data)
+    if message is not None:
+        return report_text_from_hl7(message)
+    text = decode_message(_strip_framing(data), "")
     return "\n".join(_LINE_SPLIT.split(text)).strip("\n")
 
 
@@ -182,10 +192,8 @@ def _escape(body: str, seps: Separators, charset: str) -> str | None:
 
 def identifiers_from_file(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """:func:`identifiers_from_hl7` of a file that holds an HL7 message; none for plain text."""
-    start = _strip_framing(Path(path).read_bytes())
-    if start[:3] in (b"MSH", b"FHS", b"BHS"):
-        return identifiers_from_hl7(_from_first_msh(start))
-    return []
+    message = _hl7_in_file(Path(path).read_bytes())
+    return [] if message is None else identifiers_from_hl7(message)
 
 
 def _count(text: str) -> int:
@@ -313,12 +321,7 @@ def identifiers_from_hl7(message: bytes) -> list[tuple[str, str]]:
     A birth date is given in the spellings a report might use (``1961-03-14``,
     ``14/03/1961``, ``03/14/1961``, ``14.03.1961``).
     """
-    data = _strip_framing(message)
-    charset = message_charset(data)
-    segments = _segments(decode_message(data, charset))
-    if not segments or not segments[0].startswith("MSH"):
-        raise MalformedInput("an HL7 message must start with an MSH segment")
-    seps = Separators.from_msh(segments[0])
+    segments, seps, charset = _read_message(message)
     found: list[tuple[str, str]] = []
     for segment in segments:
         if segment.startswith("MSH"):

@@ -91,6 +91,11 @@ class _Connection:
     messages: int = 0
 
 
+def _peer_host(writer: asyncio.StreamWriter) -> str:
+    peername = writer.get_extra_info("peername")
+    return str(peername[0]) if isinstance(peername, tuple) and peername else "unknown"
+
+
 class HL7Listener:
     """MLLP listener on ``hl7.host:hl7.port`` (plain) and, when ``hl7.tls`` is set, on
     ``hl7.tls.port`` with *ssl_context*.  Port 0 binds a free port: see :attr:`port`."""
@@ -215,8 +220,7 @@ class HL7Listener:
         """A connection on the TLS port: the handshake (client certificate verified against
         hl7.tls.ca, TLS 1.2+), within :data:`TLS_HANDSHAKE_TIMEOUT`; a refusal is logged and
         audited as a security alert, and the connection closed."""
-        peername = writer.get_extra_info("peername")
-        host = str(peername[0]) if isinstance(peername, tuple) and peername else "unknown"
+        host = _peer_host(writer)
         assert self.ssl_context is not None
         try:
             await writer.start_tls(self.ssl_context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
@@ -239,8 +243,7 @@ class HL7Listener:
         await self._serve(reader, writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername")
-        host = str(peername[0]) if isinstance(peername, tuple) and peername else "unknown"
+        host = _peer_host(writer)
         conn = _Connection(peer=host, task=asyncio.current_task())
         cert = peer_subject(writer.get_extra_info("ssl_object"))
         if self._stopping:

@@ -17,7 +17,7 @@ from types import FrameType
 
 import structlog
 
-from gateway.config import Config, ServerTLS, load_config
+from gateway.config import Config, ServerTLS
 from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import ConfigError, ListenError
 from gateway.infer.bundles import Registry, sha256_file
@@ -27,6 +27,7 @@ from gateway.ingest.dicom_scp import DicomSCP
 from gateway.ingest.hl7_listener import HL7Listener
 from gateway.observability.metrics import HealthServer, Metrics
 from gateway.pipeline import Pipeline
+from gateway.preflight import load_config
 from gateway.route.keywords import routing_keywords
 from gateway.security.audit import AuditLog, Auditor, SyslogForwarder, trail_path
 from gateway.security.tls import client_context, server_context

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TextIO
 
 from gateway import __version__
-from gateway.config import DEFAULT_CONFIG, Config, json_schema, load_config
+from gateway.config import DEFAULT_CONFIG, Config, json_schema
 from gateway.envelope import Stage
 from gateway.errors import ConfigError, GatewayError
+from gateway.preflight import load_config
 
 EPILOG = """\
 examples:

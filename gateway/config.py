@@ -1,7 +1,7 @@
 """Configuration: pydantic models (unknown keys are errors) and a YAML loader that
 reports every problem as ``FILE:LINE: path.to.key: message``.
 
-Paths in the file are relative to the file itself; :func:`load_config` resolves them.
+Paths in the file are relative to the file itself; :func:`read_config` resolves them.
 """
 
 from __future__ import annotations
@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import ConfigError
-from gateway.infer.bundles import BundleError, read_bundle
 
 DEFAULT_CONFIG = Path("config/gateway.yaml")
 
@@ -87,10 +94,42 @@ class ClientTLS(_Strict):
         return self
 
 
+# short names of the subject attributes a client certificate is matched on (cert_subject)
+SUBJECT_NAMES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "emailAddress": "EMAIL",
+    "serialNumber": "SERIALNUMBER",
+}
+
+
+def parse_subject(text: str) -> frozenset[tuple[str, str]]:
+    """``"pacs1"`` (a common name) or ``"CN=pacs1,O=Hospital"`` as a set of (attribute,
+    value) pairs; ValueError when it cannot be read."""
+    text = text.strip()
+    if not text:
+        raise ValueError("cert_subject is empty")
+    if "=" not in text:
+        return frozenset({("CN", text)})
+    pairs = set()
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip().upper()
+        if not sep or not value.strip():
+            raise ValueError(f"cert_subject part {part.strip()!r} is not NAME=value")
+        if name not in set(SUBJECT_NAMES.values()):
+            known = ", ".join(sorted(set(SUBJECT_NAMES.values())))
+            raise ValueError(f"cert_subject attribute {name!r} is not one of {known}")
+        pairs.add((name, value.strip()))
+    return frozenset(pairs)
+
+
 def _check_subject(value: str | None) -> str | None:
     if value is not None:
-        from gateway.security.tls import parse_subject
-
         parse_subject(value)  # raises ValueError with the reason
     return value
 
@@ -272,6 +311,9 @@ class Config(_Strict):
     models: dict[str, ModelConfig] = {}
     routes: list[Route] = []
     source: Literal[None] | Path = Field(default=None, exclude=True)
+    # where each key sits in the file it was read from, for messages about it (where())
+    _filename: str = PrivateAttr(default="")
+    _lines: dict[tuple[str, ...], int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -304,6 +346,10 @@ class Config(_Strict):
     def path(self, value: Path) -> Path:
         """Resolve a path written in the config file relative to that file."""
         return value if value.is_absolute() else (self.base_dir / value).resolve()
+
+    def where(self, *loc: str) -> str:
+        """``FILE:LINE: a.b.c`` for the key at *loc*, the way every config message starts."""
+        return f"{self._filename or self.source}:{_line_for(loc, self._lines)}: {'.'.join(loc)}"
 
     @property
     def data_dir(self) -> Path:
@@ -477,8 +523,10 @@ def _model_in(ann: Any) -> Any:
     return None
 
 
-def load_config(path: Path | str) -> Config:
-    """Read, validate and return the config; raise :class:`ConfigError` listing every problem."""
+def read_config(path: Path | str) -> Config:
+    """Read and validate the config (schema and references between its sections); raise
+    :class:`ConfigError` listing every problem.  Files the config names are not opened here:
+    :func:`gateway.preflight.load_config` checks them too."""
     path = Path(path)
     filename = str(path)
     try:
@@ -496,47 +544,8 @@ def load_config(path: Path | str) -> Config:
         errors += [e for e in _at_lines(refs, filename, lines) if e not in errors]
         raise ConfigError(errors) from None
     cfg = cfg.model_copy(update={"source": path.resolve()})
-    _check_files(cfg, filename, lines)
+    cfg._filename, cfg._lines = filename, lines
     return cfg
-
-
-def _check_files(cfg: Config, filename: str, lines: LineMap) -> None:
-    """Check that referenced TLS files exist: a typo here is a 3 a.m. outage later."""
-    problems: list[str] = []
-
-    def need(value: Path | None, loc: tuple[str, ...]) -> None:
-        if value is not None and not cfg.path(value).is_file():
-            problems.append(
-                f"{filename}:{_line_for(loc, lines)}: {'.'.join(loc)}: "
-                f"file '{cfg.path(value)}' does not exist"
-            )
-
-    for section, tls in (("dicom", cfg.dicom.tls), ("hl7", cfg.hl7.tls)):
-        if tls is not None:
-            for key in ("cert", "key", "ca"):
-                need(getattr(tls, key), (section, "tls", key))
-    syslog = cfg.gateway.audit.syslog
-    if syslog is not None:
-        for key in ("ca", "cert", "key"):
-            need(getattr(syslog.tls, key), ("gateway", "audit", "syslog", "tls", key))
-    for name, dest in cfg.destinations.items():
-        kind = "dicom" if dest.dicom else "hl7"
-        client = (dest.dicom or dest.hl7).tls  # type: ignore[union-attr]
-        if client is not None:
-            for key in ("ca", "cert", "key"):
-                need(getattr(client, key), ("destinations", name, kind, "tls", key))
-    for name, model in cfg.models.items():
-        try:
-            read_bundle(name, cfg.path(model.bundle), hash_weights=False)
-        except BundleError as exc:
-            loc = ("models", name, "bundle")
-            detail = exc.message.split("): ", 1)[-1]
-            problems.append(
-                f"{filename}:{_line_for(loc, lines)}: {'.'.join(loc)}: "
-                f"{cfg.path(model.bundle)}: {detail}"
-            )
-    if problems:
-        raise ConfigError(problems)
 
 
 def json_schema() -> dict[str, Any]:

@@ -40,7 +40,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway.config import AllowedCaller, DicomSection
+from gateway.config import AllowedCaller, DicomSection, parse_subject
 from gateway.errors import MalformedInput, Permanent, Transient
 from gateway.ingest.dicom_check import check_dataset, dataset_offset
 from gateway.observability.logging import exception_fields
@@ -48,7 +48,7 @@ from gateway.observability.metrics import Metrics
 from gateway.route.keywords import ROUTING_KEYWORDS
 from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
 from gateway.security.audit import NO_AUDIT, Auditor
-from gateway.security.tls import parse_subject, peer_subject, subject_text
+from gateway.security.tls import peer_subject, subject_text
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)

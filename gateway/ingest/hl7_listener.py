@@ -35,7 +35,7 @@ from datetime import datetime
 
 import structlog
 
-from gateway.config import AllowedSender, HL7Section
+from gateway.config import AllowedSender, HL7Section, parse_subject
 from gateway.errors import Transient
 from gateway.hl7.ack import COMMIT_CODE, ERROR_CODES, build_ack
 from gateway.hl7.mllp import FramingError, frame, read_frame
@@ -43,7 +43,7 @@ from gateway.hl7.msh import ERR_APPLICATION_INTERNAL, Header, HeaderError, parse
 from gateway.observability.logging import exception_fields
 from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
 from gateway.security.audit import NO_AUDIT, Auditor
-from gateway.security.tls import parse_subject, peer_subject, subject_text
+from gateway.security.tls import peer_subject, subject_text
 from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gateway.config import Route
-
-CALLING_AE = "calling_ae"
+from gateway.route.rules import CALLING_AE
 
 ROUTING_KEYWORDS = (
     "SOPClassUID",

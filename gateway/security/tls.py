@@ -6,7 +6,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.config import ClientTLS, ServerTLS
+from gateway.config import SUBJECT_NAMES, ClientTLS, ServerTLS
 from gateway.errors import ConfigError
 
 Resolve = Callable[[Path], Path]
@@ -39,40 +39,6 @@ def client_context(tls: ClientTLS, resolve: Resolve) -> ssl.SSLContext:
     return ctx
 
 
-# short names of the subject attributes a client certificate is matched on
-_SUBJECT_NAMES = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "stateOrProvinceName": "ST",
-    "localityName": "L",
-    "emailAddress": "EMAIL",
-    "serialNumber": "SERIALNUMBER",
-}
-
-
-def parse_subject(text: str) -> frozenset[tuple[str, str]]:
-    """``"pacs1"`` (a common name) or ``"CN=pacs1,O=Hospital"`` as a set of (attribute,
-    value) pairs; ValueError when it cannot be read."""
-    text = text.strip()
-    if not text:
-        raise ValueError("cert_subject is empty")
-    if "=" not in text:
-        return frozenset({("CN", text)})
-    pairs = set()
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        name = name.strip().upper()
-        if not sep or not value.strip():
-            raise ValueError(f"cert_subject part {part.strip()!r} is not NAME=value")
-        if name not in set(_SUBJECT_NAMES.values()):
-            known = ", ".join(sorted(set(_SUBJECT_NAMES.values())))
-            raise ValueError(f"cert_subject attribute {name!r} is not one of {known}")
-        pairs.add((name, value.strip()))
-    return frozenset(pairs)
-
-
 def peer_subject(sock: object) -> frozenset[tuple[str, str]] | None:
     """The verified client certificate's subject attributes of a TLS socket; None when the
     connection is not TLS or the peer presented no certificate."""
@@ -88,7 +54,7 @@ def peer_subject(sock: object) -> frozenset[tuple[str, str]] | None:
     pairs = set()
     for rdn in cert.get("subject", ()):
         for name, value in rdn:
-            pairs.add((_SUBJECT_NAMES.get(name, name), str(value)))
+            pairs.add((SUBJECT_NAMES.get(name, name), str(value)))
     return frozenset(pairs)
 
 

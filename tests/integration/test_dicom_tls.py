@@ -445,8 +445,8 @@ def test_a_caller_bound_to_a_certificate_subject_needs_that_certificate(tmp_path
 
 
 def test_a_certificate_subject_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
-    from gateway.config import load_config
     from gateway.errors import ConfigError
+    from gateway.preflight import load_config
 
     path = write_config(
         tmp_path,

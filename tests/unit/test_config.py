@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
 from gateway.errors import ConfigError
+from gateway.preflight import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config" / "gateway.yaml"

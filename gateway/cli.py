@@ -265,7 +265,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
     if args.command == "purge":
         return _purge(cfg, args, out)
     if args.command == "keys":
-        from gateway.store.crypto import KeyStore
+        from gateway.security.crypto import KeyStore
 
         store = KeyStore.open(cfg.key_file, create=True)
         new = store.rotate()

@@ -88,7 +88,7 @@ import structlog
 
 from gateway.errors import Permanent
 from gateway.observability.logging import scrub_text
-from gateway.store.crypto import fsync_dir
+from gateway.security.crypto import fsync_dir
 
 __all__ = [
     "EVENTS",

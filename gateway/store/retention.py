@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.store.crypto import key_id_of
+from gateway.security.crypto import key_id_of
 from gateway.store.store import Store
 
 DAY = 86400.0

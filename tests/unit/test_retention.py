@@ -12,7 +12,7 @@ import pytest
 
 from gateway.envelope import Job, Kind, NextJob, Stage
 from gateway.errors import IntegrityError
-from gateway.store.crypto import KeyStore, key_id_of
+from gateway.security.crypto import KeyStore, key_id_of
 from gateway.store.retention import DAY, audit_fields, purge
 from gateway.store.store import Store
 

@@ -28,7 +28,7 @@ from gateway.ingest.hl7_listener import HL7Listener
 from gateway.observability.metrics import HealthServer, Metrics
 from gateway.pipeline import Pipeline
 from gateway.route.keywords import routing_keywords
-from gateway.security.audit import AuditLog, Auditor, SyslogForwarder, trail_path
+from gateway.security.audit import AuditLog, Auditor, SyslogForwarder, records, trail_path
 from gateway.security.tls import client_context, server_context
 from gateway.store.store import Store
 from gateway.workers import Beat, Worker, worker_alive
@@ -78,17 +78,6 @@ def keep_restart_only(old: Config, new: Config) -> Config:
         for name, m in old.models.items()
     }
     return new.model_copy(update=update)
-
-
-def _this_process() -> dict[str, str]:
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = "?"
-    return {"application": "ai-gateway", "host": socket.gethostname()[:64], "user": user[:64]}
 
 
 def _file_hash(path: Path | None) -> str:
@@ -364,7 +353,7 @@ class Gateway:
     def _retention_loop(self) -> None:
         """With ``gateway.retention_days`` set: a retention pass a minute after the start,
         then every hour (more often when the retention is shorter than a few hours)."""
-        from gateway.store.retention import DAY, audit_fields, purge
+        from gateway.store.retention import DAY, audit_entry, purge
 
         days = self.cfg.gateway.retention_days  # a restart-only setting
         if days is None:
@@ -386,7 +375,7 @@ class Gateway:
             self.metrics.purged.labels(kind="study").inc(report.studies)
             self.metrics.purged.labels(kind="message").inc(report.messages)
             if report.studies or report.messages or report.files or report.keys_destroyed:
-                self.audit("data-deleted", actor=_this_process(), **audit_fields(report))
+                self.audit(audit_entry(report, records.gateway_process()))
                 log.info("retention.done", **report.as_dict())
 
     def refresh_metrics(self) -> None:
@@ -436,7 +425,7 @@ class Gateway:
             worker.start()
         self._retention.start()
         self._started = True
-        self.audit("application-activity", actor=_this_process(), detail="gateway started")
+        self.audit(records.application_activity(records.gateway_process(), "started"))
         log.info(
             "gateway.started",
             dicom_ports=self.dicom.ports,
@@ -478,7 +467,7 @@ class Gateway:
         self.http.stop()
         self.store.close()
         self.work_store.close()
-        self.audit("application-activity", actor=_this_process(), detail="gateway stopped")
+        self.audit(records.application_activity(records.gateway_process(), "stopped"))
         if self.audit.trail is not None:
             seq, head = self.audit.trail.head
             # an anchor outside the trail: `gateway audit verify` can be checked against it
@@ -500,11 +489,9 @@ class Gateway:
                 outcome="the running configuration is kept",
             )
             self.audit(
-                "configuration-change",
-                "minor-failure",
-                actor=_this_process(),
-                objects=[{"type": "configuration", "id": _file_hash(self.cfg.source)}],
-                detail=f"reload rejected: {len(exc.errors)} errors; running configuration kept",
+                records.configuration_rejected(
+                    records.gateway_process(), _file_hash(self.cfg.source), len(exc.errors)
+                )
             )
             return False
         needs_restart = restart_only_changes(self.cfg, new)
@@ -529,11 +516,9 @@ class Gateway:
                 worker.start()
         self.reload_certificates()
         self.audit(
-            "configuration-change",
-            actor=_this_process(),
-            objects=[{"type": "configuration", "id": _file_hash(new.source)}],
-            detail="reloaded"
-            + (f"; needs a restart: {', '.join(needs_restart)}" if needs_restart else ""),
+            records.configuration_reloaded(
+                records.gateway_process(), _file_hash(new.source), needs_restart
+            )
         )
         log.info(
             "config.reloaded",

@@ -280,10 +280,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _purge(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
-    import getpass
-
-    from gateway.security.audit import AuditLog, trail_path
-    from gateway.store.retention import audit_fields, purge
+    from gateway.security.audit import AuditLog, records, trail_path
+    from gateway.store.retention import audit_entry, purge
     from gateway.store.store import Store
 
     days = args.older_than if args.older_than is not None else cfg.gateway.retention_days
@@ -303,11 +301,7 @@ def _purge(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         store.close()
     if not args.dry_run:
         with AuditLog.open(trail_path(cfg.data_dir)) as trail:  # safe beside a running gateway
-            trail.record(
-                "data-deleted",
-                actor={"application": "gateway-cli", "user": getpass.getuser()},
-                **audit_fields(report),
-            )
+            trail.write(audit_entry(report, records.cli_user()))
     if args.json:
         json.dump(report.as_dict(), out, indent=2)
         out.write("\n")
@@ -332,17 +326,10 @@ def _purge(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _audit_key_rotation(cfg: Config, key_id: str) -> None:
-    import getpass
-
-    from gateway.security.audit import AuditLog, trail_path
+    from gateway.security.audit import AuditLog, records, trail_path
 
     with AuditLog.open(trail_path(cfg.data_dir)) as trail:  # safe beside a running gateway
-        trail.record(
-            "key-rotation",
-            actor={"application": "gateway-cli", "user": getpass.getuser()},
-            objects=[{"type": "data-key", "id": key_id}],
-            detail="new data key made current",
-        )
+        trail.write(records.key_rotation(records.cli_user(), key_id))
 
 
 def _audit_verify(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.security.audit import AuditEntry, records
 from gateway.security.crypto import key_id_of
 from gateway.store.store import Store
 
@@ -105,22 +107,15 @@ def _study_uid(store: Store, envelope_id: str, sealed: bytes) -> str:
     return str(value or "")
 
 
-def audit_fields(report: PurgeReport, limit: int = 200) -> dict[str, Any]:
-    """The ``data-deleted`` audit record of a pass: the deleted studies by UID (the first
-    *limit*; the count says how many in all), messages and destroyed keys."""
-    from gateway.security.audit import is_dicom_uid
-
-    uids = [u for u in report.study_uids if is_dicom_uid(u)]  # the trail takes only UIDs
-    objects: list[dict[str, Any]] = [{"type": "study", "id": u} for u in uids[:limit]]
-    objects.append({"type": "study", "count": report.studies})
-    objects.append({"type": "message", "count": report.messages})
-    objects += [{"type": "data-key", "id": k} for k in report.keys_destroyed]
-    return {
-        "objects": objects,
-        "detail": (
-            f"retention: deleted {report.studies} studies and {report.messages} messages "
-            f"received before {report.as_dict()['cutoff']}, {report.files} spool files; "
-            f"{report.kept} kept for pending or dead jobs; "
-            f"{len(report.keys_destroyed)} data keys destroyed"
-        ),
-    }
+def audit_entry(report: PurgeReport, actor: Mapping[str, Any]) -> AuditEntry:
+    """The ``data-deleted`` audit record of a pass by *actor*."""
+    return records.data_deleted(
+        actor,
+        cutoff=report.as_dict()["cutoff"],
+        study_uids=report.study_uids,
+        studies=report.studies,
+        messages=report.messages,
+        spool_files=report.files,
+        kept=report.kept,
+        keys_destroyed=report.keys_destroyed,
+    )

@@ -13,7 +13,7 @@ import pytest
 from gateway.envelope import Job, Kind, NextJob, Stage
 from gateway.errors import IntegrityError
 from gateway.security.crypto import KeyStore, key_id_of
-from gateway.store.retention import DAY, audit_fields, purge
+from gateway.store.retention import DAY, audit_entry, purge
 from gateway.store.store import Store
 
 NOW = time.time()
@@ -121,9 +121,9 @@ def test_done_old_data_goes_with_its_results_and_pending_or_dead_or_recent_data_
     counts = store.queue.counts()
     assert counts["jobs:route"] == {"done": 1, "dead": 1}
 
-    fields = audit_fields(report)
-    assert {"type": "study", "id": "1.2.3.1"} in fields["objects"]
-    assert "deleted 1 studies and 1 messages" in fields["detail"]
+    entry = audit_entry(report, {"application": "ai-gateway"})
+    assert {"type": "study", "id": "1.2.3.1"} in entry.objects
+    assert "deleted 1 studies and 1 messages" in entry.detail
 
 
 def test_orphans_older_than_the_cutoff_are_swept_and_spares_are_left(store: Store) -> None:

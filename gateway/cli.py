@@ -281,7 +281,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
 
 def _purge(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
     from gateway.security.audit import AuditLog, records, trail_path
-    from gateway.store.retention import audit_entry, purge
+    from gateway.services.retention import audit_entry, purge
     from gateway.store.store import Store
 
     days = args.older_than if args.older_than is not None else cfg.gateway.retention_days

@@ -13,7 +13,7 @@ import pytest
 from gateway.envelope import Job, Kind, NextJob, Stage
 from gateway.errors import IntegrityError
 from gateway.security.crypto import KeyStore, key_id_of
-from gateway.store.retention import DAY, audit_entry, purge
+from gateway.services.retention import DAY, audit_entry, purge
 from gateway.store.store import Store
 
 NOW = time.time()

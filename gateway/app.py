@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -29,8 +28,10 @@ from gateway.observability.metrics import HealthServer, Metrics
 from gateway.pipeline import Pipeline
 from gateway.preflight import load_config
 from gateway.route.keywords import routing_keywords
-from gateway.security.audit import AuditLog, Auditor, SyslogForwarder, trail_path
+from gateway.security.audit import AuditLog, Auditor, SyslogForwarder, records, trail_path
 from gateway.security.tls import client_context, server_context
+from gateway.services.certwatch import CertWatch
+from gateway.services.retention import RetentionService
 from gateway.store.store import Store
 from gateway.workers import Beat, Worker, worker_alive
 
@@ -38,9 +39,6 @@ log = structlog.get_logger(__name__)
 
 
 WORKER_DRAIN_SECONDS = 10.0  # SIGTERM: how long jobs in hand get to finish
-RETENTION_FIRST_PASS = 60.0  # seconds after the start
-RETENTION_INTERVAL = 3600.0
-CERT_WARN_DAYS = 30  # /readyz details flag certificates expiring sooner
 
 
 # What a reload cannot change: listeners, identities and storage are set up at start.
@@ -79,17 +77,6 @@ def keep_restart_only(old: Config, new: Config) -> Config:
         for name, m in old.models.items()
     }
     return new.model_copy(update=update)
-
-
-def _this_process() -> dict[str, str]:
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = "?"
-    return {"application": "ai-gateway", "host": socket.gethostname()[:64], "user": user[:64]}
 
 
 def _file_hash(path: Path | None) -> str:
@@ -206,6 +193,14 @@ class Gateway:
             cfg, self.work_store, self.metrics, runner=self.runner, audit=self.audit
         )
         self.workers = self._workers()
+        self.certwatch = CertWatch(cfg)
+        self.retention = RetentionService(
+            cfg.data_dir,
+            cfg.key_file,
+            cfg.gateway.retention_days,  # a restart-only setting
+            metrics=self.metrics,
+            audit=self.audit,
+        )
         with _listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
             self.http = HealthServer(
                 cfg.gateway.http.host,
@@ -213,13 +208,12 @@ class Gateway:
                 self.metrics,
                 self.readiness,
                 self.refresh_metrics,
-                details=self.readiness_details,
+                details=self.certwatch.readiness_details,
             )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hl7", daemon=True)
         self._stopped = threading.Event()
         self._started = False
-        self._retention = threading.Thread(target=self._retention_loop, name="retention")
 
     def _workers(self) -> list[Worker]:
         """One worker for routing (and, later, inference), one per destination lane."""
@@ -300,43 +294,6 @@ class Gateway:
             "store": store_ok,
         }
 
-    def certificates(self) -> dict[str, Path]:
-        """Every certificate file the configuration names, by where it is configured."""
-        found: dict[str, Path] = {}
-        for section in ("dicom", "hl7"):
-            tls = getattr(self.cfg, section).tls
-            if tls is not None:
-                found[f"{section}.tls.cert"] = self.cfg.path(tls.cert)
-                if tls.ca is not None:
-                    found[f"{section}.tls.ca"] = self.cfg.path(tls.ca)
-        for name, dest in self.cfg.destinations.items():
-            client = (dest.dicom or dest.hl7).tls  # type: ignore[union-attr]
-            if client is not None:
-                found[f"destinations.{name}.tls.ca"] = self.cfg.path(client.ca)
-                if client.cert is not None:
-                    found[f"destinations.{name}.tls.cert"] = self.cfg.path(client.cert)
-        return found
-
-    def certificate_days(self) -> dict[str, float | None]:
-        from gateway.security.certs import days_left
-
-        now = datetime.now(UTC)
-        days: dict[str, float | None] = {}
-        for name, path in self.certificates().items():
-            try:
-                days[name] = round(days_left(path, now), 1)
-            except Exception:  # unreadable: reported as unknown, never a crash here
-                days[name] = None
-        return days
-
-    def readiness_details(self) -> dict[str, object]:
-        """/readyz details: certificates expiring within CERT_WARN_DAYS (or expired)."""
-        certs = {
-            name: {"days_left": d, "expires_soon": d is None or d < CERT_WARN_DAYS}
-            for name, d in self.certificate_days().items()
-        }
-        return {"certificates": certs} if certs else {}
-
     def reload_certificates(self) -> None:
         """Load renewed certificate and key files (same paths) into the running TLS
         listeners, and make destinations' senders start again with theirs. A file that
@@ -362,39 +319,8 @@ class Gateway:
             log.info("tls.reloaded", listener=section)
         self.pipeline.reset_senders()
 
-    def _retention_loop(self) -> None:
-        """With ``gateway.retention_days`` set: a retention pass a minute after the start,
-        then every hour (more often when the retention is shorter than a few hours)."""
-        from gateway.store.retention import DAY, audit_fields, purge
-
-        days = self.cfg.gateway.retention_days  # a restart-only setting
-        if days is None:
-            return
-        every = min(RETENTION_INTERVAL, days * DAY / 4)
-        wait = min(RETENTION_FIRST_PASS, every)
-        while not self._stopped.wait(wait):
-            wait = every
-            try:
-                # its own connection: its scans never hold the ingest connection's lock
-                store = Store(self.cfg.data_dir, self.cfg.key_file, create=False, durable=False)
-                try:
-                    report = purge(store, days)
-                finally:
-                    store.close()
-            except Exception as exc:  # the next pass tries again
-                log.error("retention.failed", error=type(exc).__name__, detail=str(exc)[:200])
-                continue
-            self.metrics.purged.labels(kind="study").inc(report.studies)
-            self.metrics.purged.labels(kind="message").inc(report.messages)
-            if report.studies or report.messages or report.files or report.keys_destroyed:
-                self.audit("data-deleted", actor=_this_process(), **audit_fields(report))
-                log.info("retention.done", **report.as_dict())
-
     def refresh_metrics(self) -> None:
-        self.metrics.certificate_days_left.clear()
-        for name, days in self.certificate_days().items():
-            if days is not None:
-                self.metrics.certificate_days_left.labels(certificate=name).set(days)
+        self.certwatch.update_metrics(self.metrics)
         counts = self.store.queue.counts()
         self.metrics.queue_depth.clear()
         for key, states in counts.items():
@@ -435,9 +361,9 @@ class Gateway:
             self.runner.start()  # the processes load and warm up the models meanwhile
         for worker in self.workers:
             worker.start()
-        self._retention.start()
+        self.retention.start()
         self._started = True
-        self.audit("application-activity", actor=_this_process(), detail="gateway started")
+        self.audit(records.application_activity(records.gateway_process(), "started"))
         log.info(
             "gateway.started",
             dicom_ports=self.dicom.ports,
@@ -451,6 +377,7 @@ class Gateway:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.retention.request_stop()
         log.info("gateway.stopping")
         self.dicom.stop()
         with contextlib.suppress(Exception):
@@ -471,15 +398,14 @@ class Gateway:
             self.runner.close()  # a model still running is stopped; its job is retried
             for worker in self.workers:
                 worker.stop(2.0)
-        if self._retention.is_alive():
-            self._retention.join(timeout=30)
+        self.retention.stop(timeout=30)
         self.pipeline.close()
         if self.assembler.running:
             self.assembler.stop()
         self.http.stop()
         self.store.close()
         self.work_store.close()
-        self.audit("application-activity", actor=_this_process(), detail="gateway stopped")
+        self.audit(records.application_activity(records.gateway_process(), "stopped"))
         if self.audit.trail is not None:
             seq, head = self.audit.trail.head
             # an anchor outside the trail: `gateway audit verify` can be checked against it
@@ -501,11 +427,9 @@ class Gateway:
                 outcome="the running configuration is kept",
             )
             self.audit(
-                "configuration-change",
-                "minor-failure",
-                actor=_this_process(),
-                objects=[{"type": "configuration", "id": _file_hash(self.cfg.source)}],
-                detail=f"reload rejected: {len(exc.errors)} errors; running configuration kept",
+                records.configuration_rejected(
+                    records.gateway_process(), _file_hash(self.cfg.source), len(exc.errors)
+                )
             )
             return False
         needs_restart = restart_only_changes(self.cfg, new)
@@ -523,6 +447,7 @@ class Gateway:
             self.hl7.update_allowed_senders(new.hl7.allowed_senders), self._loop
         ).result(timeout=30)
         self.pipeline.cfg = new
+        self.certwatch.cfg = new
         lanes = {w.lane for w in self.workers}
         for worker in self._workers():
             if worker.lane not in lanes:  # a new destination gets its lane
@@ -530,11 +455,9 @@ class Gateway:
                 worker.start()
         self.reload_certificates()
         self.audit(
-            "configuration-change",
-            actor=_this_process(),
-            objects=[{"type": "configuration", "id": _file_hash(new.source)}],
-            detail="reloaded"
-            + (f"; needs a restart: {', '.join(needs_restart)}" if needs_restart else ""),
+            records.configuration_reloaded(
+                records.gateway_process(), _file_hash(new.source), needs_restart
+            )
         )
         log.info(
             "config.reloaded",

@@ -28,7 +28,7 @@ from gateway.infer.text import identifiers_from_hl7, report_text_from_hl7
 from gateway.observability.metrics import Metrics
 from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom, hl7_keys
 from gateway.route.rules import Attributes, decide
-from gateway.security.audit import NO_AUDIT, Auditor, is_dicom_uid
+from gateway.security.audit import NO_AUDIT, Auditor, records
 from gateway.security.deid import reidentify, scrub_text
 from gateway.security.tls import client_context
 from gateway.store.store import Store
@@ -387,19 +387,18 @@ class Pipeline:
         if delivered or failed_permanent or transient:
             assert dest.dicom is not None
             self.audit(
-                "instances-transferred",
-                "success" if not (failed_permanent or transient) else "minor-failure",
-                actor={"ae_title": self.cfg.dicom.ae_title},
-                destination={
-                    "node": name,
-                    "ae_title": dest.dicom.ae_title,
-                    "host": dest.dicom.host,
-                    "port": dest.dicom.port,
-                },
-                objects=([{"type": "study", "id": study_uid}] if is_dicom_uid(study_uid) else [])
-                + [{"type": "sop-instance", "count": len(delivered)}],
-                detail=f"{label if label == 'result' else 'forwarded'}: sent {len(delivered)}, "
-                f"refused {failed_permanent}" + (f", will retry: {transient}" if transient else ""),
+                records.instances_transferred(
+                    calling_ae=self.cfg.dicom.ae_title,
+                    node=name,
+                    ae_title=dest.dicom.ae_title,
+                    host=dest.dicom.host,
+                    port=dest.dicom.port,
+                    study_uid=study_uid,
+                    sent=len(delivered),
+                    refused=failed_permanent,
+                    retrying=transient,
+                    result=label == "result",
+                )
             )
         log.info(
             "deliver.study",
@@ -426,17 +425,17 @@ class Pipeline:
         self.store.queue.record_delivery(envelope_id, name, 0, self._now())
         assert dest.hl7 is not None
         self.audit(
-            "message-transferred",
-            destination={
-                "node": name,
-                "host": dest.hl7.host,
-                "port": dest.hl7.port,
-                "application": dest.hl7.application,
-                "facility": dest.hl7.facility,
-            },
-            objects=[{"type": "message", "id": _control_id(raw)}]
-            + ([] if result else [{"type": "envelope", "id": envelope_id}]),
-            detail=f"{'result' if result else 'forwarded'}; ACK {outcome.code}",
+            records.message_transferred(
+                node=name,
+                host=dest.hl7.host,
+                port=dest.hl7.port,
+                application=dest.hl7.application,
+                facility=dest.hl7.facility,
+                control_id=_control_id(raw),
+                envelope_id=envelope_id,
+                result=result,
+                ack=outcome.code,
+            )
         )
         log.info("deliver.message", destination=name, envelope_id=envelope_id, ack=outcome.code)
 

@@ -234,7 +234,7 @@ def _datasets(model_input: FilesInput | SpoolInput) -> tuple[list[Any], Callable
 
         return headers, full
 
-    from gateway.store.crypto import KeyStore, Sealer
+    from gateway.security.crypto import KeyStore, Sealer
     from gateway.store.spool import Spool
 
     keys = KeyStore.open(Path(model_input.key_file), create=False)

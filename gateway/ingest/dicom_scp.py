@@ -47,7 +47,7 @@ from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
 from gateway.route.keywords import ROUTING_KEYWORDS
 from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
-from gateway.security.audit import NO_AUDIT, Auditor
+from gateway.security.audit import NO_AUDIT, Auditor, records
 from gateway.security.tls import peer_subject, subject_text
 from gateway.store.store import Store
 
@@ -339,10 +339,9 @@ class _TLSAssociationServer(ThreadedAssociationServer):
                 error=f"{type(exc).__name__}: {str(exc)[:200]}",
             )
             self.audit(
-                "security-alert",
-                "minor-failure",
-                actor={"host": peer or "?"},
-                detail=f"DICOM TLS handshake refused: {type(exc).__name__}: {str(exc)[:200]}",
+                records.tls_refused(
+                    "DICOM", peer or "?", f"{type(exc).__name__}: {str(exc)[:200]}"
+                )
             )
             self.shutdown_request(request)
             return
@@ -495,12 +494,12 @@ class DicomSCP:
                 hint="add them under dicom.allowed_callers",
             )
             self.audit(
-                "security-alert",
-                "minor-failure",
-                actor={"ae_title": ae_title, "host": req.address}
-                | ({"cert_subject": subject_text(cert)[:200]} if cert else {}),
-                destination={"ae_title": self.cfg.ae_title},
-                detail="DICOM association refused: calling AE title and host not allowed",
+                records.dicom_caller_refused(
+                    ae_title,
+                    req.address,
+                    self.cfg.ae_title,
+                    cert_subject=subject_text(cert) if cert else None,
+                )
             )
             # 0x01 rejected-permanent, 0x01 service-user, 0x03 calling AE not recognised
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
@@ -516,12 +515,11 @@ class DicomSCP:
             peer=event.assoc.requestor.address,
         )
         self.audit(
-            "association",
-            actor={
-                "ae_title": event.assoc.requestor.ae_title.strip(),
-                "host": event.assoc.requestor.address,
-            },
-            destination={"ae_title": self.cfg.ae_title},
+            records.association_accepted(
+                event.assoc.requestor.ae_title.strip(),
+                event.assoc.requestor.address,
+                self.cfg.ae_title,
+            )
         )
 
     def _on_rejected(self, event: evt.Event) -> None:
@@ -537,14 +535,11 @@ class DicomSCP:
             max_associations=self.cfg.max_associations,
         )
         self.audit(
-            "association",
-            "minor-failure",
-            actor={
-                "ae_title": str(prim.calling_ae_title).strip(),
-                "host": event.assoc.requestor.address,
-            },
-            destination={"ae_title": str(prim.called_ae_title).strip()},
-            detail="DICOM association rejected (called AE title or association limit)",
+            records.association_rejected(
+                str(prim.calling_ae_title).strip(),
+                event.assoc.requestor.address,
+                str(prim.called_ae_title).strip(),
+            )
         )
 
     def _on_closed(self, event: evt.Event) -> None:
@@ -565,18 +560,16 @@ class DicomSCP:
             failed = tally.get("refused", 0) + tally.get("out_of_resources", 0)
             aborted = event.event is not evt.EVT_RELEASED
             self.audit(
-                "instances-received",
-                "minor-failure" if failed or aborted else "success",
-                actor={
-                    "ae_title": event.assoc.requestor.ae_title.strip(),
-                    "host": event.assoc.requestor.address,
-                },
-                destination={"ae_title": self.cfg.ae_title},
-                objects=[{"type": "study", "id": uid} for uid in sorted(studies)[:50]]
-                + [{"type": "sop-instance", "count": int(tally.get("stored", 0))}],
-                detail=f"stored {tally.get('stored', 0)}, duplicates "
-                f"{tally.get('duplicate', 0)}, refused {failed}"
-                + (", association aborted" if aborted else ""),
+                records.instances_received(
+                    event.assoc.requestor.ae_title.strip(),
+                    event.assoc.requestor.address,
+                    self.cfg.ae_title,
+                    studies=studies,
+                    stored=int(tally.get("stored", 0)),
+                    duplicates=int(tally.get("duplicate", 0)),
+                    refused=failed,
+                    aborted=aborted,
+                )
             )
         log.info(
             "dicom.association.released"

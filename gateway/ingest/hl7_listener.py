@@ -42,7 +42,7 @@ from gateway.hl7.mllp import FramingError, frame, read_frame
 from gateway.hl7.msh import ERR_APPLICATION_INTERNAL, Header, HeaderError, parse_header
 from gateway.observability.logging import exception_fields
 from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
-from gateway.security.audit import NO_AUDIT, Auditor
+from gateway.security.audit import NO_AUDIT, Auditor, records
 from gateway.security.tls import peer_subject, subject_text
 from gateway.store.store import Store
 
@@ -232,12 +232,7 @@ class HL7Listener:
             log.warning(
                 "hl7.tls.handshake_failed", peer=host, error=type(exc).__name__, reason=reason
             )
-            self.audit.later(
-                "security-alert",
-                "minor-failure",
-                actor={"host": host},
-                detail=f"MLLP TLS handshake refused: {type(exc).__name__}: {reason}",
-            )
+            self.audit.later(records.tls_refused("MLLP", host, f"{type(exc).__name__}: {reason}"))
             writer.close()
             return
         await self._serve(reader, writer)
@@ -347,12 +342,13 @@ class HL7Listener:
                 error="sender not allowed",
             )
             self.audit.later(
-                "security-alert",
-                "minor-failure",
-                actor=_sender(header, host)
-                | ({"cert_subject": subject_text(cert)[:200]} if cert else {}),
-                objects=[{"type": "message", "id": header.control_id[:64]}],
-                detail="HL7 sender not on the allow-list; message refused (AR)",
+                records.hl7_sender_refused(
+                    header.sending_application,
+                    header.sending_facility,
+                    host,
+                    header.control_id,
+                    cert_subject=subject_text(cert) if cert else None,
+                )
             )
             self._count(header.message_type, _code(header, "AR"))
             return _send_policy(header, "AR", reply)
@@ -437,12 +433,7 @@ class HL7Listener:
             ids = self._received.pop(key, [])
             if ids:
                 application, facility, host = key
-                self.audit.later(
-                    "message-received",
-                    actor={"application": application, "facility": facility, "host": host},
-                    objects=[{"type": "message", "id": i} for i in ids],
-                    detail=f"{len(ids)} messages stored (ACK AA)",
-                )
+                self.audit.later(records.messages_received(application, facility, host, ids))
         if only is None or not self._received:
             if self._audit_flush is not None:
                 self._audit_flush.cancel()
@@ -481,14 +472,6 @@ class HL7Listener:
                 hook(*args)
             except Exception as exc:  # a metrics problem must not cost an ACK
                 log.error("hl7.metrics_hook_failed", error_type=type(exc).__name__)
-
-
-def _sender(header: Header, host: str) -> dict[str, str]:
-    return {
-        "application": header.sending_application[:64],
-        "facility": header.sending_facility[:64],
-        "host": host,
-    }
 
 
 def _code(header: Header | None, original: str) -> str:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.store.crypto import fsync_dir
+from gateway.security.crypto import fsync_dir
 
 __all__ = [
     "CA_COMMON_NAME",

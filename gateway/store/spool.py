@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gateway.errors import IntegrityError, SpoolFull
-from gateway.store.crypto import Sealer, fsync_dir, key_id_of
+from gateway.security.crypto import Sealer, fsync_dir, key_id_of
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 

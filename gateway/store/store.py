@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.envelope import Envelope, Kind, new_id
 from gateway.errors import KeyStoreError
-from gateway.store.crypto import MAGIC, KeyStore, Sealer
+from gateway.security.crypto import MAGIC, KeyStore, Sealer
 from gateway.store.queue import Ack
 from gateway.store.spool import Spool
 from gateway.store.sqlite import SQLiteQueue

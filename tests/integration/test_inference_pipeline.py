@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("torch")
 
 from gateway.infer.masks import decode_mask
-from gateway.store.crypto import KeyStore, Sealer
+from gateway.security.crypto import KeyStore, Sealer
 from gateway.store.spool import Spool
 from models.lung_nodules.synth import make_case
 from tests.ctstudy import write_ct_series

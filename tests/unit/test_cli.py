@@ -11,7 +11,7 @@ import pytest
 from gateway import __version__
 from gateway.cli import main
 from gateway.envelope import JobState, Stage
-from gateway.store.crypto import KeyStore, Sealer
+from gateway.security.crypto import KeyStore, Sealer
 from gateway.store.sqlite import SQLiteQueue
 from gateway.store.store import Store
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import IntegrityError, KeyStoreError
-from gateway.store.crypto import MAGIC, NONCE_BYTES, TAG_BYTES, KeyStore, Sealer
+from gateway.security.crypto import MAGIC, NONCE_BYTES, TAG_BYTES, KeyStore, Sealer
 from gateway.store.queue import Ack
 from gateway.store.spool import Spool
 from gateway.store.store import Store

@@ -4,6 +4,7 @@ pending or dead stays, and nothing that is still needed is touched."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,10 @@ import pytest
 
 from gateway.envelope import Job, Kind, NextJob, Stage
 from gateway.errors import IntegrityError
-from gateway.store.crypto import KeyStore, key_id_of
-from gateway.store.retention import DAY, audit_fields, purge
+from gateway.observability.metrics import Metrics
+from gateway.security.audit import NO_AUDIT, AuditLog, Auditor
+from gateway.security.crypto import KeyStore, key_id_of
+from gateway.services.retention import DAY, RetentionService, audit_entry, purge
 from gateway.store.store import Store
 
 NOW = time.time()
@@ -121,9 +124,9 @@ def test_done_old_data_goes_with_its_results_and_pending_or_dead_or_recent_data_
     counts = store.queue.counts()
     assert counts["jobs:route"] == {"done": 1, "dead": 1}
 
-    fields = audit_fields(report)
-    assert {"type": "study", "id": "1.2.3.1"} in fields["objects"]
-    assert "deleted 1 studies and 1 messages" in fields["detail"]
+    entry = audit_entry(report, {"application": "ai-gateway"})
+    assert {"type": "study", "id": "1.2.3.1"} in entry.objects
+    assert "deleted 1 studies and 1 messages" in entry.detail
 
 
 def test_orphans_older_than_the_cutoff_are_swept_and_spares_are_left(store: Store) -> None:
@@ -209,3 +212,33 @@ def test_a_study_sent_again_while_it_is_being_purged_is_kept(
     assert (report.studies, report.kept) == (0, 1)
     assert store.queue.study(key) is not None
     assert all(store.read(e.id)[1] for e in store.queue.study_envelopes(key))
+
+
+def test_the_retention_service_deletes_counts_and_audits_a_pass(
+    store: Store, tmp_path: Path
+) -> None:
+    key = ingest_study(store, "1.2.7", OLD)
+    run_all(store, OLD + 10)
+    metrics = Metrics()
+    trail = AuditLog.open(tmp_path / "audit.jsonl")
+    service = RetentionService(
+        tmp_path / "var", tmp_path / "var" / "keys.json", 1, metrics=metrics, audit=Auditor(trail)
+    )
+    report = service.run_once(1)
+    assert report.studies == 1 and not store.queue.study_envelopes(key)
+    assert metrics.registry.get_sample_value("gateway_purged_total", {"kind": "study"}) == 1
+    assert service.run_once(1).studies == 0  # nothing left: nothing recorded
+    trail.close()
+    (line,) = (tmp_path / "audit.jsonl").read_bytes().splitlines()
+    rec = json.loads(line)
+    assert rec["event"] == "data-deleted" and rec["actor"]["application"] == "ai-gateway"
+    assert {"type": "study", "id": "1.2.7"} in rec["objects"]
+
+
+def test_a_retention_service_without_a_retention_starts_nothing(tmp_path: Path) -> None:
+    service = RetentionService(
+        tmp_path, tmp_path / "keys.json", None, metrics=Metrics(), audit=NO_AUDIT
+    )
+    service.start()
+    assert not any(t.name == "retention" for t in threading.enumerate())
+    service.stop()

@@ -14,19 +14,44 @@ The gateway is a relay, not an archive.  With ``gateway.retention_days`` set, a 
    one replaced less than an hour ago): after a key rotation the old key is destroyed once
    the last object it sealed is gone, so a copy of those files (a backup, a disk image)
    can no longer be decrypted.
+
+:func:`purge` is one pass; :class:`RetentionService` is the thread that the running
+gateway starts to run one a minute after the start, then every hour, and records each
+pass that deleted something in the audit trail (``data-deleted``).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from gateway.store.crypto import key_id_of
+import structlog
+
+from gateway.observability.metrics import Metrics
+from gateway.security.audit import AuditEntry, Auditor, records
+from gateway.security.crypto import key_id_of
 from gateway.store.store import Store
 
+__all__ = [
+    "DAY",
+    "FIRST_PASS",
+    "INTERVAL",
+    "PurgeReport",
+    "RetentionService",
+    "audit_entry",
+    "purge",
+]
+
+log = structlog.get_logger(__name__)
+
 DAY = 86400.0
+FIRST_PASS = 60.0  # seconds after the start
+INTERVAL = 3600.0
 
 
 @dataclass
@@ -105,22 +130,77 @@ def _study_uid(store: Store, envelope_id: str, sealed: bytes) -> str:
     return str(value or "")
 
 
-def audit_fields(report: PurgeReport, limit: int = 200) -> dict[str, Any]:
-    """The ``data-deleted`` audit record of a pass: the deleted studies by UID (the first
-    *limit*; the count says how many in all), messages and destroyed keys."""
-    from gateway.security.audit import is_dicom_uid
+def audit_entry(report: PurgeReport, actor: Mapping[str, Any]) -> AuditEntry:
+    """The ``data-deleted`` audit record of a pass by *actor*."""
+    return records.data_deleted(
+        actor,
+        cutoff=report.as_dict()["cutoff"],
+        study_uids=report.study_uids,
+        studies=report.studies,
+        messages=report.messages,
+        spool_files=report.files,
+        kept=report.kept,
+        keys_destroyed=report.keys_destroyed,
+    )
 
-    uids = [u for u in report.study_uids if is_dicom_uid(u)]  # the trail takes only UIDs
-    objects: list[dict[str, Any]] = [{"type": "study", "id": u} for u in uids[:limit]]
-    objects.append({"type": "study", "count": report.studies})
-    objects.append({"type": "message", "count": report.messages})
-    objects += [{"type": "data-key", "id": k} for k in report.keys_destroyed]
-    return {
-        "objects": objects,
-        "detail": (
-            f"retention: deleted {report.studies} studies and {report.messages} messages "
-            f"received before {report.as_dict()['cutoff']}, {report.files} spool files; "
-            f"{report.kept} kept for pending or dead jobs; "
-            f"{len(report.keys_destroyed)} data keys destroyed"
-        ),
-    }
+
+class RetentionService:
+    """With a retention of *days* (``gateway.retention_days``, a restart-only setting): a
+    retention pass a minute after :meth:`start`, then every hour (more often when the
+    retention is shorter than a few hours), each on its own store connection so that its
+    scans never hold the ingest connection's lock.  A failed pass is logged and the next
+    one tries again.  Without a retention, :meth:`start` starts nothing."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        key_file: Path,
+        days: float | None,
+        *,
+        metrics: Metrics,
+        audit: Auditor,
+    ) -> None:
+        self.data_dir, self.key_file, self.days = data_dir, key_file, days
+        self.metrics = metrics
+        self.audit = audit
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.days is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, args=(self.days,), name="retention")
+            self._thread.start()
+
+    def request_stop(self) -> None:
+        """No new pass starts; one under way finishes (:meth:`stop` waits for it)."""
+        self._stopping.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+
+    def _loop(self, days: float) -> None:
+        every = min(INTERVAL, days * DAY / 4)
+        wait = min(FIRST_PASS, every)
+        while not self._stopping.wait(wait):
+            wait = every
+            try:
+                self.run_once(days)
+            except Exception as exc:  # the next pass tries again
+                log.error("retention.failed", error=type(exc).__name__, detail=str(exc)[:200])
+
+    def run_once(self, days: float) -> PurgeReport:
+        """One pass now: deletes, counts it in the metrics and, when it deleted something,
+        records it in the audit trail and the log."""
+        store = Store(self.data_dir, self.key_file, create=False, durable=False)
+        try:
+            report = purge(store, days)
+        finally:
+            store.close()
+        self.metrics.purged.labels(kind="study").inc(report.studies)
+        self.metrics.purged.labels(kind="message").inc(report.messages)
+        if report.studies or report.messages or report.files or report.keys_destroyed:
+            self.audit(audit_entry(report, records.gateway_process()))
+            log.info("retention.done", **report.as_dict())
+        return report

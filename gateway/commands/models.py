@@ -1,5 +1,10 @@
 """``gateway models list`` and ``gateway models run``: the registry, and one model run
-offline, in this process, on files."""
+offline, in this process, on files.
+
+torch is imported inside :func:`models_run` only: every ``gateway`` command (``gateway
+--help`` too) imports this module, and torch takes seconds to import and is an optional
+dependency (``pip install -e '.[models]'``).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,57 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from gateway.commands.base import Subparsers, needs_config
 from gateway.config import Config
 from gateway.errors import Permanent
 from gateway.infer.bundles import Registry
+from gateway.infer.runtime import (
+    FilesInput,
+    InputError,
+    TextInput,
+    load_model,
+    pick_device,
+    summarize,
+)
+from gateway.infer.text import identifiers_from_file, report_text_from_file
+from gateway.security.deid import reidentify, scrub_text
 
 
-def models_list(cfg: Config, as_json: bool, out: TextIO) -> int:
+def register(sub: Subparsers) -> None:
+    models = sub.add_parser("models", help="the configured models: list them, run one offline")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    mlist = needs_config(
+        msub.add_parser(
+            "list",
+            help="name, version, input and weights hash of each configured model",
+            description="Read each configured bundle (no torch needed). Exit 1 when a bundle "
+            "cannot be read; the line says why.",
+        ),
+        models_list,
+    )
+    mlist.add_argument("--json", action="store_true", help="machine-readable output")
+    mrun = needs_config(
+        msub.add_parser(
+            "run",
+            help="run one model offline on DICOM files/folders or text/HL7 files",
+            description="Run model NAME here, in this process, on INPUT: for an image model "
+            "the DICOM files and folders given (one study; the bundle's series selection "
+            "picks the series), for a note model each text or HL7 file in turn (report "
+            "text from OBX TX/FT/ST). Prints the findings. Nothing is sent or stored.",
+        ),
+        models_run,
+    )
+    mrun.add_argument("name", metavar="NAME", help="a model name from the config's models:")
+    mrun.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    mrun.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    mrun.add_argument("--mask", type=Path, metavar="FILE.npy", help="save the mask (image models)")
+    mrun.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads")
+    mrun.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+
+
+def models_list(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
     registry = Registry.from_config(cfg.models, cfg.base_dir)
-    if as_json:
+    if args.json:
         rows: list[dict[str, Any]] = [
             {**m.identity, "input": m.input, "bundle_path": str(m.root)} for m in registry
         ]
@@ -57,18 +105,7 @@ def _dicom_files(inputs: list[Path]) -> list[str]:
 
 
 def models_run(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
-    import torch
-
-    from gateway.infer.runtime import (
-        FilesInput,
-        InputError,
-        TextInput,
-        load_model,
-        pick_device,
-        summarize,
-    )
-    from gateway.infer.text import identifiers_from_file, report_text_from_file
-    from gateway.security.deid import reidentify, scrub_text
+    import torch  # lazily: see the module docstring
 
     registry = Registry.from_config(cfg.models, cfg.base_dir)
     if args.name not in cfg.models:

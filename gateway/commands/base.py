@@ -1,0 +1,40 @@
+"""What every command module shares: how a subcommand takes its config file, and the two
+kinds of handler that :func:`gateway.cli.main` calls."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO, TypeAlias
+
+from gateway.config import DEFAULT_CONFIG, Config
+
+__all__ = ["ConfigHandler", "PlainHandler", "Subparsers", "needs_config", "plain"]
+
+#: A handler that works on the loaded config (``-c/--config``): returns the exit status.
+ConfigHandler: TypeAlias = Callable[[Config, argparse.Namespace, TextIO], int]
+#: A handler that needs no config.
+PlainHandler: TypeAlias = Callable[[argparse.Namespace, TextIO], int]
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def needs_config(sp: argparse.ArgumentParser, handler: ConfigHandler) -> argparse.ArgumentParser:
+    """Give *sp* the ``-c/--config`` option; the CLI loads that file and calls *handler*
+    with it."""
+    sp.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        metavar="FILE",
+        help=f"config file (default: {DEFAULT_CONFIG})",
+    )
+    sp.set_defaults(func=handler, needs_config=True)
+    return sp
+
+
+def plain(sp: argparse.ArgumentParser, handler: PlainHandler) -> argparse.ArgumentParser:
+    """*sp* runs *handler* without reading a config."""
+    sp.set_defaults(func=handler, needs_config=False)
+    return sp

@@ -24,8 +24,10 @@ from gateway.errors import Permanent, Transient
 from gateway.hl7.msh import parse_header
 from gateway.infer.masks import decode_mask, encode_mask
 from gateway.infer.runner import Limits, ModelRunner
+from gateway.infer.runtime import InputError, SpoolInput, TextInput
 from gateway.infer.text import identifiers_from_hl7, report_text_from_hl7
 from gateway.observability.metrics import Metrics
+from gateway.results.build import ResultBuilder
 from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom, hl7_keys
 from gateway.route.rules import Attributes, decide
 from gateway.security.audit import NO_AUDIT, Auditor, records
@@ -205,8 +207,6 @@ class Pipeline:
     def _run_model(
         self, name: str, kind: Kind, target: str, model: ModelConfig, beat: Beat
     ) -> dict[str, Any]:
-        from gateway.infer.runtime import InputError, SpoolInput, TextInput
-
         assert self.runner is not None
         model_input: SpoolInput | TextInput
         if kind is Kind.DICOM:
@@ -246,8 +246,6 @@ class Pipeline:
         Each object is validated as it is built, stored encrypted, and handed to the
         destination's lane.  A result that cannot be built validly is a dead letter with
         the reason: nothing broken is ever sent."""
-        from gateway.results.build import ResultBuilder
-
         payload = job.payload
         spool = self.store.spool
         result = json.loads(spool.get(str(payload["result"])))

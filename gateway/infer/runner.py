@@ -36,6 +36,9 @@ import structlog
 
 from gateway.errors import Permanent, Transient
 from gateway.infer.bundles import ModelInfo
+from gateway.infer.runtime import InputError, LoadedModel, load_model, pick_device
+from gateway.infer.runtime import warm_up as warm
+from gateway.observability.logging import configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -84,14 +87,9 @@ def _serve(
     conn: Connection, models: dict[str, ModelInfo], settings: RunnerSettings, slot: int
 ) -> None:
     """Main of a runner process: load, warm up, then answer run requests until EOF."""
-    from gateway.observability.logging import configure_logging
-
     configure_logging(settings.log_level)
     plog = structlog.get_logger("gateway.infer.process").bind(process=slot)
-    import torch
-
-    from gateway.infer.runtime import InputError, LoadedModel, load_model, pick_device
-    from gateway.infer.runtime import warm_up as warm
+    import torch  # heavy (seconds, hundreds of MB): only runner processes load it
 
     threads = settings.threads()
     torch.set_num_threads(threads)
@@ -344,8 +342,6 @@ class ModelRunner:
             result: dict[str, Any] = payload
             return result
         if kind == "input":
-            from gateway.infer.runtime import InputError
-
             raise InputError(payload)
         raise ModelRunFailed(str(payload))
 

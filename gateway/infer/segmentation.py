@@ -26,6 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.bundle.config_parser import ConfigParser
+from monai.data.meta_tensor import MetaTensor
+from monai.transforms.compose import Compose
+from monai.transforms.spatial.array import SpatialResample
 
 from gateway.errors import Permanent
 from gateway.infer.bundles import ModelInfo
@@ -38,8 +42,6 @@ class SegmentationBundle:
     """Callable as an image entrypoint: ``(volume_hu, spacing, *, affine) -> output``."""
 
     def __init__(self, info: ModelInfo, device: str = "cpu") -> None:
-        from monai.bundle.config_parser import ConfigParser
-
         self.info = info
         self.device = torch.device(device)
         parser = ConfigParser()
@@ -96,8 +98,6 @@ class SegmentationBundle:
         affine: np.ndarray,
         threads: int | None = None,
     ) -> dict[str, Any]:
-        from monai.data.meta_tensor import MetaTensor
-
         shape = tuple(int(s) for s in volume_hu.shape)
         lps = np.asarray(affine, dtype=np.float64)
         ras = LPS_TO_RAS @ lps
@@ -128,9 +128,6 @@ class SegmentationBundle:
         }
 
     def _labels_on_input_grid(self, pred: Any, ras: np.ndarray, shape: tuple[int, ...]) -> Any:
-        from monai.data.meta_tensor import MetaTensor
-        from monai.transforms.spatial.array import SpatialResample
-
         t: Any = pred if isinstance(pred, MetaTensor) else MetaTensor(torch.as_tensor(pred))
         if t.ndim == 4 and t.shape[0] > 1:
             t = MetaTensor(torch.argmax(t.as_tensor(), dim=0, keepdim=True), affine=t.affine)
@@ -193,8 +190,6 @@ def _drop_file_io(parser: Any, item: str) -> None:
 
 
 def _compose(transform: Any) -> Any:
-    from monai.transforms.compose import Compose
-
     return transform if isinstance(transform, Compose) else Compose([transform])
 
 

@@ -45,6 +45,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
@@ -83,8 +84,6 @@ class DeidentificationError(ValueError):
 def _table() -> tuple[dict[int, str], tuple[tuple[int, int, int, int, str], ...]]:
     """The profile's actions by tag, and the repeating-group entries (curves, overlays)
     as (group, element, group mask, element mask, action)."""
-    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
-
     groups = dicom_anonymization_database_selector(TABLE_EDITION)
     by_tag: dict[int, str] = {}
     masked: list[tuple[int, int, int, int, str]] = []

@@ -77,7 +77,11 @@ _PHI_PATTERNS = [
 _SAFE_TYPES = (str, int, float, bool, type(None))
 
 
-def scrub_text(text: str) -> str:
+def redact_text(text: str) -> str:
+    """*text* with whatever looks like PHI (a person name ``DOE^JANE``, an HL7 segment that
+    carries patient data, a DICOM date) replaced by ``[REDACTED]``: for free text that is
+    about to be logged or audited.  Report text handed to a model is de-identified by
+    :func:`gateway.security.deid.deidentify_text` instead."""
     for pattern in _PHI_PATTERNS:
         text = pattern.sub(REDACTED, text)
     return text
@@ -99,7 +103,7 @@ def redact_phi(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutable
 
 def _clean(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
-        return scrub_text(value)
+        return redact_text(value)
     if isinstance(value, enum.Enum):
         return _clean(value.value, depth)
     if isinstance(value, _SAFE_TYPES):

@@ -15,7 +15,7 @@ import pytest
 import structlog
 from pydicom import Dataset
 
-from gateway.observability.logging import REDACTED, configure_logging, redact_phi, scrub_text
+from gateway.observability.logging import REDACTED, configure_logging, redact_phi, redact_text
 
 
 def redact(**fields: Any) -> dict[str, Any]:
@@ -69,30 +69,30 @@ def test_dicom_person_name_inside_another_value_is_scrubbed() -> None:
 
 
 def test_person_name_with_middle_name_and_suffix_is_scrubbed_whole() -> None:
-    assert scrub_text("x O'BRIEN^MARY-ANN^Q^^JR y") == f"x {REDACTED} y"
+    assert redact_text("x O'BRIEN^MARY-ANN^Q^^JR y") == f"x {REDACTED} y"
 
 
 def test_mixed_case_person_name_is_scrubbed() -> None:
-    assert scrub_text("from Doe^Jane") == f"from {REDACTED}"
+    assert redact_text("from Doe^Jane") == f"from {REDACTED}"
 
 
 def test_person_name_with_an_initial_as_given_name_is_scrubbed() -> None:
-    assert scrub_text("failed for SMITH^J") == f"failed for {REDACTED}"
+    assert redact_text("failed for SMITH^J") == f"failed for {REDACTED}"
 
 
 def test_hl7_message_types_are_not_mistaken_for_person_names() -> None:
     text = "routed ORU^R01^ORU_R01 and ADT^A08, acked ACK^R01"
-    assert scrub_text(text) == text
+    assert redact_text(text) == text
 
 
 def test_hl7_pid_segment_text_is_scrubbed_to_the_end_of_the_segment() -> None:
     raw = "parse error in MSH|^~\\&|EHR|HOSP\rPID|1||MRN1^^^HOSP||SMITH^J||19700101|F\rPV1|1|I"
-    assert scrub_text(raw) == f"parse error in MSH|^~\\&|EHR|HOSP\r{REDACTED}\r{REDACTED}"
+    assert redact_text(raw) == f"parse error in MSH|^~\\&|EHR|HOSP\r{REDACTED}\r{REDACTED}"
 
 
 def test_obx_and_nte_segments_are_scrubbed() -> None:
-    assert scrub_text("OBX|1|TX|||Nodule 8 mm") == REDACTED
-    assert scrub_text("NTE|1||called Dr at home") == REDACTED
+    assert redact_text("OBX|1|TX|||Nodule 8 mm") == REDACTED
+    assert redact_text("NTE|1||called Dr at home") == REDACTED
 
 
 def test_dicom_date_is_scrubbed() -> None:
@@ -102,7 +102,7 @@ def test_dicom_date_is_scrubbed() -> None:
 
 
 def test_digit_runs_that_are_not_calendar_dates_pass() -> None:
-    assert scrub_text("size 19701301 and 20241232 and 123456789") == (
+    assert redact_text("size 19701301 and 20241232 and 123456789") == (
         "size 19701301 and 20241232 and 123456789"
     )
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
 from gateway.errors import Permanent
-from gateway.observability.logging import scrub_text
+from gateway.observability.logging import redact_text
 
 AuditEvent = Literal[
     "association",
@@ -36,10 +36,11 @@ AuditEvent = Literal[
     "data-deleted",
     "application-activity",
 ]
-Outcome = Literal["success", "minor-failure", "serious-failure", "major-failure"]
+# DICOM PS3.15 A.5 EventOutcomeIndicator, in words (0, 4, 8, 12); not a delivery outcome
+EventOutcome = Literal["success", "minor-failure", "serious-failure", "major-failure"]
 
 EVENTS: Final[frozenset[str]] = frozenset(get_args(AuditEvent))
-OUTCOMES: Final[frozenset[str]] = frozenset(get_args(Outcome))
+OUTCOMES: Final[frozenset[str]] = frozenset(get_args(EventOutcome))
 #: ATNA EventOutcomeIndicator values.
 OUTCOME_CODES: Final[Mapping[str, int]] = {
     "success": 0,
@@ -159,7 +160,7 @@ def _object(obj: Mapping[str, Any]) -> dict[str, str | int]:
 
 
 def _detail(detail: str) -> str:
-    detail = scrub_text(_CONTROL.sub(" ", detail))
+    detail = redact_text(_CONTROL.sub(" ", detail))
     return detail if len(detail) <= MAX_DETAIL else detail[: MAX_DETAIL - 1] + "…"
 
 
@@ -190,7 +191,7 @@ class AuditEntry:
     adds ``seq``, ``time``, ``prev`` and ``hash``.  Made by the constructors below."""
 
     event: AuditEvent
-    outcome: Outcome = "success"
+    outcome: EventOutcome = "success"
     actor: Mapping[str, Any] | None = None
     destination: Mapping[str, Any] | None = None
     objects: tuple[Mapping[str, Any], ...] = ()

@@ -24,7 +24,7 @@ from gateway.security.audit.records import (
     AuditEntry,
     AuditError,
     AuditEvent,
-    Outcome,
+    EventOutcome,
     canonical_json,
     record_hash,
     torn_line_set_aside,
@@ -152,7 +152,7 @@ class AuditLog:
     def record(
         self,
         event: AuditEvent,
-        outcome: Outcome = "success",
+        outcome: EventOutcome = "success",
         *,
         actor: Mapping[str, Any] | None = None,
         destination: Mapping[str, Any] | None = None,

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from gateway.errors import MalformedInput
 
-BOM = b"\xef\xbb\xbf"
+_BOM = b"\xef\xbb\xbf"
 _FRAMING = b"\x0b\x1c\x00 \t\r\n"
 _TEXT_FRAMING = "\x0b\x1c\x00 \t\r\n"
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -141,7 +141,7 @@ def strip_framing(data: bytes) -> bytes:
     """*data* without MLLP framing, NUL, a UTF-8 byte order mark and the blank space
     around it."""
     data = data.strip(_FRAMING)
-    if data.startswith(BOM):
+    if data.startswith(_BOM):
         data = data[3:].lstrip(_FRAMING)
     return data
 
@@ -238,7 +238,7 @@ def split_messages(data: bytes) -> list[bytes]:
     and blank lines are dropped; each message's segments end with ``\\r``."""
     messages: list[list[bytes]] = []
     for line in _LINE_BREAK_BYTES.split(data.replace(b"\x0b", b"").replace(b"\x1c", b"")):
-        if line.startswith(BOM):
+        if line.startswith(_BOM):
             line = line[3:]
         if not line.strip():
             continue

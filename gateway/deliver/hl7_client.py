@@ -30,8 +30,9 @@ import structlog
 from gateway.config import HL7Destination
 from gateway.deliver import DeliveryRefused, DeliveryRetry, Outcome
 from gateway.errors import GatewayError
+from gateway.hl7.message import Separators, split_segments, unescape
 from gateway.hl7.mllp import FramingError, frame, read_frame
-from gateway.hl7.msh import Header, HeaderError, parse_header, unescape
+from gateway.hl7.msh import Header, HeaderError, parse_header
 
 __all__ = ["AckOutcome", "HL7Sender", "UnreadableAck", "classify_ack", "parse_ack"]
 
@@ -44,7 +45,6 @@ REFUSED_CODES = frozenset({"AR", "CR"})
 MAX_ACK_BYTES = 1024 * 1024
 ACK_TIMEOUT = 30.0  # seconds for connect + send + ACK, unless the caller says otherwise
 MAX_PEER_TEXT = 200  # characters of MSA-3 / ERR text kept in an error message
-_SEGMENTS = re.compile(r"\r\n|\r|\n")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
 
 
@@ -100,23 +100,22 @@ def parse_ack(payload: bytes) -> AckOutcome:
         if exc.partial is None:
             raise UnreadableAck(f"no readable MSH: {exc.message}") from None
         header = exc.partial
-    fs, enc = header.field_sep, header.encoding_chars
-    seps = fs + enc
-    text = payload.decode("latin-1")
+    seps = header.separators
+    fs = seps.field
     msa: list[str] | None = None
     errors: list[str] = []
-    for segment in _SEGMENTS.split(text):
+    for segment in split_segments(payload.decode("latin-1"), fs):
         if segment.startswith("MSA" + fs) and msa is None:
             msa = segment.split(fs)
         elif segment.startswith("ERR" + fs):
-            described = _describe_err(segment.split(fs), enc, seps)
+            described = _describe_err(segment.split(fs), seps)
             if described:
                 errors.append(described)
     if msa is None:
         raise UnreadableAck("the ACK has no MSA segment")
 
     def field(n: int) -> str:
-        return unescape(msa[n], seps) if n < len(msa) else ""
+        return _text(msa[n], seps) if n < len(msa) else ""
 
     return AckOutcome(
         code=field(1).strip().upper(),
@@ -126,10 +125,10 @@ def parse_ack(payload: bytes) -> AckOutcome:
     )
 
 
-def _describe_err(fields: list[str], enc: str, seps: str) -> str:
+def _describe_err(fields: list[str], seps: Separators) -> str:
     """``code text (at SEG-n)`` from ERR-3 + ERR-2 (v2.5+) or ERR-1 (before 2.5), plus the
     ERR-8 user message when present."""
-    comp, sub = enc[0], enc[3]
+    comp, sub = seps.component, seps.subcomponent
 
     def at(n: int) -> str:
         return fields[n] if n < len(fields) else ""
@@ -138,19 +137,24 @@ def _describe_err(fields: list[str], enc: str, seps: str) -> str:
     location: list[str] = []
     if at(3):  # ERR-3 CWE: identifier ^ text ^ coding system
         parts = at(3).split(comp)
-        code_text = " ".join(unescape(p, seps) for p in parts[:2] if p)
+        code_text = " ".join(_text(p, seps) for p in parts[:2] if p)
         location = at(2).split(comp)[:3] if at(2) else []
     elif at(1):  # ERR-1 ELD: segment ^ sequence ^ field ^ code&text&system
         parts = at(1).split(comp)
         location = parts[:3]
         if len(parts) > 3:
-            code_text = " ".join(unescape(p, seps) for p in parts[3].split(sub)[:2] if p)
+            code_text = " ".join(_text(p, seps) for p in parts[3].split(sub)[:2] if p)
     where = ""
     if location and location[0]:
         field_no = location[2] if len(location) > 2 else ""
         where = f" (at {location[0]}-{field_no})" if field_no else f" (at {location[0]})"
-    message = " ".join(p for p in (code_text + where, unescape(at(8), seps)) if p)
+    message = " ".join(p for p in (code_text + where, _text(at(8), seps)) if p)
     return message.strip()
+
+
+def _text(value: str, seps: Separators) -> str:
+    """A value the peer wrote, its separator escapes undone (as the ACK reader does)."""
+    return unescape(value, seps, formatting=False)
 
 
 def _shorten(value: str) -> str:

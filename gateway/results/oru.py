@@ -42,7 +42,7 @@ duplicate; another subject, model or version gets another id.
 
 Escaping: every value goes through :func:`gateway.hl7.ack.escape` (``\\F\\ \\S\\ \\R\\
 \\E\\ \\T\\``).  Copied fields are split on the source's separators, each leaf is decoded
-(:func:`gateway.infer.text.decode_escapes`, in the source's MSH-18 character set) and
+(:func:`gateway.hl7.message.unescape`, in the source's MSH-18 character set) and
 escaped again for ours, so ``O\\T\\BRIEN`` stays ``O\\T\\BRIEN`` and a source with other
 separators or ``\\Xhh\\`` escapes still gives the same text.
 
@@ -79,9 +79,9 @@ from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 from hl7apy.validation import Validator
 
-from gateway.errors import Permanent, ResultInvalid
+from gateway.errors import MalformedInput, ResultInvalid
 from gateway.hl7.ack import escape
-from gateway.infer.text import Separators, decode_escapes, decode_message, message_charset
+from gateway.hl7.message import Message, Separators, segment_fields, unescape
 from gateway.results import codes
 
 __all__ = ["VERSION", "Coded", "ResultInvalid", "build_oru", "control_id"]
@@ -163,8 +163,6 @@ TABLE_CHECKS = (
 )
 SEGMENT_ORDER = re.compile(r"MSH (PID (PV1 )?)?ORC OBR (OBX )+")
 NM_SYNTAX = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
-
-_SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
 
 
 def control_id(subject_key: str, model_name: str, model_version: str) -> str:
@@ -538,23 +536,18 @@ class _SourceMessage:
 
     @classmethod
     def parse(cls, data: bytes) -> _SourceMessage:
-        if data.startswith(b"\xef\xbb\xbf"):
-            data = data[3:]
-        data = data.strip(b"\x0b\x1c\x00 \t\r\n")
-        charset = message_charset(data)
-        lines = [s for s in _SEGMENT_SPLIT.split(decode_message(data, charset)) if s]
-        if not lines or not lines[0].startswith("MSH"):
-            raise ResultInvalid("the source message does not start with an MSH segment")
+        """Read with the one HL7 reader (:class:`gateway.hl7.message.Message`)."""
         try:
-            seps = Separators.from_msh(lines[0])
-        except Permanent as exc:
-            raise ResultInvalid(f"the source message: {exc}") from None
+            message = Message.parse(data)
+        except MalformedInput as exc:
+            raise ResultInvalid(f"the source message: {exc.message}") from None
+        seps = message.separators
         found: dict[str, Sequence[str]] = {}
-        for line in lines[1:]:
-            fields = line.split(seps.field)
+        for segment in message.segments[1:]:
+            fields = segment_fields(segment, seps)
             if fields[0] in ("PID", "PV1", "ORC", "OBR") and fields[0] not in found:
                 found[fields[0]] = fields
-        return cls(seps, charset, found)
+        return cls(seps, message.charset, found)
 
     def copy(self, segment_id: str) -> list[str] | None:
         """The segment's fields re-encoded for our separators, cut to the fields v2.5
@@ -574,7 +567,7 @@ class _SourceMessage:
         s = self.seps
 
         def leaf(text: str) -> str:
-            return _e(decode_escapes(text, s, self.charset))
+            return _e(unescape(text, s, self.charset))
 
         return "~".join(
             "^".join(

@@ -16,7 +16,6 @@ Values are strings; empty values are dropped.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +25,11 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from gateway.errors import MalformedInput
-from gateway.hl7.msh import unescape as unescape_hl7
+from gateway.hl7.message import Message, hl7_in, segment_fields, split_messages, unescape
+from gateway.hl7.msh import HeaderError, parse_header
+from gateway.ingest.dicom_scp import read_header
 from gateway.route.keywords import ROUTING_KEYWORDS
 from gateway.route.rules import Attributes
-
-_SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
-_SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
 
 
 class _Collector:
@@ -100,8 +98,6 @@ def read_dicom_header(
 ) -> tuple[str, dict[str, Any]]:
     """(StudyInstanceUID, routing attributes) of one Part 10 file, read up to the pixel
     data.  Raises :class:`MalformedInput` naming the file."""
-    from gateway.ingest.dicom_scp import read_header
-
     path = Path(path)
     try:
         header = read_header(path, keywords)
@@ -145,65 +141,47 @@ def from_hl7(message: bytes | str, keys: Collection[str] | None = None) -> Attri
     Keys: ``SEG`` (the segment is there), ``SEG-F`` (each repetition of the field, its
     components joined with ``^`` and subcomponents with ``&``, whatever separators the
     message declares, trailing empty components dropped), ``SEG-F.C`` and ``SEG-F.C.S``.
-    Escape sequences (``\\F\\ \\S\\ \\R\\ \\E\\ \\T\\``) are decoded.  Every occurrence of a
-    repeated segment contributes its values.  ``MSH-9`` also holds the normalised message
-    type ``CODE^TRIGGER``, so ``MSH-9: ORU^R01`` matches ``ORU^R01^ORU_R01``.
+    The separator escapes (``\\F\\ \\S\\ \\R\\ \\E\\ \\T\\``) are decoded, others kept as
+    written.  Every occurrence of a repeated segment contributes its values.  ``MSH-9``
+    also holds the normalised message type ``CODE^TRIGGER``, so ``MSH-9: ORU^R01`` matches
+    ``ORU^R01^ORU_R01``.
 
-    Segments may be separated by ``\\r``, ``\\n`` or ``\\r\\n``.  Bytes are read as UTF-8,
-    or latin-1 when they are not valid UTF-8.  Raises :class:`MalformedInput` when the
-    message does not start with a usable MSH segment.
+    The message is read with :class:`gateway.hl7.message.Message`: framing, separators,
+    MSH-18 character set, segments (continuation lines included) as every stage reads
+    them.  Raises :class:`MalformedInput` when the message does not start with a usable
+    MSH segment.
     """
-    text = _decode(message) if isinstance(message, bytes) else message
-    text = text.lstrip("\ufeff\x0b\r\n \t").rstrip("\x1c\r\n \t")
-    if not text.startswith("MSH") or len(text) < 8:
-        raise MalformedInput("an HL7 message starts with an MSH segment and its separators")
-    field_sep = text[3]
-    encoding = text[4:].split(field_sep, 1)[0]
-    if len(encoding) < 2 or field_sep in encoding or field_sep.isalnum():
-        raise MalformedInput("MSH-1/MSH-2: the HL7 separators are unusable")
-    comp_sep = encoding[0]
-    rep_sep = encoding[1]
-    escape = encoding[2] if len(encoding) > 2 else ""
-    sub_sep = encoding[3] if len(encoding) > 3 else ""
-    seps = field_sep + encoding
-
-    def unescape(value: str) -> str:
-        return unescape_hl7(value, seps) if escape and escape in value else value
+    parsed = Message.parse(message)
+    seps = parsed.separators
+    comp_sep, rep_sep, sub_sep = seps.component, seps.repetition, seps.subcomponent
 
     # with keys: only the segments and fields ("PID-3") they name are read
     wanted_fields = None if keys is None else {k.upper().split(".", 1)[0] for k in keys}
     wanted_segments = None if wanted_fields is None else {f.split("-", 1)[0] for f in wanted_fields}
     values = _Collector()
-    for segment in _SEGMENT_SPLIT.split(text):
-        if not segment.strip():
-            continue
-        seg_id = segment.split(field_sep, 1)[0].strip().upper()
+    for segment in parsed.segments:
+        seg_id = segment[:3]
         if wanted_segments is not None and seg_id not in wanted_segments:
             continue
-        if not _SEGMENT_ID.fullmatch(seg_id):
-            continue
-        fields = segment.split(field_sep)
         values.add(seg_id, seg_id)
+        fields = segment_fields(segment, seps)
         if seg_id == "MSH":
-            # MSH-1 is the field separator itself; MSH-2 the encoding characters.
-            values.add("MSH-1", field_sep)
-            values.add("MSH-2", encoding)
-            numbered = list(enumerate(fields[2:], start=3))
+            values.add("MSH-1", seps.field)
+            values.add("MSH-2", seps.encoding)
+            first = 3
         else:
-            numbered = list(enumerate(fields[1:], start=1))
-        for number, raw in numbered:
+            first = 1
+        for number in range(first, len(fields)):
             path = f"{seg_id}-{number}"
             if wanted_fields is not None and path not in wanted_fields:
                 continue
-            for repetition in raw.split(rep_sep):
-                components = repetition.split(comp_sep)
+            for repetition in fields[number].split(rep_sep):
                 texts: list[str] = []
-                for c, component in enumerate(components, start=1):
-                    subs = component.split(sub_sep) if sub_sep else [component]
-                    sub_texts = [unescape(s) for s in subs]
-                    for s, sub in enumerate(sub_texts, start=1):
-                        values.add(f"{path}.{c}.{s}", sub)
-                    joined = "&".join(sub_texts).rstrip("&")
+                for c, component in enumerate(repetition.split(comp_sep), start=1):
+                    subs = [unescape(s, seps, formatting=False) for s in component.split(sub_sep)]
+                    for n, sub in enumerate(subs, start=1):
+                        values.add(f"{path}.{c}.{n}", sub)
+                    joined = "&".join(subs).rstrip("&")
                     values.add(f"{path}.{c}", joined)
                     texts.append(joined)
                 values.add(path, "^".join(texts).rstrip("^"))
@@ -213,31 +191,6 @@ def from_hl7(message: bytes | str, keys: Collection[str] | None = None) -> Attri
     if msh9 is not None and code and trigger and f"{code}^{trigger}" not in msh9:
         msh9.append(f"{code}^{trigger}")
     return Attributes("hl7", result)
-
-
-def split_hl7_messages(data: bytes) -> list[bytes]:
-    """Split a file holding one or more HL7 messages (separated by blank lines, or not at
-    all) into messages: a new message starts at every MSH segment.  MLLP framing bytes
-    and blank lines are dropped."""
-    text = data.replace(b"\x0b", b"").replace(b"\x1c", b"")
-    messages: list[list[bytes]] = []
-    for segment in re.split(rb"\r\n|\r|\n", text):
-        stripped = segment.strip()
-        if stripped.startswith(b"\xef\xbb\xbf"):
-            stripped = stripped[3:]
-        if not stripped:
-            continue
-        if stripped.startswith(b"MSH") or not messages:
-            messages.append([])
-        messages[-1].append(stripped)
-    return [b"\r".join(segments) + b"\r" for segments in messages]
-
-
-def _decode(data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
 
 
 # --- inputs of `gateway explain` ---------------------------------------------------------
@@ -281,8 +234,9 @@ def subjects_in(
     if _is_dicom(data):
         study, attrs = read_dicom_header(path, keywords)
         return [_study_subject(str(path), study, [attrs], calling_ae)]
-    if _looks_like_hl7(data):
-        messages = split_hl7_messages(data)
+    hl7 = hl7_in(data)
+    if hl7 is not None:
+        messages = split_messages(hl7)
         return [
             _message_subject(f"{path} #{i}" if len(messages) > 1 else str(path), message)
             for i, message in enumerate(messages, start=1)
@@ -304,11 +258,6 @@ def _read(path: Path) -> bytes:
 
 def _is_dicom(data: bytes) -> bool:
     return data[128:132] == b"DICM"
-
-
-def _looks_like_hl7(data: bytes) -> bool:
-    head = data[:64].removeprefix(b"\xef\xbb\xbf").lstrip(b"\x0b\r\n \t")
-    return head.startswith(b"MSH")
 
 
 def _folder_subjects(
@@ -343,8 +292,6 @@ def _study_subject(
 
 
 def _message_subject(label: str, message: bytes) -> Subject:
-    from gateway.hl7.msh import HeaderError, parse_header
-
     try:
         header = parse_header(message)
     except HeaderError as exc:

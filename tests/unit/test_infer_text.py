@@ -7,12 +7,9 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import MalformedInput
-from gateway.infer.text import (
-    Separators,
-    decode_escapes,
-    report_text_from_file,
-    report_text_from_hl7,
-)
+from gateway.hl7.message import Separators
+from gateway.hl7.message import unescape as decode_escapes
+from gateway.infer.text import report_text_from_file, report_text_from_hl7
 from tests.hl7msgs import oru_r01
 
 MSH = "MSH|^~\\&|RIS|HOSP|AI_GATEWAY|AI|20261125101500||ORU^R01^ORU_R01|C1|P|2.5.1"

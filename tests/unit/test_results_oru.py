@@ -14,7 +14,8 @@ from hl7apy.validation import Validator
 from pydicom import Dataset
 
 from gateway.errors import Permanent
-from gateway.infer.text import Separators, decode_escapes
+from gateway.hl7.message import Separators
+from gateway.hl7.message import unescape as decode_escapes
 from gateway.results.oru import ResultInvalid, build_oru, control_id, validate
 
 NOW = datetime(2026, 11, 25, 10, 20, 0, tzinfo=UTC)

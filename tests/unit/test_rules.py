@@ -10,6 +10,7 @@ from pydicom.dataset import Dataset
 
 from gateway.config import Route
 from gateway.errors import MalformedInput
+from gateway.hl7.message import split_messages as split_hl7_messages
 from gateway.route import Attributes, Decision, decide
 from gateway.route.attributes import (
     calling_ae_of,
@@ -17,7 +18,6 @@ from gateway.route.attributes import (
     from_hl7,
     from_stored_dicom,
     hl7_keys,
-    split_hl7_messages,
 )
 from tests.hl7msgs import oru_r01
 

@@ -31,7 +31,7 @@ from gateway.results.build import ResultBuilder
 from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom, hl7_keys
 from gateway.route.rules import Attributes, decide
 from gateway.security.audit import NO_AUDIT, Auditor, records
-from gateway.security.deid import reidentify, scrub_text
+from gateway.security.deid import deidentify_text, reidentify
 from gateway.security.tls import client_context
 from gateway.store.store import Store
 from gateway.workers import Beat
@@ -223,7 +223,7 @@ class Pipeline:
             _, raw = self.store.read(target)
             text = report_text_from_hl7(raw)
             if model.deidentify:
-                text = scrub_text(text, identifiers_from_hl7(raw))
+                text = deidentify_text(text, identifiers_from_hl7(raw))
             model_input = TextInput(text)
         limits = Limits(timeout=model.timeout, memory_mb=model.memory_mb)
         try:

@@ -29,7 +29,7 @@ from gateway.infer.runtime import (
     summarize,
 )
 from gateway.infer.text import identifiers_from_file, report_text_from_file
-from gateway.security.deid import reidentify, scrub_text
+from gateway.security.deid import deidentify_text, reidentify
 
 
 def register(sub: Subparsers) -> None:
@@ -131,7 +131,7 @@ def models_run(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         for path in args.inputs:
             text = report_text_from_file(path)
             if deidentify:
-                text = scrub_text(text, identifiers_from_file(path))
+                text = deidentify_text(text, identifiers_from_file(path))
             runs.append((str(path), TextInput(text)))
     else:
         files = _dicom_files(args.inputs)

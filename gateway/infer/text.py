@@ -139,7 +139,7 @@ _ID_FIELDS: dict[str, dict[int, str]] = {
 
 def identifiers_from_hl7(message: bytes) -> list[tuple[str, str]]:
     """The identifying values a message carries, as ``(placeholder, value)`` pairs for
-    :func:`gateway.security.deid.scrub_text`: the patient's names, IDs, birth date,
+    :func:`gateway.security.deid.deidentify_text`: the patient's names, IDs, birth date,
     address and phone numbers, next of kin, providers, visit and order numbers.
 
     A birth date is given in the spellings a report might use (``1961-03-14``,

@@ -21,7 +21,7 @@ from pydicom.filewriter import dcmwrite
 from gateway.config import Destination
 from gateway.envelope import Kind
 from gateway.errors import MalformedInput, Permanent, ResultInvalid
-from gateway.route.attributes import from_hl7
+from gateway.hl7.message import Message, field_at, segment_fields, unescape
 from gateway.store.store import Store
 
 
@@ -155,24 +155,29 @@ class ResultBuilder:
             raise ResultInvalid(f"cannot build a valid ORU^R01: {exc}") from None
 
 
-_REPORT_IDS = ("OBR-3", "OBR-2", "ORC-3", "ZDS-1")
-
-
 def report_study_ids(message: bytes) -> tuple[str, str]:
     """(accession number, Study Instance UID) a report names: the accession from OBR-3
-    (filler order number), else OBR-2 or ORC-3; the study UID from ZDS-1 (IHE).  Read with
-    the routing reader (separators from MSH, escapes decoded, first repetition)."""
+    (filler order number), else OBR-2 or ORC-3; the study UID from ZDS-1 (IHE).  The first
+    component of the first repetition, from the first segment that has one, separator
+    escapes decoded (as routing reads them)."""
     try:
-        attrs = from_hl7(message, _REPORT_IDS)
+        msg = Message.parse(message)
     except MalformedInput:
         return "", ""
+    seps = msg.separators
 
-    def first(path: str) -> str:
-        values = attrs.get(path)
-        return values[0].strip() if values else ""
+    def first(segment_id: str, number: int) -> str:
+        for segment in msg.segments:
+            if segment.startswith(segment_id + seps.field):
+                raw = field_at(segment_fields(segment, seps), number)
+                value = raw.split(seps.repetition, 1)[0].split(seps.component, 1)[0]
+                value = unescape(value, seps, formatting=False).strip()
+                if value:
+                    return value
+        return ""
 
-    accession = first("OBR-3.1") or first("OBR-2.1") or first("ORC-3.1")
-    return accession, first("ZDS-1.1")
+    accession = first("OBR", 3) or first("OBR", 2) or first("ORC", 3)
+    return accession, first("ZDS", 1)
 
 
 def check_dicom(ds: Dataset, result: dict[str, Any], headers: list[Dataset]) -> None:

@@ -23,7 +23,7 @@ A model configured with ``deidentify: true`` gets:
   ``BurnedInAnnotation`` is ``YES`` is refused: the basic profile does not clean pixels.
   ``PatientIdentityRemoved`` (YES) and ``DeidentificationMethod`` record what was done.
 
-- **report text** scrubbed (:func:`scrub_text`) of the identifiers the message itself
+- **report text** scrubbed (:func:`deidentify_text`) of the identifiers the message itself
   carries (names, IDs, birth date, addresses, phone numbers, order and visit numbers,
   provider names) and of anything shaped like a date, a long number, a phone number, an
   e-mail address or an honorific followed by a name.
@@ -247,7 +247,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
-def scrub_text(text: str, identifiers: Iterable[tuple[str, str]] = ()) -> str:
+def deidentify_text(text: str, identifiers: Iterable[tuple[str, str]] = ()) -> str:
     """*text* with the given identifiers and identifier-shaped strings replaced by
     placeholders (``[NAME]``, ``[ID]``, ``[DATE]``, ``[CONTACT]``).
 

@@ -16,8 +16,8 @@ from gateway.security.deid import (
     DeidentificationError,
     Pseudonymizer,
     deidentify_dataset,
+    deidentify_text,
     reidentify,
-    scrub_text,
 )
 from tests.ctstudy import write_ct_series
 from tests.hl7msgs import oru_r01
@@ -135,7 +135,7 @@ def test_report_text_is_scrubbed_of_what_the_message_and_its_shape_give_away() -
         f"Accession {ACCESSION}. No pneumothorax. Small right pleural effusion."
     )
     message = oru_r01(patient=NAME, mrn=PID, accession=ACCESSION, text=text)
-    scrubbed = scrub_text(report_text_from_hl7(message), identifiers_from_hl7(message))
+    scrubbed = deidentify_text(report_text_from_hl7(message), identifiers_from_hl7(message))
     for secret in ("Prudence", "Privacy", PID, "1970", "2026", "2025", "Watson", "555", "pp@"):
         assert secret not in scrubbed, (secret, scrubbed)
     assert ACCESSION not in scrubbed

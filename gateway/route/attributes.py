@@ -24,6 +24,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from gateway.envelope import Kind
 from gateway.errors import MalformedInput
 from gateway.hl7.message import Message, hl7_in, segment_fields, split_messages, unescape
 from gateway.hl7.msh import HeaderError, parse_header
@@ -61,7 +62,7 @@ def from_stored_dicom(
         for keyword, value in attrs.items():
             for text in _strings(value):
                 values.add(keyword, text)
-    return Attributes("dicom", values.result(), calling_ae.strip() if calling_ae else None)
+    return Attributes(Kind.DICOM, values.result(), calling_ae.strip() if calling_ae else None)
 
 
 def from_datasets(
@@ -190,7 +191,7 @@ def from_hl7(message: bytes | str, keys: Collection[str] | None = None) -> Attri
     code, trigger = result.get("MSH-9.1", [""])[0], result.get("MSH-9.2", [""])[0]
     if msh9 is not None and code and trigger and f"{code}^{trigger}" not in msh9:
         msh9.append(f"{code}^{trigger}")
-    return Attributes("hl7", result)
+    return Attributes(Kind.HL7, result)
 
 
 # --- inputs of `gateway explain` ---------------------------------------------------------

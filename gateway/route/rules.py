@@ -37,11 +37,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any
 
 from gateway.config import Route
-
-Kind = Literal["dicom", "hl7"]
+from gateway.envelope import Kind
 
 #: The DICOM pseudo-attribute naming the sender's calling AE title.
 CALLING_AE = "calling_ae"
@@ -68,9 +67,9 @@ class Attributes:
     def get(self, key: str) -> list[str]:
         """The values of ``key``; ``[]`` when absent.  HL7 segment ids are not
         case-sensitive (``msh-9`` is ``MSH-9``); ``calling_ae`` is the pseudo-attribute."""
-        if self.kind == "dicom" and key == CALLING_AE:
+        if self.kind == Kind.DICOM and key == CALLING_AE:
             return [self.calling_ae] if self.calling_ae else []
-        if self.kind == "hl7":
+        if self.kind == Kind.HL7:
             key = key.strip().upper()
         return list(self.values.get(key, ()))
 
@@ -122,9 +121,9 @@ def route_matches(attrs: Attributes, route: Route) -> tuple[bool, str]:
     """Whether every condition of ``route`` for ``attrs.kind`` holds, and why, as text
     (the conditions' explanations joined with ``; ``).  All conditions are evaluated so
     that the explanation is complete."""
-    conditions = route.when.dicom if attrs.kind == "dicom" else route.when.hl7
+    conditions = route.when.dicom if attrs.kind == Kind.DICOM else route.when.hl7
     if conditions is None:
-        other = "HL7" if attrs.kind == "dicom" else "DICOM"
+        other = "HL7" if attrs.kind == Kind.DICOM else "DICOM"
         return False, f"{other} conditions only, this is {_kind_name(attrs.kind)}"
     if not conditions:
         return True, f"no {_kind_name(attrs.kind)} conditions (matches every one)"
@@ -199,4 +198,4 @@ def _presence(want: bool) -> str:
 
 
 def _kind_name(kind: Kind) -> str:
-    return "DICOM" if kind == "dicom" else "HL7"
+    return "DICOM" if kind == Kind.DICOM else "HL7"

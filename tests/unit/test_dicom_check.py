@@ -16,7 +16,7 @@ from pydicom.uid import (
 )
 
 from gateway.errors import MalformedInput
-from gateway.ingest.dicom_check import check_dataset
+from gateway.dicom.part10 import check_dataset
 from tests.dicomgen import SeriesSpec, make_study
 
 

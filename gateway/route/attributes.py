@@ -25,6 +25,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from gateway.dicom.header import read_header
+from gateway.dicom.part10 import is_part10
 from gateway.errors import MalformedInput
 from gateway.hl7.msh import unescape as unescape_hl7
 from gateway.route.keywords import ROUTING_KEYWORDS
@@ -55,7 +57,7 @@ def from_stored_dicom(
     instances: Iterable[Mapping[str, Any]], calling_ae: str | None = None
 ) -> Attributes:
     """A study's attributes from the per-instance attribute dicts the store keeps
-    (:attr:`gateway.ingest.dicom_scp.InstanceHeader.attrs`: keyword -> str, number, list of
+    (:attr:`gateway.dicom.header.Header.attrs`: keyword -> str, number, list of
     str or ``None``).  ``calling_ae`` is the sender's calling AE title (see
     :func:`calling_ae_of`)."""
     values = _Collector()
@@ -89,8 +91,9 @@ def from_dicom_files(
     calling_ae: str | None = None,
     keywords: Iterable[str] = ROUTING_KEYWORDS,
 ) -> Attributes:
-    """A study's attributes from Part 10 files, read up to the pixel data with the DICOM
-    SCP's own reader.  Raises :class:`MalformedInput` naming the file that cannot be read."""
+    """A study's attributes from Part 10 files, read up to the pixel data with the reader
+    the DICOM SCP uses (:func:`gateway.dicom.header.read_header`).  Raises
+    :class:`MalformedInput` naming the file that cannot be read."""
     keywords = tuple(keywords)
     return from_stored_dicom([read_dicom_header(path, keywords)[1] for path in paths], calling_ae)
 
@@ -100,8 +103,6 @@ def read_dicom_header(
 ) -> tuple[str, dict[str, Any]]:
     """(StudyInstanceUID, routing attributes) of one Part 10 file, read up to the pixel
     data.  Raises :class:`MalformedInput` naming the file."""
-    from gateway.ingest.dicom_scp import read_header
-
     path = Path(path)
     try:
         header = read_header(path, keywords)
@@ -278,7 +279,7 @@ def subjects_in(
     if path.is_dir():
         return _folder_subjects(path, calling_ae, keywords)
     data = _read(path)
-    if _is_dicom(data):
+    if is_part10(data):
         study, attrs = read_dicom_header(path, keywords)
         return [_study_subject(str(path), study, [attrs], calling_ae)]
     if _looks_like_hl7(data):
@@ -302,10 +303,6 @@ def _read(path: Path) -> bytes:
         raise MalformedInput(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def _is_dicom(data: bytes) -> bool:
-    return data[128:132] == b"DICM"
-
-
 def _looks_like_hl7(data: bytes) -> bool:
     head = data[:64].removeprefix(b"\xef\xbb\xbf").lstrip(b"\x0b\r\n \t")
     return head.startswith(b"MSH")
@@ -321,7 +318,7 @@ def _folder_subjects(
                 head = f.read(132)
         except OSError as exc:
             raise MalformedInput(f"{file}: cannot read: {exc.strerror}") from None
-        if _is_dicom(head):
+        if is_part10(head):
             study, attrs = read_dicom_header(file, keywords)
             studies.setdefault(study, []).append(attrs)
     if not studies:

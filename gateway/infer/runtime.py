@@ -168,7 +168,6 @@ def warm_up(model: LoadedModel) -> None:
 def pick_device(setting: str = "auto") -> str:
     import torch  # heavy and optional: imported only where a model is loaded
 
-
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if setting.startswith("cuda") and not torch.cuda.is_available():

@@ -15,8 +15,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from gateway.errors import MalformedInput
 from gateway.dicom.part10 import check_dataset
+from gateway.errors import MalformedInput
 from tests.dicomgen import SeriesSpec, make_study
 
 

@@ -11,8 +11,9 @@
   whole: the image input (series selection, volumes) and the conversion path of delivery.
 
 Both raise :class:`~gateway.errors.MalformedInput` with the reason.  Like pydicom, the
-header reader is tolerant: an element cut short ends the header (the elements before it
-are read); the strict structural check is :func:`~gateway.dicom.part10.check_dataset`.
+header reader is tolerant: an element cut short, in the file meta or the data set, ends
+what is read (the elements before it are); bytes without the preamble and ``DICM`` are
+refused.  The strict structural check is :func:`~gateway.dicom.part10.check_dataset`.
 
 Imports only :mod:`gateway.errors`, :mod:`gateway.dicom.part10`, pydicom and the standard
 library; the keywords are the caller's (routing keeps its list in
@@ -127,7 +128,7 @@ def _tags(keywords: tuple[str, ...]) -> tuple[tuple[tuple[str, int], ...], int]:
 
 def _read_header(data: Buffer, wanted: tuple[tuple[tuple[str, int], ...], int]) -> Header:
     pairs, last = wanted
-    meta = read_file_meta(data)
+    meta = read_file_meta(data, strict=False)
     syntax = meta.transfer_syntax
     with memoryview(data) as whole, whole[meta.offset :] as body:
         encoded: Buffer = inflate(body) if syntax in DEFLATED else body

@@ -248,42 +248,46 @@ class FileMeta:
     sop_instance_uid: str  # (0002,0003) Media Storage SOP Instance UID; "" when absent
 
 
-def read_file_meta(data: Buffer) -> FileMeta:
+def read_file_meta(data: Buffer, *, strict: bool = True) -> FileMeta:
     """The file meta group of Part 10 bytes, walked element by element (always explicit VR
     little endian) until the first element of another group, as pydicom and pynetdicom read
     it: the (0002,0000) group length is not trusted, nor needed.
 
-    Raises :class:`MalformedInput` when *data* has no preamble and ``DICM``, or ends inside
-    the file meta."""
+    Raises :class:`MalformedInput` when *data* has no preamble and ``DICM`` and, if
+    *strict*, when it ends inside the file meta; tolerant (``strict=False``, as pydicom
+    reads), the file meta ends at the element cut short, and so does *data*."""
     if not is_part10(data):
         raise MalformedInput("not a DICOM Part 10 file: no 'DICM' after the 128-byte preamble")
     values: dict[int, str] = {}
     pos, end = META_START, len(data)
     while pos < end:
-        if pos + 8 > end:
-            raise MalformedInput(f"file meta cut short at byte {pos}")
-        group, elem = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            break
-        if bytes(data[pos + 4 : pos + 6]) in _LONG_VRS:
-            if pos + 12 > end:
-                raise MalformedInput(f"file meta cut short at byte {pos}")
-            (length,) = struct.unpack_from("<I", data, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", data, pos + 6)
-            start = pos + 8
+        try:
+            group, elem = struct.unpack_from("<HH", data, pos)
+            if group != 0x0002:
+                break
+            if bytes(data[pos + 4 : pos + 6]) in _LONG_VRS:
+                (length,) = struct.unpack_from("<I", data, pos + 8)
+                start = pos + 12
+            else:
+                (length,) = struct.unpack_from("<H", data, pos + 6)
+                start = pos + 8
+        except struct.error:
+            length, start = 0, end + 1
         if start + length > end:
-            raise MalformedInput(
-                f"file meta element (0002,{elem:04X}) needs {length} bytes, {end - start} remain"
-            )
+            if not strict:
+                return _file_meta(end, values)
+            raise MalformedInput(f"file meta cut short at byte {pos}")
         tag = (group << 16) | elem
         if tag in (_MEDIA_SOP_CLASS, _MEDIA_SOP_INSTANCE, _TRANSFER_SYNTAX):
             text = bytes(data[start : start + length]).rstrip(b"\x00 ")
             values[tag] = text.decode("ascii", errors="replace").strip()
         pos = start + length
+    return _file_meta(pos, values)
+
+
+def _file_meta(offset: int, values: dict[int, str]) -> FileMeta:
     return FileMeta(
-        pos,
+        offset,
         values.get(_TRANSFER_SYNTAX, ""),
         values.get(_MEDIA_SOP_CLASS, ""),
         values.get(_MEDIA_SOP_INSTANCE, ""),

@@ -38,18 +38,17 @@ from typing import Any
 
 import numpy as np
 import structlog
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
 from pydicom.filewriter import dcmwrite
-from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 
 from gateway.config import DicomDestination
 from gateway.deliver import DeliveryRefused, DeliveryRetry, Outcome
+from gateway.dicom.header import read_dataset, read_header
+from gateway.dicom.part10 import has_explicit_vr
+from gateway.errors import MalformedInput
 
 __all__ = [
     "DicomSender",
@@ -82,15 +81,6 @@ _TRANSIENT = frozenset({0xFE00, 0x0210})  # cancel, duplicate invocation
 # which adds up to a millisecond to every C-STORE round trip (pynetdicom issue #650).
 DUL_POLL_SECONDS = 0.0005
 
-# The header read stops after (0008,0018) SOP Instance UID, which (with (0008,0016) SOP
-# Class UID) is all it needs from the data set; pixel data and the rest stay unparsed.
-_LAST_HEADER_TAG = 0x00080018
-# Explicit VRs whose length field is 4 bytes (PS3.5 7.1.2), for walking the file meta.
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-# The file meta of a Path source is looked for in its first bytes (else the whole file).
-_HEAD_BYTES = 64 * 1024
 # pynetdicom's standard event handlers: INFO/DEBUG lines (with identifiers) that the gateway
 # silences anyway, at a cost per P-DATA PDU (an Event object and a lock).
 _LOGGING_EVENTS = (evt.EVT_PDU_SENT, evt.EVT_PDU_RECV, evt.EVT_DIMSE_SENT, evt.EVT_DIMSE_RECV)
@@ -421,45 +411,33 @@ def _bytes_of(source: Source) -> bytes | Path:
     return source()
 
 
-def _after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return int(tag) > _LAST_HEADER_TAG
-
-
 def _read_header(key: str, source: Source) -> _Item:
     """SOP class, SOP instance and transfer syntax of one instance, read from the file
     meta and the first elements of the data set (the rest is not parsed)."""
     data = _bytes_of(source)
     try:
+        header = read_header(data, ())
+        meta = header.file_meta
         if isinstance(data, bytes):
-            head = data
-            ds = read_partial(BytesIO(head), stop_when=_after_header)
+            head = data[: meta.offset + 6]
         else:
             with data.open("rb") as f:
-                head = f.read(_HEAD_BYTES)
-                try:
-                    ds = read_partial(BytesIO(head), stop_when=_after_header)
-                except Exception:  # the header goes on past the first bytes (or deflated)
-                    if len(head) < _HEAD_BYTES:
-                        raise
-                    head += f.read()
-                    ds = read_partial(BytesIO(head), stop_when=_after_header)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise _NotSent(f"not a readable DICOM Part 10 object ({type(exc).__name__})") from None
-    meta = ds.file_meta
-    ts = meta.get("TransferSyntaxUID")
-    sop_class = ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
-    sop_instance = ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID")
+                head = f.read(meta.offset + 6)
+    except (MalformedInput, OSError) as exc:
+        reason = exc.message if isinstance(exc, MalformedInput) else type(exc).__name__
+        raise _NotSent(f"not a readable DICOM Part 10 object ({reason})") from None
+    ts = meta.transfer_syntax
+    sop_class = header.sop_class_uid or meta.sop_class_uid
+    sop_instance = header.sop_instance_uid or meta.sop_instance_uid
     if not ts or not sop_class or not sop_instance:
         raise _NotSent(
             "the file meta information or data set lacks the transfer syntax, SOP class "
             "or SOP instance UID"
         )
-    uid = UID(str(ts))
-    same_uids = str(meta.get("MediaStorageSOPClassUID", "")) == str(sop_class) and str(
-        meta.get("MediaStorageSOPInstanceUID", "")
-    ) == str(sop_instance)
-    prefix = _encoded_prefix(head, uid) if same_uids else b""
-    return _Item(key, str(sop_class), str(sop_instance), uid, prefix)
+    uid = UID(ts)
+    same_uids = meta.sop_class_uid == sop_class and meta.sop_instance_uid == sop_instance
+    prefix = _encoded_prefix(head, meta.offset, uid) if same_uids else b""
+    return _Item(key, sop_class, sop_instance, uid, prefix)
 
 
 def _choose_syntax(own: UID, accepted: set[UID]) -> UID:
@@ -518,45 +496,23 @@ def _starts_with(data: bytes | Path, prefix: bytes) -> bool:
     return len(head) > len(prefix) and head.startswith(prefix)
 
 
-def _data_set_offset(head: bytes) -> int | None:
-    """Where the data set starts in a Part 10 stream (after the 128-byte preamble, "DICM"
-    and the group 0002 elements, always explicit VR little endian), as pydicom and
-    pynetdicom find it; ``None`` if *head* has no preamble or ends before the data set."""
-    if head[128:132] != b"DICM":
-        return None
-    pos = 132
-    while pos + 8 <= len(head):
-        if int.from_bytes(head[pos : pos + 2], "little") != 0x0002:
-            return pos
-        if head[pos + 4 : pos + 6] in _LONG_VRS:
-            if pos + 12 > len(head):
-                return None
-            pos += 12 + int.from_bytes(head[pos + 8 : pos + 12], "little")
-        else:
-            pos += 8 + int.from_bytes(head[pos + 6 : pos + 8], "little")
-    return None
-
-
-def _encoded_prefix(head: bytes, ts: UID) -> bytes:
-    """Preamble + file meta of *head* if its data set is encoded with the explicit or
-    implicit VR that *ts* says (the check pydicom makes on the first element), else b""."""
-    offset = _data_set_offset(head)
-    if offset is None or len(head) < offset + 6:
+def _encoded_prefix(head: bytes, offset: int, ts: UID) -> bytes:
+    """Preamble + file meta of *head* (the data set starts at *offset*) if its data set is
+    encoded with the explicit or implicit VR that *ts* says (the check pydicom makes on
+    the first element), else b""."""
+    if len(head) < offset + 6:
         return b""
-    if not ts.is_deflated:
-        vr = head[offset + 4 : offset + 6]
-        explicit = 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B
-        if explicit == ts.is_implicit_VR:
-            return b""
+    if not ts.is_deflated and has_explicit_vr(head, offset) == ts.is_implicit_VR:
+        return b""
     return head[:offset]
 
 
 def _load(data: bytes | Path, item: _Item, target: UID) -> Dataset:
     """The data set to send, converted to *target* when that is not its own syntax."""
     try:
-        ds = dcmread(data if isinstance(data, Path) else BytesIO(data))
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise _NotSent(f"not a readable DICOM Part 10 object ({type(exc).__name__})") from None
+        ds = read_dataset(data, pixels=True)
+    except MalformedInput as exc:
+        raise _NotSent(f"not a readable DICOM Part 10 object ({exc.message})") from None
     if target == item.transfer_syntax:
         return ds
     converted = _convert(ds, item.transfer_syntax, target)
@@ -578,7 +534,7 @@ def _convert(ds: Dataset, own: UID, target: UID) -> Dataset:
         buffer = BytesIO()
         # dcmwrite, not save_as: only dcmwrite converts between byte orders
         dcmwrite(buffer, ds, enforce_file_format=True)
-        return dcmread(BytesIO(buffer.getvalue()))
+        return read_dataset(buffer.getvalue(), pixels=True)
     except Exception as exc:  # pydicom: missing codec, corrupt data, unencodable value
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise _NotSent(

@@ -52,7 +52,8 @@ preallocated and filled slice by slice. Multi-frame (enhanced) instances are not
 supported yet.
 
 Everything here is a pure function of its input except :func:`read_folder` and
-:func:`read_datasets`, which read files.
+:func:`read_datasets`, which read files.  Files and bytes are read by the gateway's one
+DICOM reader, :func:`gateway.dicom.header.read_dataset`.
 """
 
 from __future__ import annotations
@@ -63,15 +64,12 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
@@ -81,6 +79,10 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     MediaStorageDirectoryStorage,
 )
+
+from gateway.dicom.header import read_dataset
+from gateway.dicom.part10 import is_part10
+from gateway.errors import MalformedInput
 
 __all__ = [
     "GAP_TOLERANCE",
@@ -630,8 +632,8 @@ def read_folder(path: str | os.PathLike[str]) -> FolderScan:
     skipped: list[Path] = []
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(file, stop_before_pixels=True)
-        except Exception:  # not DICOM, truncated, unreadable: all the same here
+            ds = read_dataset(file)
+        except MalformedInput:  # not DICOM, truncated, unreadable: all the same here
             skipped.append(file)
             continue
         sop_class = getattr(ds, "file_meta", FileMetaDataset()).get("MediaStorageSOPClassUID")
@@ -663,8 +665,8 @@ def read_datasets(sources: Iterable[str | os.PathLike[str] | Dataset]) -> list[D
                 )
             source = filename
         try:
-            out.append(pydicom.dcmread(source))
-        except Exception as exc:  # InvalidDicomError, OSError, truncated data ...
+            out.append(read_dataset(Path(source), pixels=True))
+        except MalformedInput as exc:  # not DICOM, unreadable, truncated data ...
             raise VolumeError(f"cannot read {Path(source).name}: {exc}") from exc
     return out
 
@@ -677,20 +679,17 @@ def dataset_from_bytes(data: bytes, *, headers_only: bool = False) -> Dataset:
     DICOM. pydicom reads truncated data leniently: a dataset cut inside its pixel data
     comes back without PixelData (and :func:`build_volume` says so).
     """
-    try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=headers_only)
+    if is_part10(data):
+        try:
+            ds = read_dataset(data, pixels=not headers_only)
+        except MalformedInput as exc:  # truncated or corrupt Part-10 data
+            raise ValueError(f"not a readable DICOM dataset: {exc}") from exc
         if len(ds) == 0:
             raise ValueError("not a DICOM dataset: no data elements after the file meta")
         return ds
-    except InvalidDicomError:
-        pass  # no preamble: try as a bare dataset below
-    except ValueError:
-        raise
-    except Exception as exc:  # truncated or corrupt Part-10 data
-        raise ValueError(f"not a readable DICOM dataset: {exc}") from exc
-    try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=headers_only, force=True)
-    except Exception as exc:
+    try:  # no preamble: a bare dataset
+        ds = read_dataset(data, pixels=not headers_only, force=True)
+    except MalformedInput as exc:
         raise ValueError(f"not a DICOM dataset: {exc}") from exc
     if len(ds) == 0 or ("SOPClassUID" not in ds and "SOPInstanceUID" not in ds):
         raise ValueError("not a DICOM dataset: no SOP Class/Instance UID found")

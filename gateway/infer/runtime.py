@@ -37,9 +37,26 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import Permanent
+from gateway.dicom.header import read_dataset
+from gateway.errors import MalformedInput, Permanent
 from gateway.infer.bundles import ModelInfo
-from gateway.security.deid import PROFILE
+from gateway.infer.image import (
+    NoSeriesMatch,
+    SeriesRules,
+    VolumeError,
+    build_volume,
+    dataset_from_bytes,
+    nearest_slice,
+    select_series,
+)
+from gateway.security.crypto import KeyStore, Sealer
+from gateway.security.deid import (
+    PROFILE,
+    DeidentificationError,
+    Pseudonymizer,
+    deidentify_dataset,
+)
+from gateway.store.spool import Spool
 
 # --- inputs ----------------------------------------------------------------------------
 
@@ -149,7 +166,7 @@ def warm_up(model: LoadedModel) -> None:
 
 
 def pick_device(setting: str = "auto") -> str:
-    import torch
+    import torch  # heavy and optional: imported only where a model is loaded
 
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -164,7 +181,7 @@ def load_model(info: ModelInfo, device: str = "cpu") -> LoadedModel:
         return LoadedModel(info, _entrypoint(info), device)
     if info.input == "text":
         return LoadedModel(info, _config_item(info, "inferer"), device)
-    from gateway.infer.segmentation import SegmentationBundle
+    from gateway.infer.segmentation import SegmentationBundle  # imports torch: only here
 
     return LoadedModel(info, SegmentationBundle(info, device), device)
 
@@ -190,7 +207,7 @@ def _entrypoint(info: ModelInfo) -> Callable[..., Any]:
 def _config_item(info: ModelInfo, item: str) -> Callable[..., Any]:
     """An item of ``inference.json``, parsed with the bundle folder on sys.path (the Model
     Zoo convention for a bundle's own code)."""
-    from monai.bundle.config_parser import ConfigParser
+    from monai.bundle.config_parser import ConfigParser  # heavy and optional: only here
 
     parser = ConfigParser()
     parser.read_config(str(info.root / "configs" / "inference.json"))
@@ -217,25 +234,18 @@ def _parameters(call: Callable[..., Any]) -> set[str]:
 
 def _datasets(model_input: FilesInput | SpoolInput) -> tuple[list[Any], Callable[[Any], Any]]:
     """Headers of every instance, and a function that reads one of them in full."""
-    from pydicom import dcmread
-
-    from gateway.infer.image import dataset_from_bytes
-
     if isinstance(model_input, FilesInput):
         headers: list[Any] = []
         for p in model_input.paths:
             try:
-                headers.append(dcmread(p, stop_before_pixels=True))
-            except Exception:  # not DICOM: skipped, like any DICOM folder reader does
+                headers.append(read_dataset(Path(p)))
+            except MalformedInput:  # not DICOM: skipped, like any DICOM folder reader does
                 continue
 
         def full(h: Any) -> Any:
-            return dcmread(h.filename)
+            return read_dataset(Path(h.filename), pixels=True)
 
         return headers, full
-
-    from gateway.security.crypto import KeyStore, Sealer
-    from gateway.store.spool import Spool
 
     keys = KeyStore.open(Path(model_input.key_file), create=False)
     spool = Spool(Path(model_input.spool_dir), Sealer(keys), pool=False)  # reads only
@@ -269,15 +279,6 @@ def read_series(model_input: FilesInput | SpoolInput, selection: dict[str, Any])
     ``deidentify`` the chosen instances are then de-identified before the volume is built,
     so nothing the model is given carries the patient's identity.
     """
-    from gateway.infer.image import (
-        NoSeriesMatch,
-        SeriesRules,
-        VolumeError,
-        build_volume,
-        select_series,
-    )
-    from gateway.security.deid import DeidentificationError, Pseudonymizer, deidentify_dataset
-
     headers, full = _datasets(model_input)
     if not headers:
         raise InputError("no DICOM instances in the input")
@@ -297,8 +298,6 @@ def read_series(model_input: FilesInput | SpoolInput, selection: dict[str, Any])
 def image_result(out: dict[str, Any], volume: Any) -> dict[str, Any]:
     """The model's output plus where it came from: each finding gets the source image
     nearest to its centre, and the result says which series and frame it was made on."""
-    from gateway.infer.image import nearest_slice
-
     findings = []
     for f in out.get("findings") or []:
         f = dict(f)

@@ -9,8 +9,6 @@ routing attributes are read, with pixel data skipped.
 from __future__ import annotations
 
 import contextlib
-import io
-import mmap
 import os
 import socketserver
 import ssl
@@ -19,14 +17,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -41,11 +36,11 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.config import AllowedCaller, DicomSection, parse_subject
+from gateway.dicom.header import read_header
+from gateway.dicom.part10 import check_dataset, mapped, read_file_meta
 from gateway.errors import MalformedInput, Permanent, Transient
-from gateway.ingest.dicom_check import check_dataset, dataset_offset
 from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
-from gateway.route.keywords import ROUTING_KEYWORDS
 from gateway.security.allowlist import IPNetwork, peer_in, resolve_hosts
 from gateway.security.audit import NO_AUDIT, Auditor, records
 from gateway.security.tls import peer_subject, subject_text
@@ -124,54 +119,6 @@ def caller_allowed(
     )
 
 
-@dataclass(frozen=True)
-class InstanceHeader:
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    attrs: dict[str, Any]
-
-
-def read_header(data: bytes | Path, keywords: Iterable[str] = ROUTING_KEYWORDS) -> InstanceHeader:
-    """Read the identifiers and the *keywords* (routing attributes) of an encoded instance
-    (Part 10 bytes or file).
-
-    The structure was checked already (:func:`check_dataset`); this reads the header up to
-    the pixel data.  Raises :class:`MalformedInput`.
-    """
-    try:
-        source = data if isinstance(data, Path) else io.BytesIO(data)
-        ds = dcmread(source, force=False, stop_before_pixels=True)
-        values = {kw: _plain(ds.get(kw)) for kw in keywords if kw in ds}
-        sop_instance = str(ds.SOPInstanceUID) if "SOPInstanceUID" in ds else ""
-        sop_class = str(ds.SOPClassUID) if "SOPClassUID" in ds else ""
-        study = str(ds.StudyInstanceUID) if "StudyInstanceUID" in ds else ""
-    except (
-        InvalidDicomError,
-        EOFError,
-        ValueError,
-        TypeError,
-        KeyError,
-        OSError,
-        NotImplementedError,
-        AttributeError,
-        OverflowError,
-    ) as exc:
-        raise MalformedInput(f"cannot decode the data set: {type(exc).__name__}") from None
-    values["TransferSyntaxUID"] = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    return InstanceHeader(sop_class, sop_instance, study, values)
-
-
-def _plain(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):
-        return [str(v) for v in value]
-    return str(value)
-
-
 class StoreHandler:
     """EVT_C_STORE: the only place that decides a C-STORE status."""
 
@@ -182,7 +129,7 @@ class StoreHandler:
         metrics: Metrics,
         *,
         on_disk: bool,
-        keywords: Iterable[str] = ROUTING_KEYWORDS,
+        keywords: Iterable[str],
     ) -> None:
         self.store = store
         self.keywords = tuple(keywords)
@@ -225,19 +172,25 @@ class StoreHandler:
 
     def _store(self, event: evt.Event, source: str) -> int | Dataset:
         data: bytes | Path
+        syntax = str(event.context.transfer_syntax)
         if self.on_disk:
             # pynetdicom wrote the instance, as received, to a Part 10 file in the incoming
             # directory while the fragments arrived: memory stays small whatever its size.
-            # pynetdicom deletes the file after we answer.
+            # pynetdicom deletes the file after we answer.  One memory map serves the check
+            # and the header read.
             data = event.dataset_path
-            check_file(data, str(event.context.transfer_syntax))
-            size = data.stat().st_size
+            with mapped(data) as view:
+                meta = read_file_meta(view)
+                with view[meta.offset :] as body_view:
+                    check_dataset(body_view, syntax)
+                header = read_header(view, self.keywords)
+                size = len(view)
         else:
             body: bytes = event.encoded_dataset(include_meta=False)
-            check_dataset(body, str(event.context.transfer_syntax))
+            check_dataset(body, syntax)
             data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), body))
             size = len(data)
-        header = read_header(data, self.keywords)
+            header = read_header(data, self.keywords)
         request = cast(C_STORE, event.request)
         request_uid = str(request.AffectedSOPInstanceUID)
         if not header.sop_instance_uid:
@@ -278,17 +231,6 @@ class StoreHandler:
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
         return SUCCESS
-
-
-def check_file(path: Path, transfer_syntax: str) -> None:
-    """:func:`check_dataset` on a Part 10 file, through a memory map (no copy in memory)."""
-    with path.open("rb") as f:
-        try:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # an empty file cannot be mapped
-            raise MalformedInput("empty data set") from None
-        with mm, memoryview(mm) as view, view[dataset_offset(view) :] as body:
-            check_dataset(body, transfer_syntax)
 
 
 class _Refusal(MalformedInput):
@@ -364,8 +306,8 @@ class DicomSCP:
         metrics: Metrics,
         *,
         incoming: Path,
+        keywords: Iterable[str],
         ssl_context: ssl.SSLContext | None = None,
-        keywords: Iterable[str] = ROUTING_KEYWORDS,
         audit: Auditor = NO_AUDIT,
     ) -> None:
         configure_pynetdicom(incoming if cfg.receive_to_disk else None)

@@ -19,9 +19,14 @@ from pydicom import Dataset
 from pydicom.filewriter import dcmwrite
 
 from gateway.config import Destination
+from gateway.dicom.header import read_dataset
 from gateway.envelope import Kind
 from gateway.errors import MalformedInput, Permanent, ResultInvalid
 from gateway.hl7.message import Message, field_at, segment_fields, unescape
+from gateway.results.codes import result_uid
+from gateway.results.oru import build_oru
+from gateway.results.seg import build_seg
+from gateway.results.sr import build_sr
 from gateway.store.store import Store
 
 
@@ -70,23 +75,17 @@ class ResultBuilder:
         if self._headers is None and self.kind is Kind.HL7:
             self._headers = self._report_study_headers()
         if self._headers is None:
-            from gateway.infer.image import dataset_from_bytes
-
             headers = []
             for uid in self.result.get("input", {}).get("sop_instance_uids", []):
                 envelope_id = self.store.find_instance(str(uid))
                 if envelope_id is None:
                     raise ResultInvalid(f"source instance {uid[:24]}... is no longer stored")
                 self.beat()
-                headers.append(
-                    dataset_from_bytes(self.store.read(envelope_id)[1], headers_only=True)
-                )
+                headers.append(_stored_header(self.store.read(envelope_id)[1]))
             self._headers = headers
         return self._headers
 
     def _report_study_headers(self) -> list[Dataset]:
-        from gateway.infer.image import dataset_from_bytes
-
         accession, study_uid = report_study_ids(self.store.read(self.target)[1])
         study_key = self.store.find_study(accession=accession, study_uid=study_uid)
         if study_key is None:
@@ -99,7 +98,7 @@ class ResultBuilder:
                 continue
             seen.add(series)
             self.beat()
-            headers.append(dataset_from_bytes(self.store.read(env.id)[1], headers_only=True))
+            headers.append(_stored_header(self.store.read(env.id)[1]))
         return headers
 
     # --- DICOM ------------------------------------------------------------------------
@@ -117,9 +116,6 @@ class ResultBuilder:
             self.skipped[name] = "the model found nothing to report: no SR (the ORU says so)"
             return []
         if self._dicom is None:
-            from gateway.results.seg import build_seg
-            from gateway.results.sr import build_sr
-
             headers = self.source_headers()
             try:
                 seg = build_seg(self.result, self.mask, headers) if self.mask is not None else None
@@ -136,8 +132,6 @@ class ResultBuilder:
     # --- HL7 --------------------------------------------------------------------------
 
     def oru(self, receiving: tuple[str, str]) -> bytes:
-        from gateway.results.oru import build_oru
-
         source_message = self.store.read(self.target)[1] if self.kind is Kind.HL7 else None
         source_dicom = self.source_headers()[0] if self.kind is Kind.DICOM else None
         try:
@@ -197,6 +191,14 @@ def check_dicom(ds: Dataset, result: dict[str, Any], headers: list[Dataset]) -> 
             raise ResultInvalid(f"{what}: references an instance that is not in the source")
 
 
+def _stored_header(data: bytes) -> Dataset:
+    """The header of a stored source instance (Part 10, as received and checked)."""
+    try:
+        return read_dataset(data)
+    except MalformedInput as exc:
+        raise ResultInvalid(f"a stored source instance cannot be read: {exc.message}") from None
+
+
 def result_study_uid(result: dict[str, Any], headers: list[Dataset]) -> str:
     """The study a result belongs to: the image's, or for a report the study it names."""
     uid = result.get("input", {}).get("study_uid")
@@ -206,8 +208,6 @@ def result_study_uid(result: dict[str, Any], headers: list[Dataset]) -> str:
 
 
 def uid_is_result(uid: str, result: dict[str, Any], study_uid: str) -> bool:
-    from gateway.results.codes import result_uid
-
     model = result.get("model", {})
     name, version = str(model.get("name")), str(model.get("version"))
     return uid == result_uid("seg-instance", study_uid, name, version)

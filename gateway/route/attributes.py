@@ -24,11 +24,12 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from gateway.dicom.header import read_header
+from gateway.dicom.part10 import is_part10
 from gateway.envelope import Kind
 from gateway.errors import MalformedInput
 from gateway.hl7.message import Message, hl7_in, segment_fields, split_messages, unescape
 from gateway.hl7.msh import HeaderError, parse_header
-from gateway.ingest.dicom_scp import read_header
 from gateway.route.keywords import ROUTING_KEYWORDS
 from gateway.route.rules import Attributes
 
@@ -54,7 +55,7 @@ def from_stored_dicom(
     instances: Iterable[Mapping[str, Any]], calling_ae: str | None = None
 ) -> Attributes:
     """A study's attributes from the per-instance attribute dicts the store keeps
-    (:attr:`gateway.ingest.dicom_scp.InstanceHeader.attrs`: keyword -> str, number, list of
+    (:attr:`gateway.dicom.header.Header.attrs`: keyword -> str, number, list of
     str or ``None``).  ``calling_ae`` is the sender's calling AE title (see
     :func:`calling_ae_of`)."""
     values = _Collector()
@@ -88,8 +89,9 @@ def from_dicom_files(
     calling_ae: str | None = None,
     keywords: Iterable[str] = ROUTING_KEYWORDS,
 ) -> Attributes:
-    """A study's attributes from Part 10 files, read up to the pixel data with the DICOM
-    SCP's own reader.  Raises :class:`MalformedInput` naming the file that cannot be read."""
+    """A study's attributes from Part 10 files, read up to the pixel data with the reader
+    the DICOM SCP uses (:func:`gateway.dicom.header.read_header`).  Raises
+    :class:`MalformedInput` naming the file that cannot be read."""
     keywords = tuple(keywords)
     return from_stored_dicom([read_dicom_header(path, keywords)[1] for path in paths], calling_ae)
 
@@ -232,7 +234,7 @@ def subjects_in(
     if path.is_dir():
         return _folder_subjects(path, calling_ae, keywords)
     data = _read(path)
-    if _is_dicom(data):
+    if is_part10(data):
         study, attrs = read_dicom_header(path, keywords)
         return [_study_subject(str(path), study, [attrs], calling_ae)]
     hl7 = hl7_in(data)
@@ -257,10 +259,6 @@ def _read(path: Path) -> bytes:
         raise MalformedInput(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def _is_dicom(data: bytes) -> bool:
-    return data[128:132] == b"DICM"
-
-
 def _folder_subjects(
     folder: Path, calling_ae: str | None, keywords: tuple[str, ...]
 ) -> list[Subject]:
@@ -271,7 +269,7 @@ def _folder_subjects(
                 head = f.read(132)
         except OSError as exc:
             raise MalformedInput(f"{file}: cannot read: {exc.strerror}") from None
-        if _is_dicom(head):
+        if is_part10(head):
             study, attrs = read_dicom_header(file, keywords)
             studies.setdefault(study, []).append(attrs)
     if not studies:

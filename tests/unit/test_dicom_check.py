@@ -15,8 +15,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from gateway.dicom.part10 import check_dataset
 from gateway.errors import MalformedInput
-from gateway.ingest.dicom_check import check_dataset
 from tests.dicomgen import SeriesSpec, make_study
 
 

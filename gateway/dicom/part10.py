@@ -1,0 +1,309 @@
+"""The Part-10 walker: where a file's data set starts, in which transfer syntax, and
+whether that data set is well formed, found by walking element headers (values are
+skipped, never decoded).
+
+- :func:`is_part10`: the 128-byte preamble and ``DICM``.
+- :func:`read_file_meta`: the file meta group (0002) walked element by element, as pydicom
+  and pynetdicom read it, so the data set offset is right whether the (0002,0000) group
+  length is there, missing or wrong; it also gives the transfer syntax and the media
+  storage SOP class and instance UIDs.
+- :func:`check_dataset`: a strict structural check of an encoded data set, before anything
+  is acknowledged.  pydicom reads tolerantly: a value cut short is returned shorter,
+  trailing garbage becomes an odd element.  For an archive that is the right choice; for
+  a gateway that answers "stored" it is not, so every element header is walked and any
+  length that runs past its container is a :class:`MalformedInput`.
+- :func:`header_end`: where the top-level elements up to a given tag end (the tolerant
+  walk the header reader uses: it stops at the first element cut short).
+- :func:`mapped`: a file as a read-only memoryview (a memory map: nothing is copied).
+
+Imports only :mod:`gateway.errors` and the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import MalformedInput
+
+__all__ = [
+    "DEFLATED",
+    "EXPLICIT_BE",
+    "EXPLICIT_LE",
+    "IMPLICIT_LE",
+    "Buffer",
+    "FileMeta",
+    "check_dataset",
+    "has_explicit_vr",
+    "header_end",
+    "inflate",
+    "is_part10",
+    "mapped",
+    "read_file_meta",
+]
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")  # deflated explicit / image
+
+PREAMBLE = 128  # bytes before "DICM"
+META_START = PREAMBLE + 4  # the first file meta element
+
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+UNDEFINED = 0xFFFFFFFF
+ITEM = 0xFFFEE000
+ITEM_END = 0xFFFEE00D
+SEQ_END = 0xFFFEE0DD
+MAX_DEPTH = 64
+
+# File meta elements whose (UI) values :func:`read_file_meta` returns.
+_MEDIA_SOP_CLASS = 0x00020002
+_MEDIA_SOP_INSTANCE = 0x00020003
+_TRANSFER_SYNTAX = 0x00020010
+
+
+Buffer = bytes | memoryview
+
+
+class _Walker:
+    def __init__(self, data: Buffer, *, implicit: bool, big_endian: bool) -> None:
+        self.data = data
+        self.implicit = implicit
+        e = ">" if big_endian else "<"
+        self.u16 = struct.Struct(e + "H")
+        self.u32 = struct.Struct(e + "I")
+        self.tag_fmt = struct.Struct(e + "HH")
+
+    def _fail(self, offset: int, what: str) -> MalformedInput:
+        return MalformedInput(f"malformed data set at byte {offset}: {what}")
+
+    def _tag(self, pos: int, end: int) -> int:  # (group << 16) | element
+        if pos + 8 > end:
+            raise self._fail(pos, "truncated element header")
+        group: int
+        elem: int
+        group, elem = self.tag_fmt.unpack_from(self.data, pos)
+        return (group << 16) | elem
+
+    def dataset(self, pos: int, end: int, depth: int, *, until_item_end: bool) -> int:
+        """Walk elements from *pos*; return the position after the data set."""
+        if depth > MAX_DEPTH:
+            raise self._fail(pos, "sequences nested too deeply")
+        while pos < end:
+            tag = self._tag(pos, end)
+            if tag == ITEM_END:
+                if not until_item_end:
+                    raise self._fail(pos, "item delimiter outside an item")
+                return pos + 8
+            if tag in (ITEM, SEQ_END):
+                raise self._fail(pos, f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+            pos = self.element(pos, end, tag, depth)
+        if until_item_end:
+            raise self._fail(pos, "item without its delimiter")
+        return pos
+
+    def element(self, pos: int, end: int, tag: int, depth: int) -> int:
+        length: int
+        if self.implicit:
+            length = self.u32.unpack_from(self.data, pos + 4)[0]
+            vr = b"SQ" if length == UNDEFINED else b""
+            pos += 8
+        else:
+            vr = bytes(self.data[pos + 4 : pos + 6])
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise self._fail(pos, "truncated element header")
+                length = self.u32.unpack_from(self.data, pos + 8)[0]
+                pos += 12
+            else:
+                if not (vr.isalpha() and vr.isupper()):
+                    raise self._fail(pos, f"invalid VR {vr!r}")
+                length = self.u16.unpack_from(self.data, pos + 6)[0]
+                pos += 8
+        if length != UNDEFINED:
+            if pos + length > end:
+                raise self._fail(
+                    pos,
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
+                    f"{end - pos} remain",
+                )
+            if vr == b"SQ":
+                self.sequence(pos, pos + length, depth, defined=True)
+            return pos + length
+        if tag == 0x7FE00010 or vr in (b"OB", b"OW"):
+            return self.fragments(pos, end)
+        if vr == b"SQ":
+            return self.sequence(pos, end, depth, defined=False)
+        if vr == b"UN":  # PS3.5 6.2.2: its items are encoded in implicit VR little endian
+            return _Walker(self.data, implicit=True, big_endian=False).sequence(
+                pos, end, depth, defined=False
+            )
+        raise self._fail(pos, f"undefined length on VR {vr.decode(errors='replace')}")
+
+    def sequence(self, pos: int, end: int, depth: int, *, defined: bool) -> int:
+        while pos < end:
+            tag = self._tag(pos, end)
+            length = self.u32.unpack_from(self.data, pos + 4)[0]
+            if tag == SEQ_END:
+                if defined:
+                    raise self._fail(pos, "sequence delimiter in a defined-length sequence")
+                return pos + 8
+            if tag != ITEM:
+                raise self._fail(pos, "expected an item in a sequence")
+            pos += 8
+            if length == UNDEFINED:
+                pos = self.dataset(pos, end, depth + 1, until_item_end=True)
+            else:
+                if pos + length > end:
+                    raise self._fail(pos, "item runs past its sequence")
+                self.dataset(pos, pos + length, depth + 1, until_item_end=False)
+                pos += length
+        if not defined:
+            raise self._fail(pos, "sequence without its delimiter")
+        return pos
+
+    def fragments(self, pos: int, end: int) -> int:
+        while pos < end:
+            tag = self._tag(pos, end)
+            length = self.u32.unpack_from(self.data, pos + 4)[0]
+            pos += 8
+            if tag == SEQ_END:
+                return pos
+            if tag != ITEM or length == UNDEFINED or pos + length > end:
+                raise self._fail(pos - 8, "broken encapsulated pixel data fragment")
+            pos += length
+        raise self._fail(pos, "encapsulated pixel data without its delimiter")
+
+
+def inflate(data: Buffer) -> bytes:
+    """A deflated data set (PS3.5 A.5), inflated whole: deflate is rare."""
+    try:
+        return zlib.decompress(data, -zlib.MAX_WBITS)
+    except zlib.error as exc:
+        raise MalformedInput(f"deflated data set does not inflate: {exc}") from None
+
+
+def check_dataset(data: Buffer, transfer_syntax: str) -> None:
+    """Raise :class:`MalformedInput` unless *data* (a data set without file meta) is a
+    well-formed sequence of elements in *transfer_syntax*."""
+    if transfer_syntax in DEFLATED:
+        data = inflate(data)
+    walker = _walker(data, transfer_syntax)
+    try:
+        walker.dataset(0, len(data), 0, until_item_end=False)
+    except struct.error:
+        raise MalformedInput("malformed data set: truncated element") from None
+
+
+def header_end(data: Buffer, transfer_syntax: str, last_tag: int) -> int:
+    """Where the top-level elements of *data* (a data set without file meta, not deflated)
+    up to *last_tag* ((group << 16) | element) end: the offset of the first element with a
+    greater tag, or of the first one cut short or malformed, or the end of *data*.
+
+    Tolerant, as pydicom's reader is: the elements before that offset are whole, and what
+    follows is not looked at (the strict check is :func:`check_dataset`)."""
+    walker = _walker(data, transfer_syntax)
+    pos, end = 0, len(data)
+    with contextlib.suppress(MalformedInput, struct.error):
+        while pos < end:
+            tag = walker._tag(pos, end)
+            if tag > last_tag:
+                break
+            pos = walker.element(pos, end, tag, 0)
+    return pos
+
+
+def has_explicit_vr(data: Buffer, offset: int = 0) -> bool:
+    """Whether the element at *offset* looks explicit VR (two upper-case letters after its
+    tag): the check pydicom makes on a data set's first element, to read a data set encoded
+    otherwise than its transfer syntax says."""
+    vr = bytes(data[offset + 4 : offset + 6])
+    return len(vr) == 2 and vr.isalpha() and vr.isupper()
+
+
+def _walker(data: Buffer, transfer_syntax: str) -> _Walker:
+    return _Walker(
+        data, implicit=transfer_syntax == IMPLICIT_LE, big_endian=transfer_syntax == EXPLICIT_BE
+    )
+
+
+def is_part10(data: Buffer) -> bool:
+    """Whether *data* starts as a Part 10 file: a 128-byte preamble, then ``DICM``."""
+    return bytes(data[PREAMBLE:META_START]) == b"DICM"
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What :func:`read_file_meta` found in a Part 10 file's group 0002."""
+
+    offset: int  # where the data set starts (after preamble, "DICM" and the file meta)
+    transfer_syntax: str  # (0002,0010); "" when the file meta has none
+    sop_class_uid: str  # (0002,0002) Media Storage SOP Class UID; "" when absent
+    sop_instance_uid: str  # (0002,0003) Media Storage SOP Instance UID; "" when absent
+
+
+def read_file_meta(data: Buffer, *, strict: bool = True) -> FileMeta:
+    """The file meta group of Part 10 bytes, walked element by element (always explicit VR
+    little endian) until the first element of another group, as pydicom and pynetdicom read
+    it: the (0002,0000) group length is not trusted, nor needed.
+
+    Raises :class:`MalformedInput` when *data* has no preamble and ``DICM`` and, if
+    *strict*, when it ends inside the file meta; tolerant (``strict=False``, as pydicom
+    reads), the file meta ends at the element cut short, and so does *data*."""
+    if not is_part10(data):
+        raise MalformedInput("not a DICOM Part 10 file: no 'DICM' after the 128-byte preamble")
+    values: dict[int, str] = {}
+    pos, end = META_START, len(data)
+    while pos < end:
+        try:
+            group, elem = struct.unpack_from("<HH", data, pos)
+            if group != 0x0002:
+                break
+            if bytes(data[pos + 4 : pos + 6]) in _LONG_VRS:
+                (length,) = struct.unpack_from("<I", data, pos + 8)
+                start = pos + 12
+            else:
+                (length,) = struct.unpack_from("<H", data, pos + 6)
+                start = pos + 8
+        except struct.error:
+            length, start = 0, end + 1
+        if start + length > end:
+            if not strict:
+                return _file_meta(end, values)
+            raise MalformedInput(f"file meta cut short at byte {pos}")
+        tag = (group << 16) | elem
+        if tag in (_MEDIA_SOP_CLASS, _MEDIA_SOP_INSTANCE, _TRANSFER_SYNTAX):
+            text = bytes(data[start : start + length]).rstrip(b"\x00 ")
+            values[tag] = text.decode("ascii", errors="replace").strip()
+        pos = start + length
+    return _file_meta(pos, values)
+
+
+def _file_meta(offset: int, values: dict[int, str]) -> FileMeta:
+    return FileMeta(
+        offset,
+        values.get(_TRANSFER_SYNTAX, ""),
+        values.get(_MEDIA_SOP_CLASS, ""),
+        values.get(_MEDIA_SOP_INSTANCE, ""),
+    )
+
+
+@contextlib.contextmanager
+def mapped(path: Path) -> Iterator[memoryview]:
+    """The bytes of the file at *path*, read-only, through a memory map (nothing is copied
+    into memory).  Slices of the view must be released before the block ends (``with
+    view[a:b] as part:``).  Raises :class:`MalformedInput` for an empty file, ``OSError``
+    when it cannot be opened."""
+    with path.open("rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file cannot be mapped
+            raise MalformedInput("empty file") from None
+    with mm, memoryview(mm) as view:
+        yield view

@@ -36,6 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/ruff format --check gateway tests bench || true
 	$(BIN)/mypy
+	$(BIN)/lint-imports  # the import layers (docs/architecture.md); also run by make test
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.ingest

@@ -14,7 +14,7 @@ from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
 
-from gateway.ingest.dicom_scp import DUL_POLL_SECONDS
+from gateway.dicom.network import DUL_POLL_SECONDS
 
 
 def main() -> None:

@@ -47,13 +47,14 @@ from pynetdicom.presentation import PresentationContext, build_context
 from gateway.config import DicomDestination
 from gateway.deliver import DeliveryRefused, DeliveryRetry, Outcome
 from gateway.dicom.header import read_dataset, read_header
+from gateway.dicom.network import DUL_POLL_SECONDS, SUCCESS
 from gateway.dicom.part10 import has_explicit_vr
 from gateway.errors import MalformedInput
 
 __all__ = [
     "DicomSender",
     "InstanceResult",
-    "Source",
+    "Sendable",
     "classify_status",
     "plan_contexts",
     "study_outcome",
@@ -61,7 +62,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-Source = Path | bytes | Callable[[], bytes]
+Sendable = Path | bytes | Callable[[], bytes]
 """A Part 10 instance (preamble, file meta, data set): a file, the bytes, or a function
 returning the bytes (called once to read the header and once to send, so that only one
 instance at a time is held in memory)."""
@@ -73,13 +74,9 @@ _HAVE_MEMFD = hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir()
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
 UNCOMPRESSED_FALLBACK: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
-SUCCESS = 0x0000
 _WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 _TRANSIENT = frozenset({0xFE00, 0x0210})  # cancel, duplicate invocation
 
-# pynetdicom's DUL thread sleeps this long whenever its event queue is empty (default 1 ms),
-# which adds up to a millisecond to every C-STORE round trip (pynetdicom issue #650).
-DUL_POLL_SECONDS = 0.0005
 
 # pynetdicom's standard event handlers: INFO/DEBUG lines (with identifiers) that the gateway
 # silences anyway, at a cost per P-DATA PDU (an Event object and a lock).
@@ -233,7 +230,7 @@ class DicomSender:
         d = self.destination
         return f"{d.ae_title}@{d.host}:{d.port}"
 
-    def send_study(self, instances: Iterable[tuple[str, Source]]) -> list[InstanceResult]:
+    def send_study(self, instances: Iterable[tuple[str, Sendable]]) -> list[InstanceResult]:
         """C-STORE every instance over one association; one result per instance, in order.
 
         Each item is ``(key, source)``: *key* is the caller's name for the instance and
@@ -244,7 +241,7 @@ class DicomSender:
         association cannot be established (nothing was sent).
         """
         items: list[_Item | InstanceResult] = []
-        sources: dict[int, Source] = {}
+        sources: dict[int, Sendable] = {}
         for key, source in instances:
             try:
                 item = _read_header(key, source)
@@ -307,7 +304,7 @@ class DicomSender:
         raise DeliveryRetry(f"DICOM destination {self.peer} aborted the association")
 
     def _send_all(
-        self, assoc: Any, items: list[_Item | InstanceResult], sources: dict[int, Source]
+        self, assoc: Any, items: list[_Item | InstanceResult], sources: dict[int, Sendable]
     ) -> list[InstanceResult]:
         accepted: dict[str, set[UID]] = {}
         for cx in assoc.accepted_contexts:
@@ -331,7 +328,7 @@ class DicomSender:
         return results
 
     def _send_one(
-        self, assoc: Any, item: _Item, source: Source, accepted: set[UID]
+        self, assoc: Any, item: _Item, source: Sendable, accepted: set[UID]
     ) -> InstanceResult:
         try:
             target = _choose_syntax(item.transfer_syntax, accepted)
@@ -405,13 +402,13 @@ def _tune(assoc: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _bytes_of(source: Source) -> bytes | Path:
+def _bytes_of(source: Sendable) -> bytes | Path:
     if isinstance(source, bytes | Path):
         return source
     return source()
 
 
-def _read_header(key: str, source: Source) -> _Item:
+def _read_header(key: str, source: Sendable) -> _Item:
     """SOP class, SOP instance and transfer syntax of one instance, read from the file
     meta and the first elements of the data set (the rest is not parsed)."""
     data = _bytes_of(source)

@@ -51,7 +51,7 @@ from gateway.dicom.part10 import (
 )
 from gateway.errors import MalformedInput
 
-__all__ = ["Header", "Source", "read_dataset", "read_header"]
+__all__ = ["InstanceHeader", "Source", "read_dataset", "read_header"]
 
 Source = bytes | memoryview | Path
 """A Part 10 instance (preamble, file meta, data set): its bytes, a view of them, or a file."""
@@ -79,7 +79,7 @@ _DECODE_ERRORS = (
 
 
 @dataclass(frozen=True)
-class Header:
+class InstanceHeader:
     """What :func:`read_header` read of one instance."""
 
     sop_class_uid: str  # (0008,0016) of the data set; "" when absent
@@ -91,7 +91,7 @@ class Header:
     file_meta: FileMeta
 
 
-def read_header(source: Source, keywords: Iterable[str]) -> Header:
+def read_header(source: Source, keywords: Iterable[str]) -> InstanceHeader:
     """The identifiers and the *keywords* of a Part 10 instance, read up to the last of
     those tags (never past the pixel data).  Unknown keywords are ignored.  Raises
     :class:`MalformedInput` when *source* is not Part 10 or cannot be decoded."""
@@ -126,7 +126,7 @@ def _tags(keywords: tuple[str, ...]) -> tuple[tuple[tuple[str, int], ...], int]:
     return pairs, min(last, _LAST_HEADER_TAG)
 
 
-def _read_header(data: Buffer, wanted: tuple[tuple[tuple[str, int], ...], int]) -> Header:
+def _read_header(data: Buffer, wanted: tuple[tuple[tuple[str, int], ...], int]) -> InstanceHeader:
     pairs, last = wanted
     meta = read_file_meta(data, strict=False)
     syntax = meta.transfer_syntax
@@ -146,7 +146,7 @@ def _read_header(data: Buffer, wanted: tuple[tuple[tuple[str, int], ...], int]) 
     except _DECODE_ERRORS as exc:
         raise MalformedInput(f"cannot decode the data set: {type(exc).__name__}") from None
     values["TransferSyntaxUID"] = syntax
-    return Header(sop_class, sop_instance, study, values, meta)
+    return InstanceHeader(sop_class, sop_instance, study, values, meta)
 
 
 def _plain(value: Any) -> Any:

@@ -80,7 +80,7 @@ from hl7apy.parser import parse_message
 from hl7apy.validation import Validator
 
 from gateway.errors import MalformedInput, ResultInvalid
-from gateway.hl7.ack import escape
+from gateway.hl7.ack import MAX_CONTROL_ID, escape
 from gateway.hl7.message import Message, Separators, segment_fields, unescape
 from gateway.results import codes
 
@@ -90,7 +90,6 @@ VERSION = "2.5"
 CHARSET = "UNICODE UTF-8"
 FIELD_SEP = "|"
 ENCODING_CHARS = "^~\\&"
-MAX_CONTROL_ID = 20  # v2.5 length of MSH-10
 MAX_TEXT_LINE = 199  # hl7apy checks OBX-5 (typed "varies") as ST: 199 characters, escaped
 NOTE = "AI, preliminary, not reviewed"
 

@@ -55,7 +55,7 @@ def from_stored_dicom(
     instances: Iterable[Mapping[str, Any]], calling_ae: str | None = None
 ) -> Attributes:
     """A study's attributes from the per-instance attribute dicts the store keeps
-    (:attr:`gateway.dicom.header.Header.attrs`: keyword -> str, number, list of
+    (:attr:`gateway.dicom.header.InstanceHeader.attrs`: keyword -> str, number, list of
     str or ``None``).  ``calling_ae`` is the sender's calling AE title (see
     :func:`calling_ae_of`)."""
     values = _Collector()

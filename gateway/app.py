@@ -182,11 +182,9 @@ class Gateway:
             audit=self.audit,
         )
         # Workers keep their books on a second connection whose commits are not fsync'd
-        # one by one (see SQLiteQueue): a lost lease or completion only re-runs a job.
+        # one by one (Store.for_workers): a lost lease or completion only re-runs a job.
         # The study timers stay on the durable connection.
-        self.work_store = Store(
-            cfg.data_dir, cfg.key_file, durable=False, lock=self.store.queue.lock
-        )
+        self.work_store = self.store.for_workers()
         self.assembler = Assembler(self.store.queue, self.metrics, on_complete=self.wake_workers)
         self.runner = _model_runner(cfg)
         self.pipeline = Pipeline(

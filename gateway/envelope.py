@@ -1,12 +1,20 @@
-"""The one record that flows through the gateway's stages."""
+"""The one record that flows through the gateway's stages, and the jobs that carry it.
+
+A job's payload is a typed record per stage (:class:`RoutePayload`, :class:`InferPayload`,
+:class:`BuildPayload`, :class:`DeliverPayload`): what one stage hands the next, checked
+when it is read back, never a string-keyed dict passed around.  Queues store it as JSON
+(:func:`payload_json` / :func:`payload_from_json`), with the same keys whatever the engine.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 class Kind(enum.StrEnum):
@@ -52,9 +60,113 @@ class Envelope:
     study_key: str | None = None
     size: int = 0
     attrs: dict[str, Any] = field(default_factory=dict)
+    late: bool = False  # an instance that reopened its complete study
 
     def replace(self, **changes: Any) -> Envelope:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RoutePayload:
+    """Route a study (completed after its quiet period: ``generation`` counts the times it
+    was completed, ``reopened`` says a late instance opened it again) or a message."""
+
+    kind: Kind | None = None  # None: a job from an old version (the worker looks it up)
+    generation: int = 0
+    reopened: bool = False
+
+
+@dataclass(frozen=True)
+class InferPayload:
+    """Run ``model`` on ``target`` (a study key or a message's envelope id); ``send`` the
+    results to these destinations; ``route`` names the route that asked."""
+
+    model: str
+    kind: Kind
+    target: str
+    send: tuple[str, ...] = ()
+    route: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildPayload:
+    """Build what each ``send`` destination takes from a stored model result: ``result``,
+    ``mask`` and ``crosswalk`` are spool keys (the crosswalk when the model saw
+    de-identified input)."""
+
+    model: str
+    kind: Kind
+    target: str
+    result: str
+    send: tuple[str, ...] = ()
+    route: str | None = None
+    mask: str | None = None
+    crosswalk: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliverPayload:
+    """Send to ``destination``: the received study or message itself (``mode`` forward), or
+    the built result ``objects`` (spool keys; ``mode`` result) of the study ``study_uid``."""
+
+    destination: str
+    kind: Kind
+    target: str
+    mode: Literal["forward", "result"]
+    objects: tuple[str, ...] = ()
+    study_uid: str = ""
+
+
+Payload = RoutePayload | InferPayload | BuildPayload | DeliverPayload
+
+PAYLOAD_TYPES: dict[Stage, type[Payload]] = {
+    Stage.ROUTE: RoutePayload,
+    Stage.INFER: InferPayload,
+    Stage.BUILD: BuildPayload,
+    Stage.DELIVER: DeliverPayload,
+}
+
+
+class PayloadError(ValueError):
+    """A stored job payload does not fit its stage's record."""
+
+
+def payload_json(payload: Payload) -> str:
+    """The payload as stored: a JSON object with the record's fields (enums as values,
+    tuples as lists)."""
+    return json.dumps(dataclasses.asdict(payload), sort_keys=True)
+
+
+def payload_from_json(stage: Stage, text: str | bytes) -> Payload:
+    """The typed payload of a stored *stage* job.  Keys the record does not know are
+    ignored (a newer version's additions); a missing required key or a wrong type is a
+    :class:`PayloadError` naming it."""
+    cls = PAYLOAD_TYPES[stage]
+    try:
+        data = json.loads(text or "{}")
+    except ValueError as exc:
+        raise PayloadError(f"{stage} payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PayloadError(f"{stage} payload is not a JSON object")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data or (data[f.name] is None and f.default is None):
+            continue
+        value = data[f.name]
+        if f.name == "kind":
+            try:
+                value = Kind(value)
+            except ValueError:
+                raise PayloadError(f"{stage} payload: unknown kind {value!r}") from None
+        elif f.name in ("send", "objects"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise PayloadError(f"{stage} payload: '{f.name}' is not a list of names")
+            value = tuple(value)
+        values[f.name] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise PayloadError(f"{stage} payload: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -68,9 +180,16 @@ class Job:
     lease_token: str | None
     lease_expires: float | None
     last_error: str | None
-    payload: dict[str, Any] = field(default_factory=dict)
+    payload_text: str = "{}"  # as stored; read it as :attr:`payload`
     lane: str = ""
     first_failed_at: float | None = None
+    worker: str | None = None
+
+    @functools.cached_property
+    def payload(self) -> Payload:
+        """The stage's typed payload; :class:`PayloadError` when the stored one does not
+        fit (a queue dead-letters such a job when a worker leases it)."""
+        return payload_from_json(self.stage, self.payload_text)
 
 
 @dataclass(frozen=True)
@@ -79,6 +198,10 @@ class NextJob:
 
     stage: Stage
     subject: str
-    payload: dict[str, Any] = field(default_factory=dict)
+    payload: Payload
     lane: str = ""
     run_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.payload, PAYLOAD_TYPES[self.stage]):
+            raise TypeError(f"a {self.stage} job takes a {PAYLOAD_TYPES[self.stage].__name__}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import structlog
 
@@ -19,7 +19,17 @@ from gateway.config import Config, Destination, ModelConfig, RetryPolicyConfig
 from gateway.deliver.dicom_scu import DicomSender
 from gateway.deliver.hl7_client import HL7Sender
 from gateway.deliver.retry import RetryPolicy
-from gateway.envelope import Job, Kind, NextJob, Stage
+from gateway.envelope import (
+    BuildPayload,
+    DeliverPayload,
+    InferPayload,
+    Job,
+    Kind,
+    NextJob,
+    PayloadError,
+    RoutePayload,
+    Stage,
+)
 from gateway.errors import Permanent, Transient
 from gateway.hl7.msh import parse_header
 from gateway.infer.masks import decode_mask, encode_mask
@@ -37,6 +47,8 @@ from gateway.store.store import Store
 from gateway.workers import Beat
 
 log = structlog.get_logger(__name__)
+
+P = TypeVar("P", RoutePayload, InferPayload, BuildPayload, DeliverPayload)
 
 DEFAULT_RETRY = RetryPolicyConfig()
 # a model run that crashed, hung or ran out of memory is tried once more, then dead-lettered
@@ -75,13 +87,15 @@ class Pipeline:
     def retry_policy(self, job: Job) -> RetryPolicy:
         if job.stage is Stage.INFER:
             return INFER_RETRY
-        dest = self.cfg.destinations.get(str(job.payload.get("destination", "")))
+        payload = job.payload
+        name = payload.destination if isinstance(payload, DeliverPayload) else ""
+        dest = self.cfg.destinations.get(name)
         return RetryPolicy.from_config(dest.retry if dest is not None else DEFAULT_RETRY)
 
     # --- route ----------------------------------------------------------------------
 
     def attributes(self, job: Job) -> tuple[Kind, Attributes]:
-        kind = Kind(job.payload.get("kind") or self._guess_kind(job.subject))
+        kind = _typed(job, RoutePayload).kind or self._guess_kind(job.subject)
         if kind is Kind.HL7:
             _, raw = self.store.read(job.subject)
             return kind, from_hl7(raw, hl7_keys(self.cfg.routes))  # what the routes test
@@ -92,8 +106,8 @@ class Pipeline:
             [self.store.attrs(e.id) for e in envelopes], calling_ae_of(envelopes[0].source)
         )
 
-    def _guess_kind(self, subject: str) -> str:
-        return "dicom" if self.store.queue.study(subject) is not None else "hl7"
+    def _guess_kind(self, subject: str) -> Kind:
+        return Kind.DICOM if self.store.queue.study(subject) is not None else Kind.HL7
 
     def route(self, job: Job, beat: Beat) -> Sequence[NextJob]:
         kind, attrs = self.attributes(job)
@@ -125,13 +139,7 @@ class Pipeline:
                 NextJob(
                     Stage.INFER,
                     f"{model}|{job.subject}",
-                    {
-                        "model": model,
-                        "kind": kind.value,
-                        "target": job.subject,
-                        "send": list(decision.send),
-                        "route": decision.route,
-                    },
+                    InferPayload(model, kind, job.subject, tuple(decision.send), decision.route),
                 )
             )
         log.info(
@@ -149,9 +157,8 @@ class Pipeline:
     def infer(self, job: Job, beat: Beat) -> Sequence[NextJob]:
         """Run one model on one study or message (in a runner process); store the result
         encrypted in the spool and hand it to the result-building stage."""
-        name = str(job.payload["model"])
-        kind = Kind(job.payload["kind"])
-        target = str(job.payload["target"])
+        payload = _typed(job, InferPayload)
+        name, kind, target = payload.model, payload.kind, payload.target
         model = self.cfg.models.get(name)
         if model is None:
             raise Permanent(
@@ -176,7 +183,7 @@ class Pipeline:
             device=result.get("device"),
             deidentified=model.deidentify,
         )
-        send = [str(d) for d in job.payload.get("send", [])]
+        send = payload.send
         if not send:
             return []  # nothing goes anywhere: nothing is kept (the log line says what it found)
         spool = self.store.spool
@@ -191,16 +198,16 @@ class Pipeline:
             NextJob(
                 Stage.BUILD,
                 f"{name}|{target}",
-                {
-                    "model": name,
-                    "kind": kind.value,
-                    "target": target,
-                    "send": send,
-                    "route": job.payload.get("route"),
-                    "result": result_key,
-                    "mask": mask_key,
-                    "crosswalk": crosswalk_key,
-                },
+                BuildPayload(
+                    model=name,
+                    kind=kind,
+                    target=target,
+                    result=result_key,
+                    send=send,
+                    route=payload.route,
+                    mask=mask_key,
+                    crosswalk=crosswalk_key,
+                ),
             )
         ]
 
@@ -246,19 +253,18 @@ class Pipeline:
         Each object is validated as it is built, stored encrypted, and handed to the
         destination's lane.  A result that cannot be built validly is a dead letter with
         the reason: nothing broken is ever sent."""
-        payload = job.payload
+        payload = _typed(job, BuildPayload)
         spool = self.store.spool
-        result = json.loads(spool.get(str(payload["result"])))
-        if payload.get("crosswalk"):  # the model saw de-identified input: put the UIDs back
-            result = reidentify(result, json.loads(spool.get(str(payload["crosswalk"]))))
-        mask = decode_mask(spool.get(str(payload["mask"]))) if payload.get("mask") else None
-        kind = Kind(payload["kind"])
-        target = str(payload["target"])
+        result = json.loads(spool.get(payload.result))
+        if payload.crosswalk:  # the model saw de-identified input: put the UIDs back
+            result = reidentify(result, json.loads(spool.get(payload.crosswalk)))
+        mask = decode_mask(spool.get(payload.mask)) if payload.mask else None
+        kind, target = payload.kind, payload.target
         builder = ResultBuilder(self.store, result, mask, kind=kind, target=target, beat=beat)
         then: list[NextJob] = []
-        for name in payload.get("send", []):
-            dest = self._destination(str(name))
-            objects = builder.for_destination(str(name), dest)
+        for name in payload.send:
+            dest = self._destination(name)
+            objects = builder.for_destination(name, dest)
             if not objects:
                 log.info(
                     "build.nothing_to_send",
@@ -271,23 +277,27 @@ class Pipeline:
             then.append(
                 NextJob(
                     Stage.DELIVER,
-                    f"{name}|{payload['model']}|{target}",
-                    {
-                        "destination": name,
-                        "kind": "dicom" if dest.dicom is not None else "hl7",
-                        "target": f"{payload['model']}|{target}",
-                        "mode": "result",
-                        "objects": keys,
-                        "study_uid": builder.study_uid(),
-                    },
-                    lane=str(name),
+                    f"{name}|{payload.model}|{target}",
+                    DeliverPayload(
+                        destination=name,
+                        kind=Kind.DICOM if dest.dicom is not None else Kind.HL7,
+                        target=f"{payload.model}|{target}",
+                        mode="result",
+                        objects=tuple(keys),
+                        study_uid=builder.study_uid(),
+                    ),
+                    lane=name,
                 )
             )
         log.info(
             "build.done",
-            model=payload["model"],
+            model=payload.model,
             subject=target[:12],
-            objects={n.payload["destination"]: len(n.payload["objects"]) for n in then},
+            objects={
+                p.destination: len(p.objects)
+                for p in (n.payload for n in then)
+                if isinstance(p, DeliverPayload)
+            },
         )
         return then
 
@@ -300,14 +310,12 @@ class Pipeline:
         return dest
 
     def deliver(self, job: Job, beat: Beat) -> Sequence[NextJob]:
-        name = str(job.payload["destination"])
+        payload = _typed(job, DeliverPayload)
+        name, target, objects = payload.destination, payload.target, payload.objects
         dest = self._destination(name)
-        target = str(job.payload["target"])
-        objects = [str(k) for k in job.payload.get("objects", [])]
         try:
             if objects and dest.dicom is not None:
-                study_uid = str(job.payload.get("study_uid", ""))
-                self._deliver_objects(name, dest, objects, beat, study_uid)
+                self._deliver_objects(name, dest, objects, beat, payload.study_uid)
             elif objects:
                 for key in objects:
                     self._deliver_message(name, dest, key, result=True)
@@ -338,7 +346,7 @@ class Pipeline:
         )
 
     def _deliver_objects(
-        self, name: str, dest: Destination, keys: list[str], beat: Beat, study_uid: str
+        self, name: str, dest: Destination, keys: Sequence[str], beat: Beat, study_uid: str
     ) -> None:
         """Result objects (SEG first, then SR), by spool key."""
         self._send_instances(name, dest, keys, self.store.spool.get, beat, "result", study_uid)
@@ -347,7 +355,7 @@ class Pipeline:
         self,
         name: str,
         dest: Destination,
-        keys: list[str],
+        keys: Sequence[str],
         read: Callable[[str], bytes],
         beat: Beat,
         label: str,
@@ -484,10 +492,21 @@ def _control_id(raw: bytes) -> str:
         return "?"
 
 
-def _delivery(destination: str, kind: Kind, target: str, mode: str) -> NextJob:
+def _delivery(destination: str, kind: Kind, target: str, mode: Literal["forward"]) -> NextJob:
     return NextJob(
         Stage.DELIVER,
         f"{destination}|{target}",
-        {"destination": destination, "kind": kind.value, "target": target, "mode": mode},
+        DeliverPayload(destination, kind, target, mode),
         lane=destination,
     )
+
+
+def _typed(job: Job, cls: type[P]) -> P:
+    """The job's payload as the record its stage takes (a Permanent error otherwise)."""
+    try:
+        payload = job.payload
+    except PayloadError as exc:
+        raise Permanent(f"unreadable job payload: {exc}") from None
+    if not isinstance(payload, cls):
+        raise Permanent(f"a {job.stage} job carries a {type(payload).__name__}")
+    return payload

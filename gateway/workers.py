@@ -22,7 +22,7 @@ import structlog
 from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import Permanent, Transient
 from gateway.observability.logging import exception_fields
-from gateway.store.sqlite import LeaseLost, SQLiteQueue
+from gateway.store.queue import LeaseLost, Queue
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +68,7 @@ class Worker:
     def __init__(
         self,
         name: str,
-        queue: SQLiteQueue,
+        queue: Queue,
         stages: list[Stage],
         handler: Handler,
         retry_policy: Callable[[Job], RetryDecider],

@@ -12,7 +12,7 @@ import structlog
 
 from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
-from gateway.store.sqlite import SQLiteQueue
+from gateway.store.queue import Queue
 
 log = structlog.get_logger(__name__)
 
@@ -20,7 +20,7 @@ log = structlog.get_logger(__name__)
 class Assembler:
     def __init__(
         self,
-        queue: SQLiteQueue,
+        queue: Queue,
         metrics: Metrics,
         *,
         tick: float = 0.5,

@@ -1,16 +1,46 @@
-"""The queue protocol: the gateway's only state besides the spool.
+"""The queue contract: the gateway's only state besides the spool, one engine behind it.
 
-One implementation per engine (SQLite now; PostgreSQL for scale-out).  Every transition
-is a guarded update that names the job and its lease token, so a worker whose lease
-expired cannot overwrite the worker that took over.
+Every caller (the ingest edges through :class:`~gateway.store.store.Store`, the
+assembler, the workers, retention, the ``gateway queue`` commands) holds a :class:`Queue`
+and nothing more specific; :func:`gateway.store.backend.open_queue` picks the engine
+(SQLite now: :mod:`gateway.store.sqlite`).  ``tests/unit/test_queue.py`` is the contract's
+test suite, run unchanged against every engine.
+
+What every engine guarantees:
+
+- **Durable ingest.** ``record_instance`` and ``record_message`` return only after their
+  transaction is committed durably (the edge answers success after that, never before).
+  The dedup key (a keyed hash of the SOP Instance UID, or of sender + MSH-10) is unique:
+  a resend is answered from what is stored and stores nothing.
+- **Study assembly survives restarts.** A study's quiet-period timer is a row; a study
+  completed is queued for routing in the same transaction; a late instance reopens it
+  as a new generation.
+- **Leases with tokens.** ``lease`` takes the next due job in one statement (no gap
+  between choosing and taking), per stage and, for deliveries, per lane (one destination
+  never blocks another).  ``heartbeat``, ``complete``, ``fail`` and ``dead`` are guarded
+  by the job's lease token and raise :class:`LeaseLost` when another worker took over.
+- **One waiting job per (stage, subject).** Enqueueing what is already waiting updates it;
+  a job returned to ready behind a newer one is closed as superseded.
+- **Next jobs with the completion.** ``complete(job, now, then)`` marks it done and
+  enqueues what follows in one transaction: a crash leaves both or neither.
+- **Deliveries recorded.** What reached a destination is a row, so a retry skips it:
+  delivery is at least once, with stable identities (deterministic result UIDs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.envelope import Envelope, Job, Stage
+from gateway.envelope import Envelope, Job, Kind, NextJob, Payload, Stage
+from gateway.errors import QueueUnavailable
+
+SUPERSEDED = "superseded: a newer job for the same subject is waiting"
+
+
+class LeaseLost(QueueUnavailable):
+    """The job's lease expired and another worker took it over."""
 
 
 @dataclass(frozen=True)
@@ -33,32 +63,152 @@ class StudyInfo:
     complete_due: float
 
 
+@dataclass
+class PurgedRows:
+    """What :meth:`Queue.purge_rows` deleted (or, in a dry run, would delete)."""
+
+    studies: list[str]  # study keys
+    messages: list[str]  # HL7 envelope ids
+    kept: int  # old enough, but a job is still waiting, running or dead
+    envelopes: int = 0
+    #: the spool files of what is deleted: instances, results, masks, crosswalks, built objects
+    spool_keys: list[str] = field(default_factory=list)
+    #: (envelope id, sealed attributes) of one instance per deleted study, for the audit
+    study_attrs: list[tuple[str, bytes]] = field(default_factory=list)
+
+
 class Queue(Protocol):
-    # ingest: one transaction each, committed before the edge answers success
-    def record_instance(self, env: Envelope, sealed_attrs: bytes, quiet: float) -> Ack: ...
-    def touch_study(self, study_key: str, now: float, quiet: float) -> None: ...
+    """What the gateway asks of its queue engine (see the module docstring for the
+    guarantees).  Times are seconds since the epoch, passed in: an engine reads no clock."""
+
+    # --- ingest: one durable transaction each, committed before the edge answers ------
+
+    def record_instance(self, env: Envelope, sealed_attrs: bytes, quiet: float) -> Ack:
+        """Record a received DICOM instance and (re)start its study's quiet period."""
+        ...
+
+    def touch_study(self, study_key: str, now: float, quiet: float) -> None:
+        """A stored instance arrived again: restart the quiet period, reopen the study."""
+        ...
+
     def record_message(
         self, env: Envelope, sealed_message: bytes, sealed_attrs: bytes, ack: bytes
-    ) -> Ack: ...
+    ) -> Ack:
+        """Record an HL7 message (sealed in its row) with its ACK and its route job."""
+        ...
 
-    # study assembly
-    def complete_due_studies(self, now: float) -> list[str]: ...
+    def find(self, dedup_key: str) -> str | None:
+        """The envelope id stored under *dedup_key*, if any."""
+        ...
+
+    # --- study assembly -----------------------------------------------------------------
+
+    def complete_due_studies(self, now: float) -> list[str]:
+        """Complete the studies whose quiet period has passed; queue each for routing."""
+        ...
+
     def study(self, study_key: str) -> StudyInfo | None: ...
 
-    # jobs
-    def enqueue(
-        self, stage: Stage, subject: str, run_at: float, payload: dict[str, object]
-    ) -> int: ...
-    def lease(self, stages: list[Stage], worker: str, seconds: float, now: float) -> Job | None: ...
-    def heartbeat(self, job: Job, seconds: float, now: float) -> Job: ...
-    def complete(self, job: Job, now: float) -> None: ...
-    def fail(self, job: Job, error: str, retry_at: float, now: float) -> None: ...
-    def dead(self, job: Job, error: str, now: float) -> None: ...
-    def replay(self, job_ids: list[int] | None, now: float) -> int: ...
-    def sweep_expired(self, now: float) -> int: ...
+    def next_study_due(self) -> float | None:
+        """When the next open study's quiet period ends (None: no open study)."""
+        ...
 
-    # reading
-    def envelope(self, envelope_id: str) -> tuple[Envelope, bytes, bytes | None]: ...
-    def counts(self) -> dict[str, dict[str, int]]: ...
+    def record_study_refs(self, study_key: str, refs: list[str]) -> None:
+        """Other identifiers of a study (keyed hashes of accession numbers)."""
+        ...
+
+    def study_for_ref(self, ref: str) -> str | None: ...
+
+    def study_envelopes(self, study_key: str) -> list[Envelope]:
+        """A study's instances, in arrival order."""
+        ...
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def enqueue(
+        self, stage: Stage, subject: str, run_at: float, payload: Payload, *, lane: str = ""
+    ) -> int: ...
+
+    def lease(
+        self,
+        stages: list[Stage],
+        worker: str,
+        seconds: float,
+        now: float,
+        *,
+        lane: str | None = None,
+    ) -> Job | None:
+        """The next due job of *stages* (in *lane* when given), leased to *worker*."""
+        ...
+
+    def heartbeat(self, job: Job, seconds: float, now: float) -> Job: ...
+
+    def complete(self, job: Job, now: float, then: Sequence[NextJob] = ()) -> None: ...
+
+    def fail(self, job: Job, error: str, retry_at: float, now: float) -> None:
+        """Back to ready at *retry_at*, the error kept (at most 2,000 characters)."""
+        ...
+
+    def dead(self, job: Job, error: str, now: float) -> None: ...
+
+    def replay(self, job_ids: list[int] | None, now: float) -> int:
+        """Dead jobs (all when None) back to ready, attempts reset; how many went back."""
+        ...
+
+    def sweep_expired(self, now: float) -> int:
+        """Jobs whose lease expired back to ready; how many."""
+        ...
+
+    def release_dead_workers(self, alive: Callable[[str], bool], now: float) -> int:
+        """Jobs leased by workers that *alive* says are gone back to ready at once."""
+        ...
+
+    # --- deliveries ---------------------------------------------------------------------
+
+    def record_delivery(
+        self, envelope_id: str, destination: str, status: int, now: float
+    ) -> None: ...
+
+    def record_deliveries(
+        self, destination: str, delivered: Sequence[tuple[str, int]], now: float
+    ) -> None: ...
+
+    def delivered(self, destination: str, envelope_ids: Sequence[str]) -> set[str]:
+        """Which of *envelope_ids* reached *destination* already."""
+        ...
+
+    # --- reading (status, the CLI, the stages) ----------------------------------------
+
+    def envelope(self, envelope_id: str) -> tuple[Envelope, bytes, bytes | None]:
+        """An envelope with its sealed attributes and (HL7) sealed message; KeyError."""
+        ...
+
+    def envelopes(self, kind: Kind | None = None) -> list[Envelope]: ...
+
+    def job(self, job_id: int) -> Job | None: ...
+
     def dead_jobs(self) -> list[Job]: ...
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``received`` by kind, ``studies`` by state, ``jobs:STAGE`` by job state."""
+        ...
+
+    def oldest_ready_age(self, now: float) -> float | None: ...
+
+    def oldest_waiting_by_lane(self, now: float) -> dict[str, float]: ...
+
+    # --- retention ----------------------------------------------------------------------
+
+    def purge_rows(
+        self, cutoff: float, *, dry_run: bool = False, chunk: int = 200
+    ) -> PurgedRows: ...
+
+    def referenced_spool_keys(self) -> set[str]:
+        """Every spool key a row still names (envelopes, and job payloads)."""
+        ...
+
+    def sealed_blobs(self) -> Iterator[bytes]:
+        """The first bytes of every sealed value kept in rows (which data keys are used)."""
+        ...
+
     def close(self) -> None: ...

@@ -8,19 +8,28 @@ allows one writer at a time anyway); several processes share the file with a bus
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.envelope import Envelope, Job, JobState, Kind, NextJob, Stage
+from gateway.envelope import (
+    Envelope,
+    Job,
+    JobState,
+    Kind,
+    NextJob,
+    Payload,
+    PayloadError,
+    RoutePayload,
+    Stage,
+    payload_json,
+)
 from gateway.errors import QueueUnavailable
-from gateway.store.queue import Ack, StudyInfo
+from gateway.store.queue import SUPERSEDED, Ack, LeaseLost, PurgedRows, StudyInfo
 from gateway.store.spool import SPOOL_KEY
 
 SCHEMA_VERSION = 3
@@ -102,23 +111,6 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 
 
-SUPERSEDED = "superseded: a newer job for the same subject is waiting"
-
-
-@dataclass
-class PurgedRows:
-    """What :meth:`SQLiteQueue.purge_rows` deleted (or, in a dry run, would delete)."""
-
-    studies: list[str]  # study keys
-    messages: list[str]  # HL7 envelope ids
-    kept: int  # old enough, but a job is still waiting, running or dead
-    envelopes: int = 0
-    #: the spool files of what is deleted: instances, results, masks, crosswalks, built objects
-    spool_keys: list[str] = field(default_factory=list)
-    #: (envelope id, sealed attributes) of one instance per deleted study, for the audit
-    study_attrs: list[tuple[str, bytes]] = field(default_factory=list)
-
-
 def _still_done(db: sqlite3.Connection, study_key: str, cutoff: float) -> bool:
     row = db.execute(
         "SELECT state, last_at FROM studies WHERE study_key = ?", (study_key,)
@@ -133,11 +125,9 @@ def _delete_in(db: sqlite3.Connection, table: str, column: str, values: Sequence
         db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", part)
 
 
-class LeaseLost(QueueUnavailable):
-    """The job's lease expired and another worker took it over."""
-
-
 class SQLiteQueue:
+    """The :class:`~gateway.store.queue.Queue` on one SQLite file (see the module docstring)."""
+
     def __init__(
         self,
         path: Path,
@@ -304,7 +294,7 @@ class SQLiteQueue:
             if existing is not None:
                 return Ack(new=False, envelope_id=existing["id"], ack=existing["ack"])
             self._enqueue(
-                db, Stage.ROUTE, env.id, env.received_at, {"kind": "hl7"}, env.received_at
+                db, Stage.ROUTE, env.id, env.received_at, RoutePayload(Kind.HL7), env.received_at
             )
         return Ack(new=True, envelope_id=env.id, ack=ack)
 
@@ -328,11 +318,7 @@ class SQLiteQueue:
                     Stage.ROUTE,
                     row["study_key"],
                     now,
-                    {
-                        "kind": "dicom",
-                        "generation": row["generation"],
-                        "reopened": bool(row["reopened"]),
-                    },
+                    RoutePayload(Kind.DICOM, row["generation"], bool(row["reopened"])),
                     now,
                 )
         return [r["study_key"] for r in rows]
@@ -369,7 +355,7 @@ class SQLiteQueue:
         stage: Stage,
         subject: str,
         run_at: float,
-        payload: dict[str, Any],
+        payload: Payload,
         now: float,
         lane: str = "",
     ) -> int:
@@ -380,7 +366,7 @@ class SQLiteQueue:
             " DO UPDATE SET payload = excluded.payload, updated_at = excluded.updated_at,"
             " run_at = MIN(run_at, excluded.run_at)"
             " RETURNING id",
-            (stage.value, subject, run_at, json.dumps(payload), now, now, lane),
+            (stage.value, subject, run_at, payload_json(payload), now, now, lane),
         ).fetchone()
         return int(row["id"])
 
@@ -389,12 +375,12 @@ class SQLiteQueue:
         stage: Stage,
         subject: str,
         run_at: float,
-        payload: dict[str, Any] | None = None,
+        payload: Payload,
         *,
         lane: str = "",
     ) -> int:
         with self._tx() as db:
-            return self._enqueue(db, stage, subject, run_at, payload or {}, run_at, lane)
+            return self._enqueue(db, stage, subject, run_at, payload, run_at, lane)
 
     def lease(
         self,
@@ -411,16 +397,36 @@ class SQLiteQueue:
         lane_sql, lane_params = ("AND lane = ?", (lane,)) if lane is not None else ("", ())
         token = secrets.token_hex(8)
         with self._tx() as db:
-            row = db.execute(
-                "UPDATE jobs SET state = 'leased', lease_token = ?, lease_expires = ?,"
-                " worker = ?, attempts = attempts + 1, updated_at = ?"
-                " WHERE id = (SELECT id FROM jobs WHERE state = 'ready'"
-                f" AND stage IN ({marks}) {lane_sql} AND run_at <= ?"
-                " ORDER BY run_at, id LIMIT 1)"
-                " RETURNING *",
-                (token, now + seconds, worker, now, *[s.value for s in stages], *lane_params, now),
-            ).fetchone()
-        return None if row is None else _job(row)
+            while True:
+                row = db.execute(
+                    "UPDATE jobs SET state = 'leased', lease_token = ?, lease_expires = ?,"
+                    " worker = ?, attempts = attempts + 1, updated_at = ?"
+                    " WHERE id = (SELECT id FROM jobs WHERE state = 'ready'"
+                    f" AND stage IN ({marks}) {lane_sql} AND run_at <= ?"
+                    " ORDER BY run_at, id LIMIT 1)"
+                    " RETURNING *",
+                    (
+                        token,
+                        now + seconds,
+                        worker,
+                        now,
+                        *[s.value for s in stages],
+                        *lane_params,
+                        now,
+                    ),
+                ).fetchone()
+                if row is None:
+                    return None
+                job = _job(row)
+                try:
+                    job.payload  # noqa: B018 (read now: a job no worker can read is dead)
+                    return job
+                except PayloadError as exc:  # no worker can run it: a dead letter saying why
+                    db.execute(
+                        "UPDATE jobs SET state = 'dead', lease_token = NULL, last_error = ?"
+                        " WHERE id = ?",
+                        (f"unreadable job payload: {exc}"[:2000], row["id"]),
+                    )
 
     def _guarded(self, job: Job, sql: str, params: tuple[Any, ...]) -> sqlite3.Row:
         with self._tx() as db:
@@ -450,7 +456,7 @@ class SQLiteQueue:
             )
             for nxt in then:
                 self._enqueue(
-                    db, nxt.stage, nxt.subject, nxt.run_at or now, dict(nxt.payload), now, nxt.lane
+                    db, nxt.stage, nxt.subject, nxt.run_at or now, nxt.payload, now, nxt.lane
                 )
 
     def _make_ready(
@@ -670,6 +676,11 @@ class SQLiteQueue:
             ).fetchall()
         return {str(r["lane"]): now - float(r["t"]) for r in rows}
 
+    def job(self, job_id: int) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
     def dead_jobs(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute(
@@ -811,9 +822,10 @@ def _job(row: sqlite3.Row) -> Job:
         lease_token=row["lease_token"],
         lease_expires=row["lease_expires"],
         last_error=row["last_error"],
-        payload=json.loads(row["payload"]),
+        payload_text=row["payload"],
         lane=row["lane"],
         first_failed_at=row["first_failed_at"],
+        worker=row["worker"],
     )
 
 
@@ -827,4 +839,5 @@ def _envelope(row: sqlite3.Row) -> Envelope:
         spool_key=row["spool_key"],
         study_key=row["study_key"],
         size=row["size"],
+        late=bool(row["late"]),
     )

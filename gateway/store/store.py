@@ -16,9 +16,9 @@ from typing import Any
 from gateway.envelope import Envelope, Kind, new_id
 from gateway.errors import KeyStoreError
 from gateway.security.crypto import MAGIC, KeyStore, Sealer
-from gateway.store.queue import Ack
+from gateway.store.backend import QUEUE_FILE, open_queue
+from gateway.store.queue import Ack, Queue
 from gateway.store.spool import Spool
-from gateway.store.sqlite import SQLiteQueue
 
 
 class Store:
@@ -31,11 +31,10 @@ class Store:
         durable: bool = True,
         lock: threading.Lock | None = None,
     ) -> None:
-        """*durable* and *lock*: see :class:`SQLiteQueue` (the workers' store is not
-        durable per commit and shares the ingest store's lock)."""
+        """*durable* and *lock*: see :func:`~gateway.store.backend.open_queue`; the workers'
+        store (:meth:`for_workers`) is not durable per commit and shares this one's lock."""
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        queue_db = data_dir / "queue.sqlite3"
-        if not key_file.exists() and queue_db.exists() and create:
+        if not key_file.exists() and (data_dir / QUEUE_FILE).exists() and create:
             # A new key would silently make every stored object unreadable.
             raise KeyStoreError(
                 f"encryption key file '{key_file}' is missing but '{data_dir}' holds data "
@@ -45,7 +44,14 @@ class Store:
         self.keys = KeyStore.open(key_file, create=create)
         self.sealer = Sealer(self.keys)
         self.spool = Spool(data_dir / "spool", self.sealer)
-        self.queue = SQLiteQueue(queue_db, durable=durable, lock=lock)
+        self._data_dir, self._key_file = data_dir, key_file
+        self._lock = lock or threading.Lock()
+        self.queue: Queue = open_queue(data_dir, durable=durable, lock=self._lock)
+
+    def for_workers(self) -> Store:
+        """The same store for the workers' bookkeeping: commits not fsync'd one by one (a
+        power cut can only make a job run again), taking turns with this store's."""
+        return Store(self._data_dir, self._key_file, durable=False, lock=self._lock)
 
     def _seal_attrs(self, envelope_id: str, attrs: dict[str, Any]) -> bytes:
         return self.sealer.seal(json.dumps(attrs).encode(), b"attrs:" + envelope_id.encode())

@@ -14,6 +14,7 @@ from gateway.envelope import JobState, Stage
 from gateway.security.crypto import KeyStore, Sealer
 from gateway.store.sqlite import SQLiteQueue
 from gateway.store.store import Store
+from tests.queues import any_payload
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,7 +73,9 @@ def ingest_one_of_each(data_dir: Path, key_file: Path) -> tuple[str, str]:
 def make_dead_job(db: Path, error: str = "AR: unknown patient") -> int:
     queue = SQLiteQueue(db)
     try:
-        job_id = queue.enqueue(Stage.DELIVER, "0123456789abcdef0123", 1.0, {})
+        job_id = queue.enqueue(
+            Stage.DELIVER, "0123456789abcdef0123", 1.0, any_payload(Stage.DELIVER)
+        )
         job = queue.lease([Stage.DELIVER], "w", 30, now=2.0)
         assert job is not None and job.id == job_id
         queue.dead(job, error, now=3.0)
@@ -315,7 +318,7 @@ def test_queue_retry_all_returns_every_dead_job(
     first = make_dead_job(db, "one")
     queue = SQLiteQueue(db)
     try:
-        second_id = queue.enqueue(Stage.INFER, "study-x", 1.0)
+        second_id = queue.enqueue(Stage.INFER, "study-x", 1.0, any_payload(Stage.INFER))
         job = queue.lease([Stage.INFER], "w", 30, now=2.0)
         assert job is not None
         queue.dead(job, "two", now=3.0)
@@ -333,7 +336,7 @@ def test_queue_retry_all_when_the_subject_is_already_waiting_again_does_not_cras
     make_dead_job(db)
     queue = SQLiteQueue(db)
     try:
-        queue.enqueue(Stage.DELIVER, "0123456789abcdef0123", 4.0, {})
+        queue.enqueue(Stage.DELIVER, "0123456789abcdef0123", 4.0, any_payload(Stage.DELIVER))
     finally:
         queue.close()
     rc, out, _ = run(capsys, "queue", "retry", "--all", "-c", str(config))

@@ -1,23 +1,37 @@
-"""SQLiteQueue on a real SQLite file: leases, guarded transitions, dedup, study assembly."""
+"""The queue contract's test suite (``gateway/store/queue.py``), run unchanged against
+every engine: leases, guarded transitions, dedup, study assembly, deliveries.  What only
+one engine has (SQLite's schema and file) is tested beside it: ``test_sqlite_queue.py``."""
 
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gateway.envelope import Envelope, JobState, Kind, Stage, new_id
-from gateway.store.sqlite import SCHEMA, SCHEMA_VERSION, LeaseLost, SQLiteQueue
+from gateway.envelope import (
+    BuildPayload,
+    DeliverPayload,
+    Envelope,
+    InferPayload,
+    JobState,
+    Kind,
+    NextJob,
+    Payload,
+    RoutePayload,
+    Stage,
+    new_id,
+)
+from gateway.store.queue import LeaseLost, Queue
+from tests.queues import BACKENDS, any_payload, open_test_queue
 
 QUIET = 5.0
 
 
-@pytest.fixture
-def queue(tmp_path: Path) -> Iterator[SQLiteQueue]:
-    q = SQLiteQueue(tmp_path / "queue.sqlite3")
+@pytest.fixture(params=BACKENDS)
+def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queue]:
+    q = open_test_queue(request.param, tmp_path)
     yield q
     q.close()
 
@@ -48,21 +62,29 @@ def message(control_id: str, at: float = 100.0) -> Envelope:
     )
 
 
-def job_row(q: SQLiteQueue, job_id: int) -> dict[str, object]:
-    row = q._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    return dict(row)
+def job_row(q: Queue, job_id: int) -> dict[str, object]:
+    job = q.job(job_id)
+    assert job is not None
+    return {
+        "state": job.state.value,
+        "run_at": job.run_at,
+        "last_error": job.last_error,
+        "lease_token": job.lease_token,
+        "worker": job.worker,
+        "attempts": job.attempts,
+    }
 
 
 # --- leasing ------------------------------------------------------------------------------
 
 
 def test_lease_returns_the_oldest_ready_job_of_the_requested_stages_only(
-    queue: SQLiteQueue,
+    queue: Queue,
 ) -> None:
-    queue.enqueue(Stage.INFER, "a", 1.0)
-    route_new = queue.enqueue(Stage.ROUTE, "b", 3.0)
-    route_old = queue.enqueue(Stage.ROUTE, "c", 2.0)
-    queue.enqueue(Stage.DELIVER, "d", 0.5)
+    queue.enqueue(Stage.INFER, "a", 1.0, any_payload(Stage.INFER))
+    route_new = queue.enqueue(Stage.ROUTE, "b", 3.0, any_payload(Stage.ROUTE))
+    route_old = queue.enqueue(Stage.ROUTE, "c", 2.0, any_payload(Stage.ROUTE))
+    queue.enqueue(Stage.DELIVER, "d", 0.5, any_payload(Stage.DELIVER))
 
     first = queue.lease([Stage.ROUTE, Stage.BUILD], "w1", 30, now=10.0)
     second = queue.lease([Stage.ROUTE, Stage.BUILD], "w1", 30, now=10.0)
@@ -73,33 +95,33 @@ def test_lease_returns_the_oldest_ready_job_of_the_requested_stages_only(
     assert third is None
 
 
-def test_leased_job_carries_token_deadline_and_attempt_count(queue: SQLiteQueue) -> None:
-    queue.enqueue(Stage.ROUTE, "s", 1.0, {"generation": 1})
+def test_leased_job_carries_token_deadline_and_attempt_count(queue: Queue) -> None:
+    queue.enqueue(Stage.ROUTE, "s", 1.0, any_payload(Stage.ROUTE, 1))
     job = queue.lease([Stage.ROUTE], "w1", 30, now=10.0)
     assert job is not None
     assert job.state is JobState.LEASED
     assert job.attempts == 1
     assert job.lease_expires == 40.0
     assert job.lease_token is not None and re.fullmatch(r"[0-9a-f]{16}", job.lease_token)
-    assert job.payload == {"generation": 1}
+    assert job.payload == any_payload(Stage.ROUTE, 1)
     assert job_row(queue, job.id)["worker"] == "w1"
 
 
-def test_a_leased_job_is_not_leased_twice(queue: SQLiteQueue) -> None:
-    queue.enqueue(Stage.ROUTE, "s", 1.0)
+def test_a_leased_job_is_not_leased_twice(queue: Queue) -> None:
+    queue.enqueue(Stage.ROUTE, "s", 1.0, any_payload(Stage.ROUTE))
     assert queue.lease([Stage.ROUTE], "w1", 30, now=10.0) is not None
     assert queue.lease([Stage.ROUTE], "w2", 30, now=11.0) is None
 
 
-def test_job_scheduled_in_the_future_is_not_leased_until_due(queue: SQLiteQueue) -> None:
-    job_id = queue.enqueue(Stage.DELIVER, "s", 100.0)
+def test_job_scheduled_in_the_future_is_not_leased_until_due(queue: Queue) -> None:
+    job_id = queue.enqueue(Stage.DELIVER, "s", 100.0, any_payload(Stage.DELIVER))
     assert queue.lease([Stage.DELIVER], "w", 30, now=99.9) is None
     job = queue.lease([Stage.DELIVER], "w", 30, now=100.0)
     assert job is not None and job.id == job_id
 
 
-def test_heartbeat_extends_the_lease_deadline(queue: SQLiteQueue) -> None:
-    queue.enqueue(Stage.INFER, "s", 1.0)
+def test_heartbeat_extends_the_lease_deadline(queue: Queue) -> None:
+    queue.enqueue(Stage.INFER, "s", 1.0, any_payload(Stage.INFER))
     job = queue.lease([Stage.INFER], "w", 30, now=10.0)
     assert job is not None
     renewed = queue.heartbeat(job, 60, now=35.0)
@@ -108,8 +130,8 @@ def test_heartbeat_extends_the_lease_deadline(queue: SQLiteQueue) -> None:
     assert queue.sweep_expired(now=50.0) == 0  # would have expired at 40 without the heartbeat
 
 
-def test_complete_marks_the_job_done(queue: SQLiteQueue) -> None:
-    queue.enqueue(Stage.BUILD, "s", 1.0)
+def test_complete_marks_the_job_done(queue: Queue) -> None:
+    queue.enqueue(Stage.BUILD, "s", 1.0, any_payload(Stage.BUILD))
     job = queue.lease([Stage.BUILD], "w", 30, now=10.0)
     assert job is not None
     queue.complete(job, now=11.0)
@@ -119,9 +141,9 @@ def test_complete_marks_the_job_done(queue: SQLiteQueue) -> None:
 
 
 def test_fail_records_the_error_and_returns_the_job_to_ready_at_retry_time(
-    queue: SQLiteQueue,
+    queue: Queue,
 ) -> None:
-    queue.enqueue(Stage.DELIVER, "s", 1.0)
+    queue.enqueue(Stage.DELIVER, "s", 1.0, any_payload(Stage.DELIVER))
     job = queue.lease([Stage.DELIVER], "w", 30, now=10.0)
     assert job is not None
     queue.fail(job, "peer refused", retry_at=70.0, now=11.0)
@@ -139,16 +161,16 @@ def test_fail_records_the_error_and_returns_the_job_to_ready_at_retry_time(
     assert again.last_error == "peer refused"
 
 
-def test_fail_truncates_a_huge_error_to_2000_characters(queue: SQLiteQueue) -> None:
-    queue.enqueue(Stage.DELIVER, "s", 1.0)
+def test_fail_truncates_a_huge_error_to_2000_characters(queue: Queue) -> None:
+    queue.enqueue(Stage.DELIVER, "s", 1.0, any_payload(Stage.DELIVER))
     job = queue.lease([Stage.DELIVER], "w", 30, now=10.0)
     assert job is not None
     queue.fail(job, "x" * 5000, retry_at=20.0, now=11.0)
     assert job_row(queue, job.id)["last_error"] == "x" * 2000
 
 
-def test_dead_job_is_listed_with_its_last_error(queue: SQLiteQueue) -> None:
-    job_id = queue.enqueue(Stage.DELIVER, "s", 1.0)
+def test_dead_job_is_listed_with_its_last_error(queue: Queue) -> None:
+    job_id = queue.enqueue(Stage.DELIVER, "s", 1.0, any_payload(Stage.DELIVER))
     job = queue.lease([Stage.DELIVER], "w", 30, now=10.0)
     assert job is not None
     queue.dead(job, "AR: unknown patient", now=11.0)
@@ -162,11 +184,9 @@ def test_dead_job_is_listed_with_its_last_error(queue: SQLiteQueue) -> None:
 
 
 @pytest.mark.parametrize("action", ["complete", "fail", "dead", "heartbeat"])
-def test_transition_with_a_stale_lease_token_raises_lease_lost(
-    queue: SQLiteQueue, action: str
-) -> None:
+def test_transition_with_a_stale_lease_token_raises_lease_lost(queue: Queue, action: str) -> None:
     """A worker whose lease expired and was swept cannot overwrite the new holder."""
-    queue.enqueue(Stage.INFER, "s", 1.0)
+    queue.enqueue(Stage.INFER, "s", 1.0, any_payload(Stage.INFER))
     stale = queue.lease([Stage.INFER], "slow", 30, now=10.0)
     assert stale is not None
     assert queue.sweep_expired(now=41.0) == 1
@@ -194,8 +214,8 @@ def test_transition_with_a_stale_lease_token_raises_lease_lost(
     assert job_row(queue, holder.id)["state"] == "done"
 
 
-def test_completing_an_already_completed_job_raises_lease_lost(queue: SQLiteQueue) -> None:
-    queue.enqueue(Stage.INFER, "s", 1.0)
+def test_completing_an_already_completed_job_raises_lease_lost(queue: Queue) -> None:
+    queue.enqueue(Stage.INFER, "s", 1.0, any_payload(Stage.INFER))
     job = queue.lease([Stage.INFER], "w", 30, now=10.0)
     assert job is not None
     queue.complete(job, now=11.0)
@@ -203,9 +223,9 @@ def test_completing_an_already_completed_job_raises_lease_lost(queue: SQLiteQueu
         queue.complete(job, now=12.0)
 
 
-def test_sweep_expired_returns_only_expired_leases_to_ready(queue: SQLiteQueue) -> None:
-    queue.enqueue(Stage.INFER, "short", 1.0)
-    queue.enqueue(Stage.INFER, "long", 2.0)
+def test_sweep_expired_returns_only_expired_leases_to_ready(queue: Queue) -> None:
+    queue.enqueue(Stage.INFER, "short", 1.0, any_payload(Stage.INFER))
+    queue.enqueue(Stage.INFER, "long", 2.0, any_payload(Stage.INFER))
     short = queue.lease([Stage.INFER], "w", 10, now=10.0)
     long = queue.lease([Stage.INFER], "w", 100, now=10.0)
     assert short is not None and long is not None
@@ -221,8 +241,8 @@ def test_sweep_expired_returns_only_expired_leases_to_ready(queue: SQLiteQueue) 
     assert job_row(queue, long.id)["state"] == "leased"
 
 
-def test_sweep_keeps_an_earlier_error_message(queue: SQLiteQueue) -> None:
-    queue.enqueue(Stage.INFER, "s", 1.0)
+def test_sweep_keeps_an_earlier_error_message(queue: Queue) -> None:
+    queue.enqueue(Stage.INFER, "s", 1.0, any_payload(Stage.INFER))
     job = queue.lease([Stage.INFER], "w", 10, now=10.0)
     assert job is not None
     queue.fail(job, "GPU out of memory", retry_at=11.0, now=11.0)
@@ -235,8 +255,8 @@ def test_sweep_keeps_an_earlier_error_message(queue: SQLiteQueue) -> None:
 # --- replay -------------------------------------------------------------------------------
 
 
-def _dead(queue: SQLiteQueue, subject: str, now: float) -> int:
-    job_id = queue.enqueue(Stage.DELIVER, subject, now)
+def _dead(queue: Queue, subject: str, now: float) -> int:
+    job_id = queue.enqueue(Stage.DELIVER, subject, now, any_payload(Stage.DELIVER))
     job = queue.lease([Stage.DELIVER], "w", 30, now=now)
     assert job is not None and job.id == job_id
     queue.dead(job, f"gave up on {subject}", now=now)
@@ -244,7 +264,7 @@ def _dead(queue: SQLiteQueue, subject: str, now: float) -> int:
 
 
 def test_replay_none_returns_every_dead_job_to_ready_with_attempts_reset(
-    queue: SQLiteQueue,
+    queue: Queue,
 ) -> None:
     a, b = _dead(queue, "a", 1.0), _dead(queue, "b", 2.0)
     assert queue.replay(None, now=50.0) == 2
@@ -254,16 +274,16 @@ def test_replay_none_returns_every_dead_job_to_ready_with_attempts_reset(
         assert (row["state"], row["attempts"], row["run_at"]) == ("ready", 0, 50.0)
 
 
-def test_replay_of_listed_ids_touches_only_those_dead_jobs(queue: SQLiteQueue) -> None:
+def test_replay_of_listed_ids_touches_only_those_dead_jobs(queue: Queue) -> None:
     a, b = _dead(queue, "a", 1.0), _dead(queue, "b", 2.0)
-    ready = queue.enqueue(Stage.DELIVER, "c", 3.0)
+    ready = queue.enqueue(Stage.DELIVER, "c", 3.0, any_payload(Stage.DELIVER))
     assert queue.replay([b, ready, 999], now=50.0) == 1
     assert job_row(queue, b)["state"] == "ready"
     assert [j.id for j in queue.dead_jobs()] == [a]
     assert job_row(queue, ready)["run_at"] == 3.0  # a ready job is not a dead letter
 
 
-def test_replay_with_no_dead_jobs_returns_zero(queue: SQLiteQueue) -> None:
+def test_replay_with_no_dead_jobs_returns_zero(queue: Queue) -> None:
     assert queue.replay(None, now=1.0) == 0
     assert queue.replay([1, 2], now=1.0) == 0
 
@@ -272,57 +292,57 @@ def test_replay_with_no_dead_jobs_returns_zero(queue: SQLiteQueue) -> None:
 
 
 def test_enqueue_of_a_ready_stage_and_subject_keeps_one_job_with_the_new_payload(
-    queue: SQLiteQueue,
+    queue: Queue,
 ) -> None:
-    first = queue.enqueue(Stage.ROUTE, "study", 1.0, {"generation": 1})
-    second = queue.enqueue(Stage.ROUTE, "study", 2.0, {"generation": 2})
-    other_stage = queue.enqueue(Stage.INFER, "study", 2.0, {"generation": 2})
+    first = queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE, 1))
+    second = queue.enqueue(Stage.ROUTE, "study", 2.0, any_payload(Stage.ROUTE, 2))
+    other_stage = queue.enqueue(Stage.INFER, "study", 2.0, any_payload(Stage.INFER))
     assert second == first
     assert other_stage != first
     assert queue.counts()["jobs:route"] == {"ready": 1}
     job = queue.lease([Stage.ROUTE], "w", 30, now=10.0)
-    assert job is not None and job.payload == {"generation": 2}
+    assert job is not None and job.payload == any_payload(Stage.ROUTE, 2)
 
 
-def test_enqueue_while_the_same_subject_is_leased_adds_a_second_job(queue: SQLiteQueue) -> None:
-    first = queue.enqueue(Stage.ROUTE, "study", 1.0, {"generation": 1})
+def test_enqueue_while_the_same_subject_is_leased_adds_a_second_job(queue: Queue) -> None:
+    first = queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE, 1))
     assert queue.lease([Stage.ROUTE], "w", 30, now=10.0) is not None
-    second = queue.enqueue(Stage.ROUTE, "study", 11.0, {"generation": 2})
+    second = queue.enqueue(Stage.ROUTE, "study", 11.0, any_payload(Stage.ROUTE, 2))
     assert second != first
     assert queue.counts()["jobs:route"] == {"leased": 1, "ready": 1}
 
 
 def test_failing_a_job_whose_subject_was_requeued_meanwhile_keeps_one_ready_job(
-    queue: SQLiteQueue,
+    queue: Queue,
 ) -> None:
-    queue.enqueue(Stage.ROUTE, "study", 1.0, {"generation": 1})
+    queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE, 1))
     job = queue.lease([Stage.ROUTE], "w", 30, now=10.0)
     assert job is not None
-    queue.enqueue(Stage.ROUTE, "study", 11.0, {"generation": 2})  # study reopened + completed
+    queue.enqueue(Stage.ROUTE, "study", 11.0, any_payload(Stage.ROUTE, 2))  # reopened, completed
     queue.fail(job, "router crashed", retry_at=20.0, now=12.0)
     assert queue.counts()["jobs:route"] == {"ready": 1, "done": 1}
     assert job_row(queue, job.id)["last_error"].startswith("superseded")
 
 
 def test_sweep_recovers_other_expired_leases_when_one_subject_was_requeued(
-    queue: SQLiteQueue,
+    queue: Queue,
 ) -> None:
-    queue.enqueue(Stage.ROUTE, "study", 1.0)
-    queue.enqueue(Stage.INFER, "other", 1.0)
+    queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
+    queue.enqueue(Stage.INFER, "other", 1.0, any_payload(Stage.INFER))
     assert queue.lease([Stage.ROUTE], "w", 30, now=10.0) is not None
     other = queue.lease([Stage.INFER], "w", 30, now=10.0)
     assert other is not None
-    queue.enqueue(Stage.ROUTE, "study", 11.0)
+    queue.enqueue(Stage.ROUTE, "study", 11.0, any_payload(Stage.ROUTE))
     assert queue.sweep_expired(now=100.0) == 2  # one back to ready, one superseded
     assert job_row(queue, other.id)["state"] == "ready"
     assert queue.counts()["jobs:route"] == {"ready": 1, "done": 1}
 
 
 def test_replay_of_a_dead_job_whose_subject_is_waiting_again_does_not_crash(
-    queue: SQLiteQueue,
+    queue: Queue,
 ) -> None:
     _dead(queue, "study", 1.0)
-    queue.enqueue(Stage.DELIVER, "study", 2.0)
+    queue.enqueue(Stage.DELIVER, "study", 2.0, any_payload(Stage.DELIVER))
     assert queue.replay(None, now=3.0) == 0  # the waiting job does the work
     assert queue.counts()["jobs:deliver"] == {"ready": 1, "done": 1}
 
@@ -330,7 +350,7 @@ def test_replay_of_a_dead_job_whose_subject_is_waiting_again_does_not_crash(
 # --- ingest -------------------------------------------------------------------------------
 
 
-def test_record_instance_dedups_by_dedup_key(queue: SQLiteQueue) -> None:
+def test_record_instance_dedups_by_dedup_key(queue: Queue) -> None:
     first = instance("1.2.3", at=100.0)
     ack1 = queue.record_instance(first, b"attrs1", QUIET)
     ack2 = queue.record_instance(instance("1.2.3", at=101.0), b"attrs2", QUIET)
@@ -345,7 +365,7 @@ def test_record_instance_dedups_by_dedup_key(queue: SQLiteQueue) -> None:
     assert queue.find("dicom:9.9.9") is None
 
 
-def test_each_new_instance_restarts_the_study_quiet_period(queue: SQLiteQueue) -> None:
+def test_each_new_instance_restarts_the_study_quiet_period(queue: Queue) -> None:
     queue.record_instance(instance("1", at=100.0), b"", QUIET)
     queue.record_instance(instance("2", at=103.0), b"", QUIET)
     study = queue.study("study-1")
@@ -359,7 +379,7 @@ def test_each_new_instance_restarts_the_study_quiet_period(queue: SQLiteQueue) -
     assert queue.next_study_due() == 108.0
 
 
-def test_complete_due_studies_waits_for_the_quiet_period(queue: SQLiteQueue) -> None:
+def test_complete_due_studies_waits_for_the_quiet_period(queue: Queue) -> None:
     queue.record_instance(instance("1", "A", at=100.0), b"", QUIET)
     queue.record_instance(instance("2", "B", at=102.0), b"", QUIET)
 
@@ -373,23 +393,19 @@ def test_complete_due_studies_waits_for_the_quiet_period(queue: SQLiteQueue) -> 
     assert job is not None
     assert (job.subject, job.payload) == (
         "A",
-        {"kind": "dicom", "generation": 1, "reopened": False},
+        RoutePayload(Kind.DICOM, 1, False),
     )
     assert queue.counts()["studies"] == {"complete": 2}
     assert queue.next_study_due() is None
 
 
 def test_late_instance_reopens_a_complete_study_as_a_new_generation(
-    queue: SQLiteQueue,
+    queue: Queue,
 ) -> None:
     queue.record_instance(instance("1", at=100.0), b"", QUIET)
     assert queue.complete_due_studies(now=105.0) == ["study-1"]
     first = queue.lease([Stage.ROUTE], "w", 30, now=105.0)
-    assert first is not None and first.payload == {
-        "kind": "dicom",
-        "generation": 1,
-        "reopened": False,
-    }
+    assert first is not None and first.payload == RoutePayload(Kind.DICOM, 1, False)
     queue.complete(first, now=106.0)
 
     late = instance("2", at=200.0)
@@ -402,28 +418,26 @@ def test_late_instance_reopens_a_complete_study_as_a_new_generation(
         True,
         2,
     )
-    late_flag = queue._db.execute("SELECT late FROM envelopes WHERE id = ?", (late.id,))
-    assert late_flag.fetchone()["late"] == 1
+    assert queue.envelope(late.id)[0].late
 
     assert queue.complete_due_studies(now=204.0) == []
     assert queue.complete_due_studies(now=205.0) == ["study-1"]
     second = queue.lease([Stage.ROUTE], "w", 30, now=205.0)
     assert second is not None
-    assert second.payload == {"kind": "dicom", "generation": 2, "reopened": True}
+    assert second.payload == RoutePayload(Kind.DICOM, 2, True)
 
 
-def test_instance_into_an_open_study_is_not_marked_late(queue: SQLiteQueue) -> None:
+def test_instance_into_an_open_study_is_not_marked_late(queue: Queue) -> None:
     queue.record_instance(instance("1", at=100.0), b"", QUIET)
     env = instance("2", at=101.0)
     queue.record_instance(env, b"", QUIET)
     study = queue.study("study-1")
     assert study is not None and (study.generation, study.reopened) == (1, False)
-    row = queue._db.execute("SELECT late FROM envelopes WHERE id = ?", (env.id,)).fetchone()
-    assert row["late"] == 0
+    assert not queue.envelope(env.id)[0].late
 
 
 def test_study_completed_twice_before_routing_is_routed_once_with_the_latest_generation(
-    queue: SQLiteQueue,
+    queue: Queue,
 ) -> None:
     queue.record_instance(instance("1", at=100.0), b"", QUIET)
     queue.complete_due_studies(now=105.0)
@@ -431,10 +445,10 @@ def test_study_completed_twice_before_routing_is_routed_once_with_the_latest_gen
     queue.complete_due_studies(now=111.0)
     assert queue.counts()["jobs:route"] == {"ready": 1}
     job = queue.lease([Stage.ROUTE], "w", 30, now=112.0)
-    assert job is not None and job.payload == {"kind": "dicom", "generation": 2, "reopened": True}
+    assert job is not None and job.payload == RoutePayload(Kind.DICOM, 2, True)
 
 
-def test_record_message_queues_it_for_routing_and_returns_the_ack(queue: SQLiteQueue) -> None:
+def test_record_message_queues_it_for_routing_and_returns_the_ack(queue: Queue) -> None:
     env = message("CTRL1")
     ack = queue.record_message(env, b"sealed-msg", b"sealed-attrs", b"MSH|ACK-1")
     assert (ack.new, ack.envelope_id, ack.ack) == (True, env.id, b"MSH|ACK-1")
@@ -444,7 +458,7 @@ def test_record_message_queues_it_for_routing_and_returns_the_ack(queue: SQLiteQ
     assert job is not None and job.subject == env.id
 
 
-def test_resent_message_gets_the_stored_ack_and_stores_nothing(queue: SQLiteQueue) -> None:
+def test_resent_message_gets_the_stored_ack_and_stores_nothing(queue: Queue) -> None:
     original = message("CTRL1", at=100.0)
     queue.record_message(original, b"m1", b"a1", b"ACK-ORIGINAL")
     resend = message("CTRL1", at=160.0)
@@ -456,7 +470,7 @@ def test_resent_message_gets_the_stored_ack_and_stores_nothing(queue: SQLiteQueu
         queue.envelope(resend.id)
 
 
-def test_envelopes_lists_by_kind_in_arrival_order(queue: SQLiteQueue) -> None:
+def test_envelopes_lists_by_kind_in_arrival_order(queue: Queue) -> None:
     late, early = instance("1", at=200.0), instance("2", at=100.0)
     msg = message("C", at=150.0)
     queue.record_instance(late, b"", QUIET)
@@ -471,7 +485,7 @@ def test_envelopes_lists_by_kind_in_arrival_order(queue: SQLiteQueue) -> None:
 
 
 def test_counts_report_received_studies_and_jobs_by_stage_and_state(
-    queue: SQLiteQueue,
+    queue: Queue,
 ) -> None:
     assert queue.counts() == {"received": {}, "studies": {}}
     queue.record_instance(instance("1", "A", at=100.0), b"", QUIET)
@@ -479,7 +493,7 @@ def test_counts_report_received_studies_and_jobs_by_stage_and_state(
     queue.record_message(message("C", at=100.0), b"", b"", b"")
     queue.complete_due_studies(now=105.0)  # A and B complete: two more route jobs
     queue.record_instance(instance("3", "C", at=110.0), b"", QUIET)
-    queue.enqueue(Stage.DELIVER, "x", 1.0)
+    queue.enqueue(Stage.DELIVER, "x", 1.0, any_payload(Stage.DELIVER))
     leased = queue.lease([Stage.DELIVER], "w", 30, now=110.0)
     assert leased is not None
     _dead(queue, "y", 111.0)
@@ -492,10 +506,10 @@ def test_counts_report_received_studies_and_jobs_by_stage_and_state(
     }
 
 
-def test_oldest_ready_age_counts_ready_and_leased_jobs_only(queue: SQLiteQueue) -> None:
+def test_oldest_ready_age_counts_ready_and_leased_jobs_only(queue: Queue) -> None:
     assert queue.oldest_ready_age(now=100.0) is None
-    queue.enqueue(Stage.ROUTE, "a", 10.0)
-    queue.enqueue(Stage.ROUTE, "b", 40.0)
+    queue.enqueue(Stage.ROUTE, "a", 10.0, any_payload(Stage.ROUTE))
+    queue.enqueue(Stage.ROUTE, "b", 40.0, any_payload(Stage.ROUTE))
     assert queue.oldest_ready_age(now=100.0) == 90.0
     job = queue.lease([Stage.ROUTE], "w", 30, now=50.0)
     assert job is not None and job.subject == "a"
@@ -504,110 +518,16 @@ def test_oldest_ready_age_counts_ready_and_leased_jobs_only(queue: SQLiteQueue) 
     assert queue.oldest_ready_age(now=100.0) == 60.0
 
 
-def test_queue_survives_reopening_the_same_file(tmp_path: Path) -> None:
-    path = tmp_path / "queue.sqlite3"
-    q = SQLiteQueue(path)
-    env = instance("1.2.3", at=100.0)
-    q.record_instance(env, b"attrs", QUIET)
-    q.enqueue(Stage.INFER, "s", 1.0, {"model": "m"})
-    job = q.lease([Stage.INFER], "w", 30, now=10.0)
-    assert job is not None
-    q.close()
-
-    again = SQLiteQueue(path)
-    try:
-        assert again.find("dicom:1.2.3") == env.id
-        assert again.envelope(env.id)[1] == b"attrs"
-        assert again.counts()["jobs:infer"] == {"leased": 1}
-        again.complete(job, now=11.0)  # the lease token is durable too
-        assert again.counts()["jobs:infer"] == {"done": 1}
-        version = again._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        assert version["value"] == str(SCHEMA_VERSION)
-    finally:
-        again.close()
-
-
-def test_two_connections_to_one_file_see_each_others_commits(tmp_path: Path) -> None:
-    path = tmp_path / "queue.sqlite3"
-    a, b = SQLiteQueue(path), SQLiteQueue(path)
-    try:
-        a.enqueue(Stage.ROUTE, "s", 1.0)
-        job = b.lease([Stage.ROUTE], "w", 30, now=10.0)
-        assert job is not None
-        assert a.lease([Stage.ROUTE], "w", 30, now=10.0) is None
-    finally:
-        a.close()
-        b.close()
-
-
-# --- schema -------------------------------------------------------------------------------
-
-
-def _check_set(table: str, column: str) -> set[str]:
-    body = re.search(rf"CREATE TABLE IF NOT EXISTS {table} \((.*?)\n\);", SCHEMA, re.S)
-    assert body is not None
-    check = re.search(rf"\b{column}\b[^\n]*CHECK \({column} IN \(([^)]*)\)\)", body.group(1))
-    assert check is not None
-    return set(re.findall(r"'([^']*)'", check.group(1)))
-
-
-def test_job_states_in_the_enum_match_the_schema_check_constraint() -> None:
-    assert _check_set("jobs", "state") == {s.value for s in JobState}
-
-
-def test_envelope_kinds_in_the_enum_match_the_schema_check_constraint() -> None:
-    assert _check_set("envelopes", "kind") == {k.value for k in Kind}
-
-
-def test_schema_check_constraint_rejects_an_unknown_job_state(queue: SQLiteQueue) -> None:
-    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
-        queue._db.execute(
-            "INSERT INTO jobs (stage, subject, state, run_at, created_at, updated_at)"
-            " VALUES ('route', 's', 'paused', 0, 0, 0)"
-        )
-
-
-def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
-    """A queue made by the first release keeps its rows and gains lanes and deliveries."""
-    import sqlite3
-
-    path = tmp_path / "v1.sqlite3"
-    db = sqlite3.connect(path)
-    db.executescript(
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-        "INSERT INTO meta VALUES ('schema', '1');"
-        "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, stage TEXT NOT NULL,"
-        " subject TEXT NOT NULL, state TEXT NOT NULL, run_at REAL NOT NULL,"
-        " attempts INTEGER NOT NULL DEFAULT 0, lease_token TEXT, lease_expires REAL,"
-        " worker TEXT, last_error TEXT, payload TEXT NOT NULL DEFAULT '{}',"
-        " created_at REAL NOT NULL, updated_at REAL NOT NULL);"
-        "INSERT INTO jobs (stage, subject, state, run_at, created_at, updated_at)"
-        " VALUES ('route', 'study-1', 'ready', 1.0, 1.0, 1.0);"
-    )
-    db.commit()
-    db.close()
-    queue = SQLiteQueue(path)
-    try:
-        job = queue.lease([Stage.ROUTE], "w", 30, now=2.0)
-        assert job is not None and (job.subject, job.lane) == ("study-1", "")
-        queue.record_delivery("env-1", "pacs", 0, now=3.0)
-        assert queue.delivered("pacs", ["env-1", "env-2"]) == {"env-1"}
-    finally:
-        queue.close()
-
-
-def test_complete_enqueues_the_next_jobs_in_the_same_transaction(queue: SQLiteQueue) -> None:
-    from gateway.envelope import NextJob
-
-    queue.enqueue(Stage.ROUTE, "study", 1.0)
+def test_complete_enqueues_the_next_jobs_in_the_same_transaction(queue: Queue) -> None:
+    queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
     job = queue.lease([Stage.ROUTE], "w", 30, now=2.0)
     assert job is not None
     queue.complete(
         job,
         now=3.0,
         then=[
-            NextJob(Stage.DELIVER, "pacs|study", {"destination": "pacs"}, lane="pacs"),
-            NextJob(Stage.DELIVER, "ehr|study", {"destination": "ehr"}, lane="ehr"),
+            NextJob(Stage.DELIVER, "pacs|study", any_payload(Stage.DELIVER), lane="pacs"),
+            NextJob(Stage.DELIVER, "ehr|study", any_payload(Stage.DELIVER), lane="ehr"),
         ],
     )
     assert queue.lease([Stage.DELIVER], "w", 30, now=4.0, lane="ehr").subject == "ehr|study"  # type: ignore[union-attr]
@@ -615,11 +535,48 @@ def test_complete_enqueues_the_next_jobs_in_the_same_transaction(queue: SQLiteQu
     assert queue.counts()["jobs:deliver"] == {"leased": 1, "ready": 1}
 
 
-def test_first_failure_time_is_kept_across_retries(queue: SQLiteQueue) -> None:
-    queue.enqueue(Stage.DELIVER, "pacs|s", 1.0, lane="pacs")
+def test_first_failure_time_is_kept_across_retries(queue: Queue) -> None:
+    queue.enqueue(Stage.DELIVER, "pacs|s", 1.0, any_payload(Stage.DELIVER), lane="pacs")
     for now in (2.0, 20.0):
         job = queue.lease([Stage.DELIVER], "w", 30, now=now, lane="pacs")
         assert job is not None
         queue.fail(job, "peer down", retry_at=now + 1, now=now)
     job = queue.lease([Stage.DELIVER], "w", 30, now=40.0, lane="pacs")
     assert job is not None and job.first_failed_at == 2.0 and job.attempts == 3
+
+
+# --- typed payloads -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stage, sent",
+    [
+        (Stage.ROUTE, RoutePayload(Kind.HL7)),
+        (Stage.ROUTE, RoutePayload(Kind.DICOM, 3, True)),
+        (Stage.INFER, InferPayload("lung", Kind.DICOM, "study", ("pacs", "ehr"), "chest-ct")),
+        (
+            Stage.BUILD,
+            BuildPayload("lung", Kind.DICOM, "study", "r-key", ("pacs",), "ct", "m-key", "x-key"),
+        ),
+        (Stage.DELIVER, DeliverPayload("ehr", Kind.HL7, "lung|msg", "result", ("o1", "o2"), "1.2")),
+        (Stage.DELIVER, DeliverPayload("pacs", Kind.DICOM, "study", "forward")),
+    ],
+)
+def test_a_payload_comes_back_as_the_record_it_went_in_as(
+    queue: Queue, stage: Stage, sent: Payload
+) -> None:
+    job_id = queue.enqueue(stage, "s", 1.0, sent)
+    job = queue.lease([stage], "w", 30, now=2.0)
+    assert job is not None and job.id == job_id
+    assert job.payload == sent and type(job.payload) is type(sent)
+    stored = queue.job(job_id)
+    assert stored is not None and stored.payload == sent
+
+
+def test_a_next_job_takes_only_the_record_of_its_stage() -> None:
+    with pytest.raises(TypeError, match="a deliver job takes a DeliverPayload"):
+        NextJob(Stage.DELIVER, "s", RoutePayload(Kind.DICOM))
+
+
+def test_an_unknown_job_id_is_none(queue: Queue) -> None:
+    assert queue.job(12345) is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.envelope import Job, Kind, NextJob, Stage
+from gateway.envelope import BuildPayload, DeliverPayload, Job, Kind, NextJob, Stage
 from gateway.errors import IntegrityError
 from gateway.observability.metrics import Metrics
 from gateway.security.audit import NO_AUDIT, AuditLog, Auditor
@@ -87,9 +87,16 @@ def test_done_old_data_goes_with_its_results_and_pending_or_dead_or_recent_data_
         store,
         OLD + 10,
         {
-            Stage.ROUTE: [NextJob(Stage.BUILD, f"m|{old}", {"target": old, "result": result_key})],
+            Stage.ROUTE: [
+                NextJob(Stage.BUILD, f"m|{old}", BuildPayload("m", Kind.DICOM, old, result_key))
+            ],
             Stage.BUILD: [
-                NextJob(Stage.DELIVER, f"pacs|m|{old}", {"objects": [sr_key]}, lane="pacs")
+                NextJob(
+                    Stage.DELIVER,
+                    f"pacs|m|{old}",
+                    DeliverPayload("pacs", Kind.DICOM, f"m|{old}", "result", (sr_key,)),
+                    lane="pacs",
+                )
             ],
         },
     )

@@ -12,6 +12,7 @@ from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import Permanent, Transient
 from gateway.store.sqlite import SQLiteQueue
 from gateway.workers import Beat, Worker
+from tests.queues import any_payload
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,16 @@ def row(queue: SQLiteQueue, job_id: int) -> dict[str, object]:
 
 
 def test_success_completes_and_enqueues_the_next_jobs(queue: SQLiteQueue) -> None:
-    first = queue.enqueue(Stage.ROUTE, "study", 1.0)
+    first = queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
 
     def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
         beat()
-        return [NextJob(Stage.DELIVER, "pacs|study", {"destination": "pacs"}, lane="pacs")]
+        return [NextJob(Stage.DELIVER, "pacs|study", any_payload(Stage.DELIVER), lane="pacs")]
 
     assert worker(queue, handler, Clock()).run_once()
     assert row(queue, first)["state"] == "done"
     nxt = queue.lease([Stage.DELIVER], "x", 30, now=200.0, lane="pacs")
-    assert nxt is not None and nxt.payload == {"destination": "pacs"}
+    assert nxt is not None and nxt.payload == any_payload(Stage.DELIVER)
 
 
 def test_no_ready_job_means_no_work(queue: SQLiteQueue) -> None:
@@ -77,7 +78,7 @@ def test_no_ready_job_means_no_work(queue: SQLiteQueue) -> None:
 def test_transient_failure_is_retried_at_the_policy_time_keeping_the_error(
     queue: SQLiteQueue,
 ) -> None:
-    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0)
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
 
     def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
         raise Transient("peer down")
@@ -96,7 +97,7 @@ def test_transient_failure_is_retried_at_the_policy_time_keeping_the_error(
 def test_transient_failures_become_a_dead_letter_once_the_policy_gives_up(
     queue: SQLiteQueue,
 ) -> None:
-    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0)
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
 
     def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
         raise Transient("peer down")
@@ -112,7 +113,7 @@ def test_transient_failures_become_a_dead_letter_once_the_policy_gives_up(
 
 
 def test_permanent_failure_is_a_dead_letter_at_once(queue: SQLiteQueue) -> None:
-    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0)
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
 
     def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
         raise Permanent("destination refused (AR): unknown patient")
@@ -129,7 +130,7 @@ def test_permanent_failure_is_a_dead_letter_at_once(queue: SQLiteQueue) -> None:
 def test_a_bug_in_a_handler_is_retried_not_lost_and_its_text_is_not_kept(
     queue: SQLiteQueue,
 ) -> None:
-    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0)
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
 
     def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
         raise KeyError("DOE^JANE")
@@ -141,7 +142,7 @@ def test_a_bug_in_a_handler_is_retried_not_lost_and_its_text_is_not_kept(
 
 
 def test_a_worker_whose_lease_was_taken_over_changes_nothing(queue: SQLiteQueue) -> None:
-    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0)
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
     clock = Clock(100.0)
 
     def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
@@ -149,7 +150,7 @@ def test_a_worker_whose_lease_was_taken_over_changes_nothing(queue: SQLiteQueue)
         queue.sweep_expired(clock.now)
         taken = queue.lease([Stage.ROUTE], "other", 30, clock.now)
         assert taken is not None
-        return [NextJob(Stage.DELIVER, "x")]
+        return [NextJob(Stage.DELIVER, "x", any_payload(Stage.DELIVER))]
 
     worker(queue, handler, clock, lease_seconds=10).run_once()
     assert row(queue, job_id)["state"] == "leased"
@@ -158,8 +159,8 @@ def test_a_worker_whose_lease_was_taken_over_changes_nothing(queue: SQLiteQueue)
 
 
 def test_lanes_keep_a_stuck_destination_from_delaying_others(queue: SQLiteQueue) -> None:
-    queue.enqueue(Stage.DELIVER, "down|s1", 1.0, lane="down")
-    up = queue.enqueue(Stage.DELIVER, "up|s1", 2.0, lane="up")
+    queue.enqueue(Stage.DELIVER, "down|s1", 1.0, any_payload(Stage.DELIVER), lane="down")
+    up = queue.enqueue(Stage.DELIVER, "up|s1", 2.0, any_payload(Stage.DELIVER), lane="up")
     seen: list[str] = []
 
     def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
@@ -184,9 +185,9 @@ def test_a_restarted_gateway_resumes_jobs_of_its_dead_predecessor_at_once(
     dead_pid = subprocess.Popen(["true"])  # a pid that existed and has exited
     dead_pid.wait()
     host = socket.gethostname()
-    queue.enqueue(Stage.ROUTE, "a", 1.0)
-    queue.enqueue(Stage.ROUTE, "b", 1.0)
-    queue.enqueue(Stage.ROUTE, "c", 1.0)
+    queue.enqueue(Stage.ROUTE, "a", 1.0, any_payload(Stage.ROUTE))
+    queue.enqueue(Stage.ROUTE, "b", 1.0, any_payload(Stage.ROUTE))
+    queue.enqueue(Stage.ROUTE, "c", 1.0, any_payload(Stage.ROUTE))
     queue.lease([Stage.ROUTE], f"{host}:{dead_pid.pid}:route", 300, now=2.0)  # crashed
     queue.lease([Stage.ROUTE], "otherhost:1:route", 300, now=2.0)  # elsewhere: unknown
     queue.lease([Stage.ROUTE], f"{host}:1:route", 300, now=2.0)  # pid 1 is alive

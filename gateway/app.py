@@ -148,7 +148,7 @@ class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        self.store = Store(cfg.data_dir, cfg.key_file)
+        self.store = Store.for_config(cfg)
         # who sent what and where it went: a hash-chained trail apart from the logs
         syslog = cfg.gateway.audit.syslog
         forward = (
@@ -193,8 +193,7 @@ class Gateway:
         self.workers = self._workers()
         self.certwatch = CertWatch(cfg)
         self.retention = RetentionService(
-            cfg.data_dir,
-            cfg.key_file,
+            lambda: Store.for_config(cfg, create=False, durable=False),
             cfg.gateway.retention_days,  # a restart-only setting
             metrics=self.metrics,
             audit=self.audit,

@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -146,8 +147,40 @@ class AuditConfig(_Strict):
     syslog: AuditSyslog | None = None
 
 
+def _check_database(value: str | None) -> str | None:
+    """``null`` (the embedded SQLite file) or a PostgreSQL URL without a password."""
+    if value is None:
+        return None
+    url = urlsplit(value)
+    if url.scheme not in ("postgresql", "postgres"):
+        raise ValueError(
+            f"'{value[:60]}' is not a PostgreSQL URL: write postgresql://USER@HOST:5432/DB, "
+            "or null for the embedded SQLite file in data_dir"
+        )
+    if url.password is not None:
+        raise ValueError(
+            "the URL holds a password: put it in database_password_file (or the PGPASSWORD "
+            "environment variable), never in the config file"
+        )
+    try:
+        url.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        raise ValueError("the URL's port is not a number") from None
+    if not url.hostname and "host=" not in url.query:
+        raise ValueError("the URL names no host: postgresql://USER@HOST:5432/DB")
+    return value
+
+
 class GatewaySection(_Strict):
     data_dir: Path = Path("../var")
+    # the queue and state: null = the embedded SQLite file in data_dir (one node); or a
+    # PostgreSQL URL (several processes and nodes), password from database_password_file
+    # or the PGPASSWORD environment variable
+    database: str | None = None
+    database_password_file: Path | None = None
+    # the encrypted spool: null = data_dir/spool; nodes sharing a PostgreSQL database
+    # point it at the same shared storage
+    spool_dir: Path | None = None
     http: HTTPConfig = HTTPConfig()
     encryption_key_file: Path = Path("../var/keys.json")
     inference: InferenceConfig = InferenceConfig()
@@ -156,6 +189,14 @@ class GatewaySection(_Strict):
     # then it, its results and, eventually, the keys that sealed them are deleted.
     # null: keep everything (the spool grows until someone runs `gateway purge`)
     retention_days: float | None = Field(default=None, gt=0)
+
+    _database = field_validator("database")(lambda v: _check_database(v))
+
+    @model_validator(mode="after")
+    def _password_needs_a_database(self) -> GatewaySection:
+        if self.database_password_file is not None and self.database is None:
+            raise ValueError("database_password_file is set, but database is null (SQLite)")
+        return self
 
 
 class AllowedCaller(_Strict):
@@ -358,6 +399,11 @@ class Config(_Strict):
     @property
     def key_file(self) -> Path:
         return self.path(self.gateway.encryption_key_file)
+
+    @property
+    def spool_dir(self) -> Path:
+        spool = self.gateway.spool_dir
+        return self.path(spool) if spool is not None else self.data_dir / "spool"
 
 
 def reference_problems(routes: Any, models: Any, destinations: Any) -> list[str]:

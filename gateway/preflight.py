@@ -40,6 +40,7 @@ def check_files(cfg: Config) -> None:
         if tls is not None:
             for key in ("cert", "key", "ca"):
                 need(getattr(tls, key), section, "tls", key)
+    need(cfg.gateway.database_password_file, "gateway", "database_password_file")
     syslog = cfg.gateway.audit.syslog
     if syslog is not None:
         for key in ("ca", "cert", "key"):

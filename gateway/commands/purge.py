@@ -49,7 +49,7 @@ def purge_command(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
     if not (cfg.data_dir / "queue.sqlite3").exists():
         print(f"{cfg.data_dir}: no gateway data here, nothing to purge", file=out)
         return 0
-    store = Store(cfg.data_dir, cfg.key_file, create=False)
+    store = Store.for_config(cfg, create=False)
     try:
         report = purge(store, days, dry_run=args.dry_run)
     finally:

@@ -25,9 +25,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -153,14 +152,15 @@ class RetentionService:
 
     def __init__(
         self,
-        data_dir: Path,
-        key_file: Path,
+        open_store: Callable[[], Store],
         days: float | None,
         *,
         metrics: Metrics,
         audit: Auditor,
     ) -> None:
-        self.data_dir, self.key_file, self.days = data_dir, key_file, days
+        """*open_store* opens the store a pass works on (its own connection, not durable
+        per commit: a lost deletion is done again by the next pass)."""
+        self.open_store, self.days = open_store, days
         self.metrics = metrics
         self.audit = audit
         self._stopping = threading.Event()
@@ -193,7 +193,7 @@ class RetentionService:
     def run_once(self, days: float) -> PurgeReport:
         """One pass now: deletes, counts it in the metrics and, when it deleted something,
         records it in the audit trail and the log."""
-        store = Store(self.data_dir, self.key_file, create=False, durable=False)
+        store = self.open_store()
         try:
             report = purge(store, days)
         finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from gateway.config import Config
+from gateway.errors import QueueUnavailable
 from gateway.store.queue import Queue
 from gateway.store.sqlite import SQLiteQueue
 
@@ -12,7 +14,12 @@ QUEUE_FILE = "queue.sqlite3"
 
 
 def open_queue(
-    data_dir: Path, *, durable: bool = True, lock: threading.Lock | None = None
+    data_dir: Path,
+    *,
+    database: str | None = None,
+    password: str | None = None,
+    durable: bool = True,
+    lock: threading.Lock | None = None,
 ) -> Queue:
     """The queue of the gateway whose data lives in *data_dir*: the embedded SQLite file
     ``data_dir/queue.sqlite3`` (created, or upgraded, on first use).
@@ -21,4 +28,26 @@ def open_queue(
     workers' bookkeeping may take ``durable=False`` with the ingest queue's *lock* (see
     :class:`~gateway.store.sqlite.SQLiteQueue`).
     """
+    if database is not None:
+        raise QueueUnavailable(f"{database_label(database, data_dir)}: not available yet")
     return SQLiteQueue(data_dir / QUEUE_FILE, durable=durable, lock=lock)
+
+
+def database_label(database: str | None, data_dir: Path) -> str:
+    """The queue database in words, for messages: the SQLite file, or the PostgreSQL URL
+    (which never holds a password: the config refuses one)."""
+    return str(data_dir / QUEUE_FILE) if database is None else database
+
+
+def database_password(cfg: Config) -> str | None:
+    """The PostgreSQL password from ``gateway.database_password_file`` (None: libpq's own
+    ways, such as the PGPASSWORD environment variable or ~/.pgpass)."""
+    path = cfg.gateway.database_password_file
+    if path is None:
+        return None
+    try:
+        return cfg.path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise QueueUnavailable(
+            f"cannot read database_password_file {cfg.path(path)}: {exc.strerror}"
+        ) from None

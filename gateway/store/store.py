@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.config import Config
 from gateway.envelope import Envelope, Kind, new_id
 from gateway.errors import KeyStoreError
 from gateway.security.crypto import MAGIC, KeyStore, Sealer
-from gateway.store.backend import QUEUE_FILE, open_queue
+from gateway.store.backend import database_label, database_password, open_queue
 from gateway.store.queue import Ack, Queue
 from gateway.store.spool import Spool
 
@@ -30,28 +31,66 @@ class Store:
         create: bool = True,
         durable: bool = True,
         lock: threading.Lock | None = None,
+        database: str | None = None,
+        database_password: str | None = None,
+        spool_dir: Path | None = None,
     ) -> None:
-        """*durable* and *lock*: see :func:`~gateway.store.backend.open_queue`; the workers'
-        store (:meth:`for_workers`) is not durable per commit and shares this one's lock."""
+        """The key store, the spool (``spool_dir``, default ``data_dir/spool``) and the
+        queue (``database``: None for the SQLite file in *data_dir*, or a PostgreSQL URL).
+
+        *durable* and *lock*: see :func:`~gateway.store.backend.open_queue`; the workers'
+        store (:meth:`for_workers`) is not durable per commit and shares this one's lock.
+        *create*: make a new key file when there is none, unless the queue already holds
+        data sealed with the missing one."""
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not key_file.exists() and (data_dir / QUEUE_FILE).exists() and create:
+        self._lock = lock or threading.Lock()
+        self._args = (data_dir, key_file, database, database_password, spool_dir)
+        self.queue: Queue = open_queue(
+            data_dir,
+            database=database,
+            password=database_password,
+            durable=durable,
+            lock=self._lock,
+        )
+        if not key_file.exists() and create and self.queue.counts()["received"]:
+            self.queue.close()
             # A new key would silently make every stored object unreadable.
             raise KeyStoreError(
-                f"encryption key file '{key_file}' is missing but '{data_dir}' holds data "
-                "encrypted with it; restore the key file from backup (refusing to create a "
-                "new key)"
+                f"encryption key file '{key_file}' is missing but the queue "
+                f"({database_label(database, data_dir)}) holds data encrypted with it; restore "
+                "the key file from backup (refusing to create a new key)"
             )
         self.keys = KeyStore.open(key_file, create=create)
         self.sealer = Sealer(self.keys)
-        self.spool = Spool(data_dir / "spool", self.sealer)
-        self._data_dir, self._key_file = data_dir, key_file
-        self._lock = lock or threading.Lock()
-        self.queue: Queue = open_queue(data_dir, durable=durable, lock=self._lock)
+        self.spool = Spool(spool_dir or data_dir / "spool", self.sealer)
+
+    @classmethod
+    def for_config(cls, cfg: Config, *, create: bool = True, durable: bool = True) -> Store:
+        """The store a configuration names (``gateway.data_dir``, ``database``,
+        ``spool_dir``, ``encryption_key_file``)."""
+        return cls(
+            cfg.data_dir,
+            cfg.key_file,
+            create=create,
+            durable=durable,
+            database=cfg.gateway.database,
+            database_password=database_password(cfg),
+            spool_dir=cfg.spool_dir,
+        )
 
     def for_workers(self) -> Store:
         """The same store for the workers' bookkeeping: commits not fsync'd one by one (a
         power cut can only make a job run again), taking turns with this store's."""
-        return Store(self._data_dir, self._key_file, durable=False, lock=self._lock)
+        data_dir, key_file, database, password, spool_dir = self._args
+        return Store(
+            data_dir,
+            key_file,
+            durable=False,
+            lock=self._lock,
+            database=database,
+            database_password=password,
+            spool_dir=spool_dir,
+        )
 
     def _seal_attrs(self, envelope_id: str, attrs: dict[str, Any]) -> bytes:
         return self.sealer.seal(json.dumps(attrs).encode(), b"attrs:" + envelope_id.encode())

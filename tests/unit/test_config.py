@@ -499,3 +499,53 @@ def test_forwarding_dicom_objects_to_an_hl7_destination_is_rejected(tmp_path: Pa
         "only DICOM objects; forward passes objects on unchanged, so it needs a destination "
         "of the same kind"
     ]
+
+
+# --- the queue database and the spool (scale-out) -----------------------------------------
+
+
+def test_database_is_null_or_a_postgresql_url_and_the_spool_defaults_to_the_data_dir(
+    tmp_path: Path,
+) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.gateway.database is None and cfg.spool_dir == tmp_path.parent / "var" / "spool"
+    (tmp_path / "pw").write_text("s3cret\n")
+    path = write(
+        tmp_path,
+        "gateway:\n  database: postgresql://gw@db.example:5432/gateway\n"
+        "  database_password_file: pw\n  spool_dir: /mnt/shared/spool\n" + MINIMAL,
+    )
+    cfg = load_config(path)
+    assert cfg.gateway.database == "postgresql://gw@db.example:5432/gateway"
+    assert cfg.spool_dir == Path("/mnt/shared/spool")
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("postgresql://gw:s3cret@db:5432/gw", "the URL holds a password: put it in"),
+        ("mysql://gw@db/gw", "is not a PostgreSQL URL: write postgresql://USER@HOST:5432/DB"),
+        ("postgresql://gw@db:port/gw", "the URL's port is not a number"),
+        ("postgresql:///gw", "the URL names no host"),
+    ],
+)
+def test_a_database_url_that_cannot_be_used_is_an_error_at_its_line(
+    tmp_path: Path, url: str, message: str
+) -> None:
+    path = write(tmp_path, f"gateway:\n  database: {url}\n" + MINIMAL)
+    (error,) = errors_of(path)
+    assert error.startswith(f"{path}:2: gateway.database: ") and message in error
+    assert "s3cret" not in error
+
+
+def test_a_password_file_needs_a_database_and_must_exist(tmp_path: Path) -> None:
+    path = write(tmp_path, "gateway:\n  database_password_file: pw\n" + MINIMAL)
+    (error,) = errors_of(path)
+    assert "database_password_file is set, but database is null" in error
+    path = write(
+        tmp_path,
+        "gateway:\n  database: postgresql://gw@db/gw\n  database_password_file: pw\n" + MINIMAL,
+    )
+    assert errors_of(path) == [
+        f"{path}:3: gateway.database_password_file: file '{tmp_path / 'pw'}' does not exist"
+    ]

@@ -229,7 +229,10 @@ def test_the_retention_service_deletes_counts_and_audits_a_pass(
     metrics = Metrics()
     trail = AuditLog.open(tmp_path / "audit.jsonl")
     service = RetentionService(
-        tmp_path / "var", tmp_path / "var" / "keys.json", 1, metrics=metrics, audit=Auditor(trail)
+        lambda: Store(tmp_path / "var", tmp_path / "var" / "keys.json", create=False),
+        1,
+        metrics=metrics,
+        audit=Auditor(trail),
     )
     report = service.run_once(1)
     assert report.studies == 1 and not store.queue.study_envelopes(key)
@@ -244,7 +247,7 @@ def test_the_retention_service_deletes_counts_and_audits_a_pass(
 
 def test_a_retention_service_without_a_retention_starts_nothing(tmp_path: Path) -> None:
     service = RetentionService(
-        tmp_path, tmp_path / "keys.json", None, metrics=Metrics(), audit=NO_AUDIT
+        lambda: Store(tmp_path, tmp_path / "keys.json"), None, metrics=Metrics(), audit=NO_AUDIT
     )
     service.start()
     assert not any(t.name == "retention" for t in threading.enumerate())

@@ -14,6 +14,7 @@ from gateway.commands import (
     certs,
     check_config,
     config_schema,
+    db,
     explain,
     keys,
     models,
@@ -38,5 +39,6 @@ COMMANDS: tuple[Register, ...] = (
     audit.register,
     certs.register,
     purge.register,
+    db.register,
     keys.register,
 )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import Config
 from gateway.errors import QueueUnavailable
+from gateway.store import sqlite
 from gateway.store.queue import Queue
 from gateway.store.sqlite import SQLiteQueue
 
@@ -51,3 +53,42 @@ def database_password(cfg: Config) -> str | None:
         raise QueueUnavailable(
             f"cannot read database_password_file {cfg.path(path)}: {exc.strerror}"
         ) from None
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """Where a queue database stands: ``current`` is its schema version (None: not
+    created yet), ``target`` this gateway's, ``pending`` the migrations ``gateway db
+    migrate`` (or the next start) would apply."""
+
+    engine: str
+    database: str
+    current: int | None
+    target: int
+
+    @property
+    def pending(self) -> list[int]:
+        if self.current is None:
+            return [self.target]
+        return list(range(self.current + 1, self.target + 1))
+
+    @property
+    def newer(self) -> bool:
+        """The database was made by a newer gateway: this one refuses to use it."""
+        return self.current is not None and self.current > self.target
+
+
+def schema_status(cfg: Config) -> SchemaStatus:
+    """The schema of the queue database *cfg* names, read without changing it."""
+    if cfg.gateway.database is not None:
+        raise QueueUnavailable(f"{cfg.gateway.database}: not available yet")
+    path = cfg.data_dir / QUEUE_FILE
+    return SchemaStatus("sqlite", str(path), sqlite.schema_version(path), sqlite.SCHEMA_VERSION)
+
+
+def migrate_database(cfg: Config) -> list[int]:
+    """Create or upgrade the queue database *cfg* names; the versions applied."""
+    if cfg.gateway.database is not None:
+        raise QueueUnavailable(f"{cfg.gateway.database}: not available yet")
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return sqlite.migrate(cfg.data_dir / QUEUE_FILE)

@@ -111,6 +111,34 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 
 
+def schema_version(path: Path) -> int | None:
+    """The schema version of the queue file at *path*, read without changing anything;
+    None when there is no file yet, or it holds no queue."""
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise QueueUnavailable(f"cannot read the queue database {path}: {exc}") from exc
+    return None if row is None else int(row[0])
+
+
+def migrate(path: Path) -> list[int]:
+    """Create the queue file, or upgrade it to :data:`SCHEMA_VERSION`, as opening it does;
+    the versions this applied ([] when it was up to date)."""
+    before = schema_version(path)
+    SQLiteQueue(path).close()
+    if before is None:
+        return [SCHEMA_VERSION]
+    return list(range(before + 1, SCHEMA_VERSION + 1))
+
+
 def _still_done(db: sqlite3.Connection, study_key: str, cutoff: float) -> bool:
     row = db.execute(
         "SELECT state, last_at FROM studies WHERE study_key = ?", (study_key,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from gateway import __version__
 from gateway.cli import main
 from gateway.envelope import JobState, Stage
 from gateway.security.crypto import KeyStore, Sealer
-from gateway.store.sqlite import SQLiteQueue
+from gateway.store.sqlite import SCHEMA_VERSION, SQLiteQueue
 from gateway.store.store import Store
 from tests.queues import any_payload
 
@@ -416,3 +417,41 @@ def test_keys_rotate_with_an_unsafe_key_file_mode_exits_1_with_the_fix(
         f"gateway: error: encryption key file '{key_file}' has mode 640; it must be readable "
         f"by the gateway's user only (chmod 600 '{key_file}')\n"
     )
+
+
+# --- gateway db -------------------------------------------------------------------------
+
+
+def test_db_status_says_what_migrate_would_do_and_migrate_does_it_once(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "data" / "queue.sqlite3"
+    rc, out, _ = run(capsys, "db", "status", "-c", str(config))
+    assert rc == 1 and "none (not created yet)" in out and not db.exists()
+    rc, out, _ = run(capsys, "db", "migrate", "-c", str(config))
+    assert rc == 0 and out.startswith(f"applied {SCHEMA_VERSION}: sqlite {db}")
+    rc, out, _ = run(capsys, "db", "status", "-c", str(config), "--json")
+    assert rc == 0 and json.loads(out) == {
+        "engine": "sqlite",
+        "database": str(db),
+        "schema": SCHEMA_VERSION,
+        "gateway_schema": SCHEMA_VERSION,
+        "pending": [],
+        "newer_than_gateway": False,
+    }
+    rc, out, _ = run(capsys, "db", "migrate", "-c", str(config))
+    assert rc == 0 and out.startswith("nothing to do")
+
+
+def test_a_database_made_by_a_newer_gateway_is_refused_naming_both_versions(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "data" / "queue.sqlite3"
+    SQLiteQueue(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION + 1),))
+    rc, out, _ = run(capsys, "db", "status", "-c", str(config))
+    assert rc == 1 and f"made by a newer gateway (schema {SCHEMA_VERSION + 1})" in out
+    rc, _, err = run(capsys, "db", "migrate", "-c", str(config))
+    assert rc == 1
+    assert f"has schema {SCHEMA_VERSION + 1}, newer than this gateway's {SCHEMA_VERSION}" in err

@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server for the test session, and a fresh database per test.
+"""A throwaway PostgreSQL server for the test session, and an empty database per test.
 
 The server starts once, on first use (:func:`new_dsn`), from the binaries on PATH or under
 Debian's ``/usr/lib/postgresql/*/bin``: ``initdb`` (trust auth, UTF8, C locale) in a
@@ -15,8 +15,10 @@ Each :func:`new_dsn` is a new, empty schema of the session's database, named fir
 DSN's ``search_path`` (``options=-csearch_path=...``): to the queue it is an empty database,
 and tests are isolated from each other (a schema costs about a millisecond, a ``CREATE
 DATABASE`` a fifth of a second).  LISTEN/NOTIFY channels are database-wide: tests that
-listen must not run concurrently with others that enqueue (pytest runs one at a time).  Without the server binaries the PostgreSQL tests
-are skipped, saying why, unless ``CI`` is set: under CI a missing PostgreSQL fails them.
+listen must not run concurrently with others that enqueue (pytest runs one at a time).
+
+Without the server binaries the PostgreSQL tests are skipped, saying why, unless ``CI`` is
+set: under CI a missing PostgreSQL fails them.
 """
 
 from __future__ import annotations
@@ -145,8 +147,9 @@ def _start() -> Server:
         f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c max_connections=200"
         " -c fsync=on -c synchronous_commit=on"
     )
-    started = server.pg_ctl("-l", str(root / "server.log"), "-w", "-t", "60", "-o", options,
-                            "start")
+    started = server.pg_ctl(
+        "-l", str(root / "server.log"), "-w", "-t", "60", "-o", options, "start"
+    )
     if started.returncode != 0:
         log = (root / "server.log").read_text(errors="replace")[-2000:]
         shutil.rmtree(root, ignore_errors=True)

@@ -176,7 +176,10 @@ _MAKE_READY = (
 
 SQL: dict[str, str] = {
     # schema
-    "schema_table": "SELECT to_regclass('meta') IS NOT NULL AS present",
+    # a catalog read under the statement's snapshot (to_regclass would trust a cache that
+    # misses a table another node created while we waited for the lock)
+    "schema_table": "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables"
+    " WHERE schemaname = current_schema() AND tablename = 'meta') AS present",
     "schema_version": "SELECT value FROM meta WHERE key = 'schema'",
     "schema_lock": "SELECT pg_advisory_xact_lock(%s)",
     "schema_set": "INSERT INTO meta (key, value) VALUES ('schema', %s)"
@@ -246,8 +249,7 @@ SQL: dict[str, str] = {
     " AND lease_token = %s FOR UPDATE",
     "heartbeat": "UPDATE jobs SET lease_expires = %s, updated_at = %s"
     " WHERE id = %s AND state = 'leased' AND lease_token = %s RETURNING *",
-    "complete": "UPDATE jobs SET state = 'done', lease_token = NULL, updated_at = %s"
-    " WHERE id = %s",
+    "complete": "UPDATE jobs SET state = 'done', lease_token = NULL, updated_at = %s WHERE id = %s",
     "dead": "UPDATE jobs SET state = 'dead', lease_token = NULL, last_error = %s,"
     " updated_at = %s WHERE id = %s AND state = 'leased' AND lease_token = %s RETURNING *",
     "ready_after_fail": _MAKE_READY.format(
@@ -640,9 +642,7 @@ class PostgresQueue:
         if not refs:
             return
         self._write(
-            lambda cur: cur.executemany(
-                SQL["record_study_ref"], [(ref, study_key) for ref in refs]
-            )
+            lambda cur: cur.executemany(SQL["record_study_ref"], [(ref, study_key) for ref in refs])
         )
 
     def study_for_ref(self, ref: str) -> str | None:
@@ -755,9 +755,7 @@ class PostgresQueue:
 
     def dead(self, job: Job, error: str, now: float) -> None:
         def body(cur: Cursor) -> None:
-            row = cur.execute(
-                SQL["dead"], (error[:2000], now, job.id, job.lease_token)
-            ).fetchone()
+            row = cur.execute(SQL["dead"], (error[:2000], now, job.id, job.lease_token)).fetchone()
             if row is None:
                 raise _lease_lost(job)
 
@@ -972,7 +970,11 @@ class PostgresQueue:
             part = ordered[start : start + chunk]
             result = self._write(
                 functools.partial(
-                    _purge_chunk, part=part, study_keys=study_keys, jobs=jobs, keys=keys,
+                    _purge_chunk,
+                    part=part,
+                    study_keys=study_keys,
+                    jobs=jobs,
+                    keys=keys,
                     cutoff=cutoff,
                 )
             )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import secrets
+import select
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -244,14 +245,15 @@ SQL: dict[str, str] = {
     " ORDER BY run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
     " RETURNING *",
     "dead_letter_unreadable": "UPDATE jobs SET state = 'dead', lease_token = NULL,"
-    " last_error = %s WHERE id = %s",
+    " last_error = %s WHERE id = %s AND lease_token = %s",
     "check_lease": "SELECT 1 FROM jobs WHERE id = %s AND state = 'leased'"
     " AND lease_token = %s FOR UPDATE",
     "heartbeat": "UPDATE jobs SET lease_expires = %s, updated_at = %s"
     " WHERE id = %s AND state = 'leased' AND lease_token = %s RETURNING *",
-    "complete": "UPDATE jobs SET state = 'done', lease_token = NULL, updated_at = %s WHERE id = %s",
+    "complete": "UPDATE jobs SET state = 'done', lease_token = NULL, updated_at = %s"
+    " WHERE id = %s AND state = 'leased' AND lease_token = %s RETURNING id",
     "dead": "UPDATE jobs SET state = 'dead', lease_token = NULL, last_error = %s,"
-    " updated_at = %s WHERE id = %s AND state = 'leased' AND lease_token = %s RETURNING *",
+    " updated_at = %s WHERE id = %s AND state = 'leased' AND lease_token = %s RETURNING id",
     "ready_after_fail": _MAKE_READY.format(
         set="run_at = %(run_at)s, last_error = %(error)s,"
         " first_failed_at = COALESCE(first_failed_at, %(now)s)"
@@ -454,7 +456,7 @@ class PostgresQueue:
             max_size=max(1, pool_size),
             open=False,
             configure=None if durable else _bookkeeping,
-            check=ConnectionPool.check_connection,
+            check=_check_idle,
             timeout=timeout,
             name=f"queue {self.where}",
         )
@@ -475,17 +477,23 @@ class PostgresQueue:
             f"queue database {self.where} cannot be {doing}: {_detail(exc, self.dsn)}"
         )
 
-    def _write(self, body: Callable[[Cursor], T], *, ingest: bool = False) -> T:
+    def _write(
+        self, body: Callable[[Cursor], T], *, ingest: bool = False, single: bool = False
+    ) -> T:
         """Run *body* in one transaction, committed on return; run again (up to a few
         times) when it collided with a concurrent one (deadlock, serialization failure,
         a second ready job for one subject).  *ingest*: this commit waits for the WAL
-        flush even on a ``durable=False`` queue."""
+        flush even on a ``durable=False`` queue.  *single*: *body* runs one statement,
+        which is a transaction of its own (autocommit: no BEGIN and COMMIT round trips)."""
         for attempt in range(1, _RETRIES + 1):
             try:
-                with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                    if ingest and not self._durable:
-                        cur.execute(SQL["durable_commit"])
-                    return body(cur)
+                with self._pool.connection() as conn, conn.cursor() as cur:
+                    if single and (self._durable or not ingest):
+                        return body(cur)
+                    with conn.transaction():
+                        if ingest and not self._durable:
+                            cur.execute(SQL["durable_commit"])
+                        return body(cur)
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
                 if attempt == _RETRIES:
                     raise self._unavailable(exc, "written") from exc
@@ -571,6 +579,7 @@ class PostgresQueue:
                 SQL["touch_study"], {"now": now, "due": now + quiet, "study": study_key}
             ),
             ingest=True,
+            single=True,
         )
 
     def record_message(
@@ -668,7 +677,9 @@ class PostgresQueue:
     ) -> int:
         """Queue a job; a job of the same (stage, subject) already waiting is updated
         instead (its payload replaced, the earlier run time kept).  Announced at commit."""
-        return self._write(lambda cur: _enqueue(cur, stage, subject, run_at, payload, run_at, lane))
+        return self._write(
+            lambda cur: _enqueue(cur, stage, subject, run_at, payload, run_at, lane), single=True
+        )
 
     def lease(
         self,
@@ -681,7 +692,8 @@ class PostgresQueue:
     ) -> Job | None:
         """Take the next due job of *stages* (in *lane*, when given) in one statement,
         skipping rows other transactions hold.  A job whose payload no worker can read
-        becomes a dead letter saying why, and the lease moves on to the next."""
+        becomes a dead letter saying why (a second statement, guarded by the token just
+        taken), and the lease moves on to the next."""
         params: dict[str, Any] = {
             "token": secrets.token_hex(8),
             "expires": now + seconds,
@@ -704,10 +716,10 @@ class PostgresQueue:
                 except PayloadError as exc:
                     cur.execute(
                         SQL["dead_letter_unreadable"],
-                        (f"unreadable job payload: {exc}"[:2000], job.id),
+                        (f"unreadable job payload: {exc}"[:2000], job.id, job.lease_token),
                     )
 
-        return self._write(body)
+        return self._write(body, single=True)
 
     def _check_lease(self, cur: Cursor, job: Job) -> None:
         """Lock the job's row if it is still leased with *job*'s token; else LeaseLost."""
@@ -723,19 +735,20 @@ class PostgresQueue:
                 raise _lease_lost(job)
             return _job(row)
 
-        return self._write(body)
+        return self._write(body, single=True)
 
     def complete(self, job: Job, now: float, then: Sequence[NextJob] = ()) -> None:
         """Mark the job done and enqueue the jobs that follow from it, in one transaction:
-        a crash leaves either both or neither."""
+        a crash leaves either both or neither.  The guarded update comes first, so the
+        job's row is held until the commit."""
 
         def body(cur: Cursor) -> None:
-            self._check_lease(cur, job)
-            cur.execute(SQL["complete"], (now, job.id))
+            if cur.execute(SQL["complete"], (now, job.id, job.lease_token)).fetchone() is None:
+                raise _lease_lost(job)
             for nxt in then:
                 _enqueue(cur, nxt.stage, nxt.subject, nxt.run_at or now, nxt.payload, now, nxt.lane)
 
-        self._write(body)
+        self._write(body, single=not then)
 
     def fail(self, job: Job, error: str, retry_at: float, now: float) -> None:
         """Back to 'ready' at *retry_at* with *error* kept (or superseded, see
@@ -759,7 +772,7 @@ class PostgresQueue:
             if row is None:
                 raise _lease_lost(job)
 
-        self._write(body)
+        self._write(body, single=True)
 
     def replay(self, job_ids: list[int] | None, now: float) -> int:
         """Put dead jobs back to ready (all of them when *job_ids* is None); return how
@@ -1026,6 +1039,16 @@ def _bookkeeping(conn: psycopg.Connection[DictRow]) -> None:
     """Configure a pooled connection of a ``durable=False`` queue: commits do not wait
     for the WAL flush (the ingest methods turn it back on for their transaction)."""
     conn.execute(SQL["bookkeeping_commit"])
+
+
+def _check_idle(conn: psycopg.Connection[DictRow]) -> None:
+    """Before the pool lends a connection: an idle connection has nothing to read unless
+    the server closed it (a restart, a terminated backend) or reports something; only
+    then is it checked with a round trip (and, if broken, replaced).  A healthy idle
+    connection costs no round trip."""
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        ConnectionPool.check_connection(conn)
 
 
 def _lease_lost(job: Job) -> LeaseLost:

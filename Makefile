@@ -20,12 +20,17 @@ run: $(STAMP)
 # Debian packages the integration tests talk to (real peers, no mocks).
 # dcmtk: storescu/storescp/echoscu/dsrdump; orthanc: the PACS that delivery tests send to;
 # dicom3tools: dciodvfy, the validator every generated SR and SEG must pass.
+# postgresql: initdb/pg_ctl for the server tests/pg.py starts (Debian puts them off PATH).
 system-deps:
 	@command -v storescu >/dev/null && command -v echoscu >/dev/null && command -v Orthanc >/dev/null \
 	  && command -v dciodvfy >/dev/null \
 	  || { echo "installing dcmtk, orthanc and dicom3tools (apt-get)"; \
 	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
 	       apt-get install -y -qq --no-install-recommends dcmtk orthanc dicom3tools >/dev/null; }
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || { echo "installing postgresql (apt-get): the PostgreSQL queue tests' throwaway server"; \
+	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check gateway tests bench

@@ -8,10 +8,12 @@ spool files too; this catches what a test did not think to look for.)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import pg
 from tests.gatewayproc import STARTED
 
 # names and identifiers that tests put into DICOM and HL7 data; none may reach a log
@@ -31,7 +33,17 @@ def _files(gw: object) -> list[Path]:
     return [p for p in paths if p.exists()]
 
 
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[Callable[[], str]]:
+    """A factory of DSNs, each a new empty database on the session's throwaway PostgreSQL
+    server (tests/pg.py: started on first use, stopped at the end of the session).  Skips
+    the test when PostgreSQL is not installed, and fails it under CI."""
+    pg.server()
+    yield pg.new_dsn
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    pg.stop()
     hits: list[str] = []
     seen: set[Path] = set()
     for gw in STARTED:

@@ -6,13 +6,17 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from psycopg.conninfo import make_conninfo
+
 from gateway.config import Config
-from gateway.errors import QueueUnavailable
-from gateway.store import sqlite
+from gateway.errors import ConfigError, QueueUnavailable
+from gateway.store import postgres, sqlite
+from gateway.store.postgres import PostgresQueue
 from gateway.store.queue import Queue
 from gateway.store.sqlite import SQLiteQueue
 
 QUEUE_FILE = "queue.sqlite3"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_queue(
@@ -23,22 +27,70 @@ def open_queue(
     durable: bool = True,
     lock: threading.Lock | None = None,
 ) -> Queue:
-    """The queue of the gateway whose data lives in *data_dir*: the embedded SQLite file
-    ``data_dir/queue.sqlite3`` (created, or upgraded, on first use).
+    """The queue of the gateway whose data lives in *data_dir*.
 
-    *durable*: every commit is fsync'd before it returns (the ingest edges need that);
-    workers' bookkeeping may take ``durable=False`` with the ingest queue's *lock* (see
-    :class:`~gateway.store.sqlite.SQLiteQueue`).
+    *database* chooses the engine:
+
+    - ``None`` or ``sqlite:``: the embedded SQLite file ``data_dir/queue.sqlite3`` (one
+      node); ``sqlite:NAME`` is another file in *data_dir*, ``sqlite:///abs/path`` (or
+      ``sqlite:/abs/path``) a file anywhere;
+    - ``postgresql://...`` or ``postgres://...`` (a libpq URL): PostgreSQL, shared by any
+      number of nodes (:class:`~gateway.store.postgres.PostgresQueue`).
+
+    Either is created, or upgraded, on first use.  *durable*: every commit is durable
+    before it returns (the ingest edges need that); workers' bookkeeping may take
+    ``durable=False``, with the ingest queue's *lock* on SQLite (see
+    :class:`~gateway.store.sqlite.SQLiteQueue`; PostgreSQL needs no lock and ignores it).
+    Anything else is a :class:`~gateway.errors.ConfigError` naming the scheme only (a URL
+    may hold a password).
     """
-    if database is not None:
-        raise QueueUnavailable(f"{database_label(database, data_dir)}: not available yet")
-    return SQLiteQueue(data_dir / QUEUE_FILE, durable=durable, lock=lock)
+    if database is None or database.startswith("sqlite:"):
+        return SQLiteQueue(_sqlite_path(data_dir, database), durable=durable, lock=lock)
+    if database.startswith(POSTGRES_SCHEMES):
+        return PostgresQueue(_dsn(database, password), durable=durable)
+    scheme = database.split(":", 1)[0] if ":" in database else "(none)"
+    raise ConfigError(
+        [
+            f"database: unknown queue engine {scheme!r}: use sqlite: or postgresql://"
+            "user@host:port/dbname"
+        ]
+    )
+
+
+def _sqlite_path(data_dir: Path, database: str | None) -> Path:
+    rest = (database or "").removeprefix("sqlite:").removeprefix("//")
+    if not rest:
+        return data_dir / QUEUE_FILE
+    path = Path(rest)
+    return path if path.is_absolute() else data_dir / path
+
+
+def _dsn(database: str, password: str | None) -> str:
+    """The libpq connection string: the URL, with the password from its file added (it is
+    never logged: messages name the database with :func:`database_label`)."""
+    return database if password is None else make_conninfo(database, password=password)
+
+
+def _is_postgres(database: str | None) -> bool:
+    return database is not None and database.startswith(POSTGRES_SCHEMES)
 
 
 def database_label(database: str | None, data_dir: Path) -> str:
-    """The queue database in words, for messages: the SQLite file, or the PostgreSQL URL
-    (which never holds a password: the config refuses one)."""
-    return str(data_dir / QUEUE_FILE) if database is None else database
+    """The queue database in words, for messages: the SQLite file, or PostgreSQL's
+    host:port/dbname (never a password)."""
+    if _is_postgres(database):
+        assert database is not None
+        return postgres.describe(database)
+    return str(_sqlite_path(data_dir, database))
+
+
+def queue_exists(data_dir: Path, database: str | None, password: str | None = None) -> bool:
+    """Whether the queue database was created already (its file, or its schema), read
+    without creating anything."""
+    if _is_postgres(database):
+        assert database is not None
+        return postgres.schema_version(_dsn(database, password)) is not None
+    return _sqlite_path(data_dir, database).exists()
 
 
 def database_password(cfg: Config) -> str | None:
@@ -80,15 +132,21 @@ class SchemaStatus:
 
 def schema_status(cfg: Config) -> SchemaStatus:
     """The schema of the queue database *cfg* names, read without changing it."""
-    if cfg.gateway.database is not None:
-        raise QueueUnavailable(f"{cfg.gateway.database}: not available yet")
-    path = cfg.data_dir / QUEUE_FILE
-    return SchemaStatus("sqlite", str(path), sqlite.schema_version(path), sqlite.SCHEMA_VERSION)
+    database = cfg.gateway.database
+    label = database_label(database, cfg.data_dir)
+    if _is_postgres(database):
+        assert database is not None
+        current = postgres.schema_version(_dsn(database, database_password(cfg)))
+        return SchemaStatus("postgresql", label, current, postgres.SCHEMA_VERSION)
+    path = _sqlite_path(cfg.data_dir, database)
+    return SchemaStatus("sqlite", label, sqlite.schema_version(path), sqlite.SCHEMA_VERSION)
 
 
 def migrate_database(cfg: Config) -> list[int]:
     """Create or upgrade the queue database *cfg* names; the versions applied."""
-    if cfg.gateway.database is not None:
-        raise QueueUnavailable(f"{cfg.gateway.database}: not available yet")
+    database = cfg.gateway.database
+    if _is_postgres(database):
+        assert database is not None
+        return postgres.migrate(_dsn(database, database_password(cfg)))
     cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return sqlite.migrate(cfg.data_dir / QUEUE_FILE)
+    return sqlite.migrate(_sqlite_path(cfg.data_dir, database))

@@ -17,7 +17,12 @@ from gateway.config import Config
 from gateway.envelope import Envelope, Kind, new_id
 from gateway.errors import KeyStoreError
 from gateway.security.crypto import MAGIC, KeyStore, Sealer
-from gateway.store.backend import database_label, database_password, open_queue
+from gateway.store.backend import (
+    database_label,
+    database_password,
+    open_queue,
+    queue_exists,
+)
 from gateway.store.queue import Ack, Queue
 from gateway.store.spool import Spool
 
@@ -40,11 +45,18 @@ class Store:
 
         *durable* and *lock*: see :func:`~gateway.store.backend.open_queue`; the workers'
         store (:meth:`for_workers`) is not durable per commit and shares this one's lock.
-        *create*: make a new key file when there is none, unless the queue already holds
-        data sealed with the missing one."""
+        *create*: make a new key file when there is none, unless the queue database exists
+        already (its data would be sealed with the missing key)."""
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = lock or threading.Lock()
         self._args = (data_dir, key_file, database, database_password, spool_dir)
+        if create and not key_file.exists() and queue_exists(data_dir, database, database_password):
+            # A new key would silently make every stored object unreadable.
+            raise KeyStoreError(
+                f"encryption key file '{key_file}' is missing but the queue "
+                f"({database_label(database, data_dir)}) holds data encrypted with it; restore "
+                "the key file from backup (refusing to create a new key)"
+            )
         self.queue: Queue = open_queue(
             data_dir,
             database=database,
@@ -52,14 +64,6 @@ class Store:
             durable=durable,
             lock=self._lock,
         )
-        if not key_file.exists() and create and self.queue.counts()["received"]:
-            self.queue.close()
-            # A new key would silently make every stored object unreadable.
-            raise KeyStoreError(
-                f"encryption key file '{key_file}' is missing but the queue "
-                f"({database_label(database, data_dir)}) holds data encrypted with it; restore "
-                "the key file from backup (refusing to create a new key)"
-            )
         self.keys = KeyStore.open(key_file, create=create)
         self.sealer = Sealer(self.keys)
         self.spool = Spool(spool_dir or data_dir / "spool", self.sealer)

@@ -214,11 +214,14 @@ class KeyStore:
         return mac.hexdigest()[:32]
 
 
-def _mtime(path: Path) -> int | None:
+def _mtime(path: Path) -> tuple[int, int, int] | None:
+    """What tells that the key file changed: its inode (a save replaces the file, so a new
+    inode even within one tick of the file system's clock), modification time and size."""
     try:
-        return path.stat().st_mtime_ns
+        st = path.stat()
     except OSError:
         return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def key_id_of(blob_head: bytes) -> str:

@@ -11,6 +11,7 @@ from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.security.audit import AuditLog, records, trail_path
 from gateway.services.retention import audit_entry, purge
+from gateway.store.backend import database_label, database_password, queue_exists
 from gateway.store.store import Store
 
 
@@ -46,8 +47,10 @@ def purge_command(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         )
     if days < 0:
         raise GatewayError("--older-than takes a number of days >= 0")
-    if not (cfg.data_dir / "queue.sqlite3").exists():
-        print(f"{cfg.data_dir}: no gateway data here, nothing to purge", file=out)
+    database = cfg.gateway.database
+    if not queue_exists(cfg.data_dir, database, database_password(cfg)):
+        where = database_label(database, cfg.data_dir)
+        print(f"{where}: no gateway data here, nothing to purge", file=out)
         return 0
     store = Store.for_config(cfg, create=False)
     try:

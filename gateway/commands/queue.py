@@ -10,7 +10,7 @@ from typing import TextIO
 from gateway.commands.base import Subparsers, needs_config
 from gateway.config import Config
 from gateway.envelope import Stage
-from gateway.store.backend import QUEUE_FILE, open_queue
+from gateway.store.backend import database_label, database_password, open_queue, queue_exists
 
 
 def register(sub: Subparsers) -> None:
@@ -31,14 +31,15 @@ def register(sub: Subparsers) -> None:
 
 
 def queue_command(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
-    db = cfg.data_dir / QUEUE_FILE
-    if not db.exists():
+    database, password = cfg.gateway.database, database_password(cfg)
+    if not queue_exists(cfg.data_dir, database, password):
         if getattr(args, "json", False):
             out.write("{}\n" if args.queue_command == "status" else "[]\n")
         else:
-            print(f"no queue yet at {db} (the gateway has not run with this config)", file=out)
+            where = database_label(database, cfg.data_dir)
+            print(f"no queue yet at {where} (the gateway has not run with this config)", file=out)
         return 1 if args.queue_command == "retry" else 0
-    queue = open_queue(cfg.data_dir)
+    queue = open_queue(cfg.data_dir, database=database, password=password)
     try:
         if args.queue_command == "status":
             counts = queue.counts()

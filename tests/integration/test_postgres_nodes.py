@@ -1,0 +1,174 @@
+"""Gateways on PostgreSQL, as a larger site runs them: real processes, one throwaway
+PostgreSQL server (tests/pg.py), loopback only.
+
+- one gateway on PostgreSQL carries the whole flow (ingest, assembly, routing, delivery);
+- two nodes (two ``gateway run`` processes with their own config, ports and local data
+  dir) share one database, one spool directory and one key file: studies and messages
+  sent to either node are delivered exactly once (the receivers deduplicate nothing:
+  storescp with unique file names, an MLLP sink that keeps every message);
+- ``gateway db status|migrate`` on a PostgreSQL config.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.dicomgen import SeriesSpec, dcmtk_env, free_port, make_study, storescp_args
+from tests.gatewayproc import GatewayProcess, wait_until, write_config
+from tests.hl7msgs import oru_r01, send_mllp
+from tests.mllpsink import MLLPSink
+
+FAST_RETRY = {"initial": 0.2, "max": 1, "give_up_after": 60}
+
+
+@pytest.fixture
+def sink() -> Iterator[MLLPSink]:
+    with MLLPSink() as s:
+        yield s
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """dcmtk storescp with unique file names: a resent instance would show as a second file."""
+    port, received = free_port(), tmp_path / "pacs"
+    received.mkdir()
+    proc = subprocess.Popen(
+        [*storescp_args(received, port=port), "+uf"],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield port, received
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def node_config(
+    folder: Path, dsn: str, shared: Path, pacs_port: int, sink: MLLPSink, **extra: Any
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_config(
+        folder,
+        gateway={
+            "database": dsn,
+            "spool_dir": str(shared / "spool"),
+            "encryption_key_file": str(shared / "keys.json"),
+        },
+        dicom={"study_complete_after": 1},
+        destinations={
+            "pacs": {
+                "dicom": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs_port},
+                "retry": FAST_RETRY,
+            },
+            "ehr": {"hl7": {"host": "127.0.0.1", "port": sink.port}, "retry": FAST_RETRY},
+        },
+        routes=[
+            {"name": "ct", "when": {"dicom": {"Modality": "CT"}}, "forward": ["pacs"]},
+            {"name": "reports", "when": {"hl7": {"MSH-9": "ORU^R01"}}, "forward": ["ehr"]},
+        ],
+        **extra,
+    )
+
+
+def ct_study(folder: Path, count: int, seed: int) -> list[Path]:
+    spec = SeriesSpec("CT", count=count, rows=64, cols=64)
+    return make_study(folder, series=[spec], accession=f"ACC{seed}", seed=seed)
+
+
+def all_done(gw: GatewayProcess) -> bool:
+    status = gw.queue_status()
+    jobs = {k: v for k, v in status.items() if k.startswith("jobs:")}
+    return bool(jobs) and all(set(states) == {"done"} for states in jobs.values())
+
+
+def test_one_gateway_on_postgresql_carries_the_whole_flow(
+    tmp_path: Path,
+    pg_dsn: Callable[[], str],
+    pacs: tuple[int, Path],
+    sink: MLLPSink,
+) -> None:
+    pacs_port, received = pacs
+    config = node_config(tmp_path / "node", pg_dsn(), tmp_path / "shared", pacs_port, sink)
+    gw = GatewayProcess(config, tmp_path / "node.log").start()
+    try:
+        files = ct_study(tmp_path / "study", 4, seed=1)
+        gw.send_study(files)
+        message = oru_r01(control_id="PGONE0001")
+        assert b"MSA|AA|PGONE0001" in send_mllp(gw.hl7_port, [message])[0]
+        wait_until("the study at the PACS", lambda: len(list(received.iterdir())) >= 4, 60)
+        assert sink.wait_for(1, timeout=30) == [message]
+        wait_until("every job done", lambda: all_done(gw), 30)
+        status = gw.queue_status()
+        assert status["received"] == {"dicom": 4, "hl7": 1}
+        assert not (gw.data_dir / "queue.sqlite3").exists()  # nothing went to SQLite
+    finally:
+        assert gw.stop() == 0
+
+
+def test_two_nodes_on_one_database_deliver_what_either_received_exactly_once(
+    tmp_path: Path,
+    pg_dsn: Callable[[], str],
+    pacs: tuple[int, Path],
+    sink: MLLPSink,
+) -> None:
+    pacs_port, received = pacs
+    dsn, shared = pg_dsn(), tmp_path / "shared"
+    a = GatewayProcess(
+        node_config(tmp_path / "a", dsn, shared, pacs_port, sink), tmp_path / "a.log"
+    ).start()  # the first node makes the key file the second one shares
+    b = GatewayProcess(
+        node_config(tmp_path / "b", dsn, shared, pacs_port, sink), tmp_path / "b.log"
+    ).start()
+    try:
+        studies = [ct_study(tmp_path / f"s{i}", 3, seed=10 + i) for i in range(4)]
+        for i, files in enumerate(studies):
+            (a if i % 2 == 0 else b).send_study(files)
+        messages = [oru_r01(control_id=f"NODE{i:04d}") for i in range(6)]
+        for i, message in enumerate(messages):
+            gw = a if i % 2 == 0 else b
+            assert f"MSA|AA|NODE{i:04d}".encode() in send_mllp(gw.hl7_port, [message])[0]
+
+        sent = sum(len(files) for files in studies)
+        wait_until("every instance at the PACS", lambda: len(list(received.iterdir())) >= sent)
+        assert sorted(sink.wait_for(len(messages), timeout=30)) == sorted(messages)
+        wait_until("every job done", lambda: all_done(a), 30)
+        time.sleep(2)  # a duplicate would still be on its way
+        assert len(list(received.iterdir())) == sent
+        assert len(sink.received) == len(messages)
+        assert a.queue_status() == b.queue_status()  # one queue, seen from either node
+        assert a.queue_status()["received"] == {"dicom": sent, "hl7": len(messages)}
+        done_by = {
+            node: [e for e in gw.log_events() if e.get("event") == "job.done"]
+            for node, gw in (("a", a), ("b", b))
+        }
+        # four studies routed + forwarded, six messages routed + forwarded: each job once
+        assert sum(len(events) for events in done_by.values()) == 2 * (len(studies) + 6)
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+def test_db_status_and_migrate_on_postgresql(
+    tmp_path: Path, pg_dsn: Callable[[], str], sink: MLLPSink
+) -> None:
+    dsn = pg_dsn()
+    config = node_config(tmp_path / "n", dsn, tmp_path / "shared", free_port(), sink)
+    gw = GatewayProcess(config, tmp_path / "n.log")  # not started: the CLI only
+    r = gw.cli("db", "status", "--json")
+    assert r.returncode == 1, r.stderr
+    status = json.loads(r.stdout)
+    assert status["engine"] == "postgresql" and status["schema"] is None
+    assert status["database"].startswith("127.0.0.1:") and "postgres@" not in status["database"]
+    r = gw.cli("db", "migrate")
+    assert r.returncode == 0 and r.stdout.startswith("applied 1: postgresql"), r.stderr
+    r = gw.cli("db", "status")
+    assert r.returncode == 0 and "pending         none: up to date" in r.stdout

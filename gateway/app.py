@@ -32,8 +32,9 @@ from gateway.security.audit import AuditLog, Auditor, SyslogForwarder, records, 
 from gateway.security.tls import client_context, server_context
 from gateway.services.certwatch import CertWatch
 from gateway.services.retention import RetentionService
+from gateway.store.queue import JobNotifications
 from gateway.store.store import Store
-from gateway.workers import Beat, Worker, worker_alive
+from gateway.workers import Beat, JobWaker, Worker, worker_alive
 
 log = structlog.get_logger(__name__)
 
@@ -191,6 +192,11 @@ class Gateway:
             cfg, self.work_store, self.metrics, runner=self.runner, audit=self.audit
         )
         self.workers = self._workers()
+        # PostgreSQL tells idle workers when a job becomes ready on any node
+        queue = self.work_store.queue
+        self.waker = (
+            JobWaker(queue, self.wake_workers) if isinstance(queue, JobNotifications) else None
+        )
         self.certwatch = CertWatch(cfg)
         self.retention = RetentionService(
             lambda: Store.for_config(cfg, create=False, durable=False),
@@ -230,6 +236,8 @@ class Gateway:
             if result == "done":
                 self.wake_workers()  # the jobs it enqueued are ready now
 
+        # with notifications (PostgreSQL) the idle wait only catches retries coming due
+        idle = 2.0 if isinstance(self.work_store.queue, JobNotifications) else 0.25
         workers = [
             # routing and result building: both short, neither waits on a peer
             Worker(
@@ -239,6 +247,7 @@ class Gateway:
                 handler,
                 p.retry_policy,
                 on_outcome=outcome,
+                idle_wait=idle,
             )
         ]
         # one infer worker per runner process: each waits on its model run (in the runner
@@ -252,6 +261,7 @@ class Gateway:
                     handler,
                     p.retry_policy,
                     on_outcome=outcome,
+                    idle_wait=idle,
                 )
             )
         for name in self.cfg.destinations:
@@ -264,6 +274,7 @@ class Gateway:
                     p.retry_policy,
                     lane=name,
                     on_outcome=outcome,
+                    idle_wait=idle,
                 )
             )
         return workers
@@ -356,6 +367,8 @@ class Gateway:
         self.assembler.start()
         if self.runner is not None:
             self.runner.start()  # the processes load and warm up the models meanwhile
+        if self.waker is not None:
+            self.waker.start()
         for worker in self.workers:
             worker.start()
         self.retention.start()
@@ -381,6 +394,8 @@ class Gateway:
             asyncio.run_coroutine_threadsafe(self.hl7.stop(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
+        if self.waker is not None:
+            self.waker.stop()
         for worker in self.workers:
             worker.request_stop()
         deadline = time.monotonic() + WORKER_DRAIN_SECONDS

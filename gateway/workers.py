@@ -20,9 +20,9 @@ from typing import Protocol
 import structlog
 
 from gateway.envelope import Job, NextJob, Stage
-from gateway.errors import Permanent, Transient
+from gateway.errors import Permanent, QueueUnavailable, Transient
 from gateway.observability.logging import exception_fields
-from gateway.store.queue import LeaseLost, Queue
+from gateway.store.queue import JobNotifications, LeaseLost, Queue
 
 log = structlog.get_logger(__name__)
 
@@ -208,3 +208,38 @@ class Worker:
                 self.on_outcome(job, outcome)
             except Exception as exc:  # an observer never breaks the worker
                 log.error("worker.observer_failed", **exception_fields(exc))
+
+
+class JobWaker:
+    """Wakes this process's idle workers as soon as a job becomes ready anywhere on the
+    site (an engine with :class:`~gateway.store.queue.JobNotifications`: PostgreSQL's
+    NOTIFY), so that they need not poll the database: their own idle wait then only
+    catches jobs that become *due* later (a retry time), which send no notification."""
+
+    #: how long one wait for a notification lasts (also the longest a stop waits)
+    WAIT = 1.0
+
+    def __init__(self, queue: JobNotifications, wake: Callable[[], None]) -> None:
+        self.queue = queue
+        self.wake = wake
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-waker", daemon=True)
+
+    def start(self) -> None:
+        self.queue.listen()  # before any worker's first empty lease: no wake-up is lost
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.WAIT + 5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.queue.wait_for_jobs(self.WAIT):
+                    self.wake()
+            except QueueUnavailable as exc:  # the database went away: listen again later
+                log.warning("queue.notifications_lost", reason=exc.message)
+                self.wake()  # whatever was missed meanwhile: look now
+                self._stop.wait(1.0)

@@ -31,6 +31,15 @@ def open_test_queue(backend: str, tmp_path: Path) -> Queue:
     raise ValueError(f"unknown queue backend {backend!r}")
 
 
+def reopen_test_queue(queue: Queue) -> Queue:
+    """Another connection to the same database: what another process or node would hold."""
+    if isinstance(queue, SQLiteQueue):
+        return SQLiteQueue(queue.path)
+    if isinstance(queue, PostgresQueue):
+        return PostgresQueue(queue.dsn)
+    raise TypeError(f"no test reopening for {type(queue).__name__}")
+
+
 def any_payload(stage: Stage, generation: int = 0) -> Payload:
     """A payload of the record *stage* takes, for tests where its content does not matter."""
     if stage is Stage.ROUTE:

@@ -31,6 +31,7 @@ from typing import Any
 
 import structlog
 
+from gateway.errors import Transient
 from gateway.observability.metrics import Metrics
 from gateway.security.audit import AuditEntry, Auditor, records
 from gateway.security.crypto import key_id_of
@@ -80,10 +81,31 @@ class PurgeReport:
         }
 
 
+class RetentionBusy(Transient):
+    """Another process or node is running a retention pass now; this one is skipped."""
+
+
 def purge(
     store: Store, older_than_days: float, *, now: float | None = None, dry_run: bool = False
 ) -> PurgeReport:
-    """One retention pass over *store* (see the module docstring)."""
+    """One retention pass over *store* (see the module docstring).  One pass at a time on
+    the whole site (every node sharing the queue database): while another holds the
+    ``retention`` lock this raises :class:`RetentionBusy` (a dry run deletes nothing and
+    needs no lock)."""
+    if dry_run:
+        return _purge(store, older_than_days, now, dry_run=True)
+    with store.queue.exclusive("retention") as mine:
+        if not mine:
+            raise RetentionBusy(
+                "another gateway process or node is running a retention pass now; this one "
+                "is skipped (the next one follows within the hour)"
+            )
+        return _purge(store, older_than_days, now, dry_run=False)
+
+
+def _purge(
+    store: Store, older_than_days: float, now: float | None, *, dry_run: bool
+) -> PurgeReport:
     now = time.time() if now is None else now
     cutoff = now - older_than_days * DAY
     report = PurgeReport(cutoff=cutoff, dry_run=dry_run)
@@ -196,6 +218,9 @@ class RetentionService:
         store = self.open_store()
         try:
             report = purge(store, days)
+        except RetentionBusy:
+            log.info("retention.skipped", reason="another process or node is running a pass")
+            return PurgeReport(cutoff=time.time() - days * DAY, dry_run=False)
         finally:
             store.close()
         self.metrics.purged.labels(kind="study").inc(report.studies)

@@ -189,6 +189,9 @@ SQL: dict[str, str] = {
     "bookkeeping_commit": "SET synchronous_commit = off",
     "durable_commit": "SET LOCAL synchronous_commit = on",
     "listen": f"LISTEN {CHANNEL}",
+    # site-wide singletons (a retention pass): a session lock, gone with its connection
+    "try_lock": "SELECT pg_try_advisory_lock(hashtext('gateway:' || %s)) AS held",
+    "unlock": "SELECT pg_advisory_unlock(hashtext('gateway:' || %s))",
     # ingest
     "insert_envelope": "INSERT INTO envelopes (id, kind, source, received_at, dedup_key,"
     " spool_key, inline_blob, study_key, size, attrs, ack)"
@@ -1022,6 +1025,25 @@ class PostgresQueue:
             for value in (r["a"], r["b"], r["c"]):
                 if value is not None:
                     yield bytes(value)
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """A session-level advisory lock on a connection of its own, tried without
+        waiting: one holder on every node sharing the database; a node that dies releases
+        it with its connection."""
+        conn = _connect(self.dsn, autocommit=True, timeout=self._timeout)
+        try:
+            row = conn.execute(SQL["try_lock"], (name,)).fetchone()
+            held = bool(row and row["held"])
+            yield held
+            if held:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(SQL["unlock"], (name,))
+        except psycopg.Error as exc:
+            raise self._unavailable(exc, "locked") from exc
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
 
     def close(self) -> None:
         with self._listen_lock:

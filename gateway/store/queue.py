@@ -23,6 +23,8 @@ What every engine guarantees:
   a job returned to ready behind a newer one is closed as superseded.
 - **Next jobs with the completion.** ``complete(job, now, then)`` marks it done and
   enqueues what follows in one transaction: a crash leaves both or neither.
+- **Singletons.** ``exclusive(name)`` holds a lock that one process of the whole site
+  has at a time (every node sharing the database): a retention pass runs on one node.
 - **Deliveries recorded.** What reached a destination is a row, so a retry skips it:
   delivery is at least once, with stable identities (deterministic result UIDs).
 """
@@ -30,8 +32,9 @@ What every engine guarantees:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from gateway.envelope import Envelope, Job, Kind, NextJob, Payload, Stage
 from gateway.errors import QueueUnavailable
@@ -211,4 +214,22 @@ class Queue(Protocol):
         """The first bytes of every sealed value kept in rows (which data keys are used)."""
         ...
 
+    # --- coordination -------------------------------------------------------------------
+
+    def exclusive(self, name: str) -> AbstractContextManager[bool]:
+        """For a ``with`` block: True inside when this caller holds the site-wide lock
+        *name* (until the block ends), False when another process or node holds it (the
+        block should then skip its work).  Never waits."""
+        ...
+
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class JobNotifications(Protocol):
+    """An engine that tells idle workers at once when a job becomes ready anywhere (so
+    they need not poll): PostgreSQL's LISTEN/NOTIFY."""
+
+    def listen(self) -> None: ...
+
+    def wait_for_jobs(self, timeout: float) -> bool: ...

@@ -8,6 +8,8 @@ allows one writer at a time anyway); several processes share the file with a bus
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import secrets
 import sqlite3
 import threading
@@ -833,6 +835,26 @@ class SQLiteQueue:
             for value in (r["a"], r["b"], r["c"]):
                 if value is not None:
                     yield bytes(value)
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """A lock file beside the database (``queue.sqlite3.NAME.lock``), taken with
+        ``flock`` without waiting: one process of this node at a time (SQLite serves one
+        node; the lock goes with the process if it dies)."""
+        path = self.path.with_name(f"{self.path.name}.{name}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         with self._lock:

@@ -24,7 +24,7 @@ from gateway.envelope import (
     new_id,
 )
 from gateway.store.queue import LeaseLost, Queue
-from tests.queues import BACKENDS, any_payload, open_test_queue
+from tests.queues import BACKENDS, any_payload, open_test_queue, reopen_test_queue
 
 QUIET = 5.0
 
@@ -580,3 +580,23 @@ def test_a_next_job_takes_only_the_record_of_its_stage() -> None:
 
 def test_an_unknown_job_id_is_none(queue: Queue) -> None:
     assert queue.job(12345) is None
+
+
+# --- coordination -------------------------------------------------------------------------
+
+
+def test_one_holder_at_a_time_of_a_site_wide_lock(queue: Queue) -> None:
+    """Another process or node (here: another connection to the same database) finds the
+    lock held and skips; once released, it can take it; other names are independent."""
+    other = reopen_test_queue(queue)
+    try:
+        with queue.exclusive("retention") as mine:
+            assert mine
+            with other.exclusive("retention") as theirs:
+                assert not theirs
+            with other.exclusive("something-else") as unrelated:
+                assert unrelated
+        with other.exclusive("retention") as theirs:
+            assert theirs
+    finally:
+        other.close()

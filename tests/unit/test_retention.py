@@ -16,8 +16,9 @@ from gateway.errors import IntegrityError
 from gateway.observability.metrics import Metrics
 from gateway.security.audit import NO_AUDIT, AuditLog, Auditor
 from gateway.security.crypto import KeyStore, key_id_of
-from gateway.services.retention import DAY, RetentionService, audit_entry, purge
+from gateway.services.retention import DAY, RetentionBusy, RetentionService, audit_entry, purge
 from gateway.store.store import Store
+from tests.queues import reopen_test_queue
 
 NOW = time.time()
 OLD = NOW - 10 * DAY
@@ -252,3 +253,27 @@ def test_a_retention_service_without_a_retention_starts_nothing(tmp_path: Path) 
     service.start()
     assert not any(t.name == "retention" for t in threading.enumerate())
     service.stop()
+
+
+def test_one_retention_pass_at_a_time_on_the_whole_site(store: Store, tmp_path: Path) -> None:
+    """While another process or node holds the retention lock, a pass is skipped (the CLI
+    says so; the service logs it and tries again next hour); a dry run needs no lock."""
+    ingest_study(store, "1.2.9.1", OLD)
+    run_all(store, OLD + 10)
+    other = reopen_test_queue(store.queue)  # another node's connection
+    try:
+        with other.exclusive("retention") as theirs:
+            assert theirs
+            with pytest.raises(RetentionBusy, match="another gateway process or node"):
+                purge(store, 7, now=NOW)
+            assert purge(store, 7, now=NOW, dry_run=True).studies == 1
+            service = RetentionService(
+                lambda: Store(tmp_path / "var", tmp_path / "var" / "keys.json", create=False),
+                7,
+                metrics=Metrics(),
+                audit=NO_AUDIT,
+            )
+            assert service.run_once(7).studies == 0
+        assert purge(store, 7, now=NOW).studies == 1  # released: the next pass runs
+    finally:
+        other.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +12,9 @@ import pytest
 
 from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import Permanent, Transient
+from gateway.store.postgres import PostgresQueue
 from gateway.store.sqlite import SQLiteQueue
-from gateway.workers import Beat, Worker
+from gateway.workers import Beat, JobWaker, Worker
 from tests.queues import any_payload
 
 
@@ -193,3 +196,26 @@ def test_a_restarted_gateway_resumes_jobs_of_its_dead_predecessor_at_once(
     queue.lease([Stage.ROUTE], f"{host}:1:route", 300, now=2.0)  # pid 1 is alive
     assert queue.release_dead_workers(worker_alive, now=3.0) == 1
     assert queue.counts()["jobs:route"] == {"ready": 1, "leased": 2}
+
+
+def test_a_job_enqueued_on_another_node_wakes_idle_workers_at_once(
+    pg_dsn: Callable[[], str],
+) -> None:
+    """PostgreSQL: the waker listens for ready jobs (NOTIFY) and wakes this process's
+    workers, so an idle worker need not poll; a stop returns within its wait."""
+    dsn = pg_dsn()
+    mine, theirs = PostgresQueue(dsn), PostgresQueue(dsn)
+    woken = threading.Event()
+    waker = JobWaker(mine, woken.set)
+    waker.start()
+    try:
+        assert not woken.wait(0.5)  # nothing ready: nothing wakes
+        started = time.monotonic()
+        theirs.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
+        assert woken.wait(2.0) and time.monotonic() - started < 2.0
+    finally:
+        stopping = time.monotonic()
+        waker.stop()
+        assert time.monotonic() - stopping < JobWaker.WAIT + 1
+        mine.close()
+        theirs.close()

@@ -70,6 +70,26 @@ class Server:
     bin: Path
     run_as: dict[str, Any]
     started_in: float  # seconds: initdb + pg_ctl start
+    options: str = ""  # the postgres options it was started with
+
+    def halt(self) -> None:
+        """Stop the server (fast shutdown: clients are disconnected), keeping its data."""
+        stopped = self.pg_ctl("-m", "fast", "-w", "stop")
+        if stopped.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {stopped.stderr.strip()}")
+
+    def resume(self) -> None:
+        """Start it again after :meth:`halt`, on the same port and data."""
+        started = self.pg_ctl(
+            "-l", str(self.root / "server.log"), "-w", "-t", "60", "-o", self.options, "start"
+        )
+        if started.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {started.stderr.strip()}")
+
+    def remove(self) -> None:
+        """Stop it (if running) and delete its directory."""
+        self.pg_ctl("-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
 
     @property
     def data(self) -> Path:
@@ -102,7 +122,13 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"PostgreSQL tests skipped: {reason}")
 
 
-def _start() -> Server:
+def start_private() -> Server:
+    """A server of its own for one test that stops and starts it (the session's server is
+    shared); the caller removes it (:meth:`Server.remove`)."""
+    return _start(session=False)
+
+
+def _start(*, session: bool = True) -> Server:
     found = bin_dir()
     if found is None:
         raise FileNotFoundError(
@@ -118,7 +144,11 @@ def _start() -> Server:
         run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     root.chmod(0o700)
     port = _free_port()
-    server = Server(root, port, found, run_as, 0.0)
+    options = (
+        f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c max_connections=200"
+        " -c fsync=on -c synchronous_commit=on"
+    )
+    server = Server(root, port, found, run_as, 0.0, options)
     init = subprocess.run(
         [
             str(found / "initdb"),
@@ -143,10 +173,6 @@ def _start() -> Server:
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"initdb failed: {init.stderr.strip()[-2000:]}")
-    options = (
-        f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c max_connections=200"
-        " -c fsync=on -c synchronous_commit=on"
-    )
     started = server.pg_ctl(
         "-l", str(root / "server.log"), "-w", "-t", "60", "-o", options, "start"
     )
@@ -157,7 +183,8 @@ def _start() -> Server:
     with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {DATABASE}")
     server.started_in = time.monotonic() - began
-    atexit.register(stop)
+    if session:
+        atexit.register(stop)
     return server
 
 

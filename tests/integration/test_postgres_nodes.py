@@ -6,7 +6,8 @@ PostgreSQL server (tests/pg.py), loopback only.
   dir) share one database, one spool directory and one key file: studies and messages
   sent to either node are delivered exactly once (the receivers deduplicate nothing:
   storescp with unique file names, an MLLP sink that keeps every message);
-- ``gateway db status|migrate`` on a PostgreSQL config.
+- ``gateway db status|migrate`` on a PostgreSQL config;
+- PostgreSQL stopped and started again under a running gateway.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
+from pynetdicom import AE
 
+from tests import pg
 from tests.dicomgen import SeriesSpec, dcmtk_env, free_port, make_study, storescp_args
 from tests.gatewayproc import GatewayProcess, wait_until, write_config
 from tests.hl7msgs import oru_r01, send_mllp
@@ -71,11 +75,13 @@ def node_config(
             },
             "ehr": {"hl7": {"host": "127.0.0.1", "port": sink.port}, "retry": FAST_RETRY},
         },
-        routes=[
-            {"name": "ct", "when": {"dicom": {"Modality": "CT"}}, "forward": ["pacs"]},
-            {"name": "reports", "when": {"hl7": {"MSH-9": "ORU^R01"}}, "forward": ["ehr"]},
-        ],
-        **extra,
+        **{
+            "routes": [
+                {"name": "ct", "when": {"dicom": {"Modality": "CT"}}, "forward": ["pacs"]},
+                {"name": "reports", "when": {"hl7": {"MSH-9": "ORU^R01"}}, "forward": ["ehr"]},
+            ],
+            **extra,
+        },
     )
 
 
@@ -172,3 +178,48 @@ def test_db_status_and_migrate_on_postgresql(
     assert r.returncode == 0 and r.stdout.startswith("applied 1: postgresql"), r.stderr
     r = gw.cli("db", "status")
     assert r.returncode == 0 and "pending         none: up to date" in r.stdout
+
+
+def c_store(port: int, path: Path) -> int:
+    """One C-STORE on its own association; the status the gateway answered."""
+    ae = AE(ae_title="PACS")
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AI_GATEWAY")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(dcmread(path)).Status)
+    finally:
+        assoc.release()
+
+
+def test_a_database_outage_is_refused_truthfully_and_ingest_recovers_by_itself(
+    tmp_path: Path, sink: MLLPSink
+) -> None:
+    """PostgreSQL stopped: the C-STORE gets 0xA700 (out of resources) and the HL7 message
+    AE, never a false success, and the gateway stays up; started again, the next ones are
+    stored with no restart, and everything acknowledged is there."""
+    server = pg.start_private()
+    try:
+        config = node_config(
+            tmp_path / "n", server.dsn(), tmp_path / "shared", free_port(), sink, routes=[]
+        )
+        gw = GatewayProcess(config, tmp_path / "n.log").start()
+        files = ct_study(tmp_path / "study", 3, seed=5)
+        assert c_store(gw.dicom_port, files[0]) == 0x0000
+        assert b"MSA|AA|OUT0001" in send_mllp(gw.hl7_port, [oru_r01(control_id="OUT0001")])[0]
+
+        server.halt()
+        assert c_store(gw.dicom_port, files[1]) == 0xA700
+        reply = send_mllp(gw.hl7_port, [oru_r01(control_id="OUT0002")])[0]
+        assert b"MSA|AE|OUT0002" in reply
+        assert gw.proc is not None and gw.proc.poll() is None  # still up
+
+        server.resume()
+        wait_until("a C-STORE stored again", lambda: c_store(gw.dicom_port, files[1]) == 0, 30)
+        assert b"MSA|AA|OUT0002" in send_mllp(gw.hl7_port, [oru_r01(control_id="OUT0002")])[0]
+        assert c_store(gw.dicom_port, files[2]) == 0x0000
+        assert gw.queue_status()["received"] == {"dicom": 3, "hl7": 2}
+        assert gw.stop() == 0
+    finally:
+        server.remove()

@@ -1,4 +1,11 @@
-"""Wiring: builds the parts from the config, starts them, and drains them on SIGTERM."""
+"""Wiring of one gateway process: builds its parts from the config, starts them, reloads
+them on SIGHUP and drains them on SIGTERM.
+
+Which parts a process runs is its :class:`Parts`: ``gateway run`` (gateway.supervisor)
+starts ingest processes (the DICOM SCP and the MLLP listener) and worker processes (the
+assembler, the workers, the model runner, retention); the supervisor itself serves
+/healthz, /readyz and /metrics and writes the audit trail's "gateway started/stopped".
+A :class:`Gateway` with every part is the whole gateway in one process."""
 
 from __future__ import annotations
 
@@ -8,9 +15,11 @@ import errno
 import importlib.util
 import logging
 import signal
+import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -22,7 +31,7 @@ from gateway.errors import ConfigError, ListenError
 from gateway.infer.bundles import Registry, sha256_file
 from gateway.infer.runner import ModelRunner, RunnerSettings
 from gateway.ingest.assemble import Assembler
-from gateway.ingest.dicom_scp import DicomSCP
+from gateway.ingest.dicom_scp import NETWORK_TIMEOUT, DicomSCP
 from gateway.ingest.hl7_listener import HL7Listener
 from gateway.observability.metrics import HealthServer, Metrics
 from gateway.pipeline import Pipeline
@@ -47,7 +56,80 @@ RESTART_ONLY = {
     "gateway": None,  # the whole section
     "dicom": ("ae_title", "host", "port", "max_associations", "max_pdu", "tls", "receive_to_disk"),
     "hl7": ("host", "port", "tls", "max_frame_bytes", "idle_timeout"),
+    "ingest": None,  # the processes are started by the supervisor
+    "workers": None,
 }
+
+#: The listening ports a supervisor chose for its children (the config may say 0):
+#: ``dicom``, ``dicom_tls``, ``hl7``, ``hl7_tls``.
+Ports = Mapping[str, int]
+
+
+def with_ports(cfg: Config, ports: Ports | None) -> Config:
+    """*cfg* listening on *ports* (those that are given) instead of its own."""
+    if not ports:
+        return cfg
+    update: dict[str, object] = {}
+    for section in ("dicom", "hl7"):
+        part = getattr(cfg, section)
+        keep: dict[str, object] = {}
+        if part.port is not None and section in ports:
+            keep["port"] = ports[section]
+        if part.tls is not None and f"{section}_tls" in ports:
+            keep["tls"] = part.tls.model_copy(update={"port": ports[f"{section}_tls"]})
+        update[section] = part.model_copy(update=keep)
+    return cfg.model_copy(update=update)
+
+
+def reread_config(
+    cfg: Config, ports: Ports | None, audit: Auditor, *, report: bool = True
+) -> tuple[Config, list[str]] | None:
+    """The config file of *cfg* read again, with the restart-only settings of *cfg*, and
+    the restart-only settings that changed in the file; None when the file is invalid.
+    With *report*, rejections and restart-only changes are logged and audited (the
+    supervisor does it once for all its processes)."""
+    assert cfg.source is not None
+    try:
+        new = with_ports(load_config(cfg.source), ports)
+    except ConfigError as exc:
+        if report:
+            log.error(
+                "config.reload_rejected",
+                errors=exc.errors,
+                outcome="the running configuration is kept",
+            )
+            audit(
+                records.configuration_rejected(
+                    records.gateway_process(), _file_hash(cfg.source), len(exc.errors)
+                )
+            )
+        else:
+            log.error("process.reload_rejected", errors=len(exc.errors))
+        return None
+    needs_restart = restart_only_changes(cfg, new)
+    if needs_restart and report:
+        log.warning(
+            "config.reload_needs_restart",
+            changed=needs_restart,
+            outcome="those settings keep their running values until a restart",
+        )
+    return keep_restart_only(cfg, new), needs_restart
+
+
+def report_reload(new: Config, needs_restart: list[str], audit: Auditor) -> None:
+    """The audit record and the log line of a reload that was applied."""
+    audit(
+        records.configuration_reloaded(
+            records.gateway_process(), _file_hash(new.source), needs_restart
+        )
+    )
+    log.info(
+        "config.reloaded",
+        destinations=len(new.destinations),
+        routes=len(new.routes),
+        dicom_callers=len(new.dicom.allowed_callers),
+        hl7_senders=len(new.hl7.allowed_senders),
+    )
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -69,7 +151,11 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
 
 def keep_restart_only(old: Config, new: Config) -> Config:
     """*new*, with the restart-only settings of *old*: the config that is really running."""
-    update: dict[str, object] = {"gateway": old.gateway}
+    update: dict[str, object] = {
+        "gateway": old.gateway,
+        "ingest": old.ingest,
+        "workers": old.workers,
+    }
     for section in ("dicom", "hl7"):
         keep = {key: getattr(getattr(old, section), key) for key in RESTART_ONLY[section] or ()}
         update[section] = getattr(new, section).model_copy(update=keep)
@@ -124,7 +210,7 @@ def _model_runner(cfg: Config) -> ModelRunner | None:
 
 
 @contextlib.contextmanager
-def _listening(what: str, host: str, port: int | str) -> Iterator[None]:
+def listening(what: str, host: str, port: int | str) -> Iterator[None]:
     """Turn a bind failure into an error that says which listener and what to do."""
     try:
         yield
@@ -145,74 +231,151 @@ def _ports(plain: int | None, tls: ServerTLS | None) -> str:
     return "/".join(str(p) for p in (plain, tls.port if tls else None) if p is not None)
 
 
+def open_audit(cfg: Config, metrics: Metrics) -> Auditor:
+    """The audit trail of *cfg* (who sent what and where it went: hash-chained, apart from
+    the logs), forwarded to syslog when configured.  Every process of a gateway writes to
+    the same file (the writer locks it)."""
+    syslog = cfg.gateway.audit.syslog
+    forward = (
+        SyslogForwarder(syslog.host, syslog.port, client_context(syslog.tls, cfg.path))
+        if syslog is not None
+        else None
+    )
+    return Auditor(
+        AuditLog.open(trail_path(cfg.data_dir), forward=forward),
+        on_error=metrics.audit_failures.inc,
+    )
+
+
+def refresh_metrics(metrics: Metrics, store: Store, certwatch: CertWatch) -> None:
+    """Set the gauges read from the queue database and the certificate files (when
+    /metrics is read)."""
+    certwatch.update_metrics(metrics)
+    counts = store.queue.counts()
+    metrics.queue_depth.clear()
+    for key, states in counts.items():
+        if key.startswith("jobs:"):
+            for state, n in states.items():
+                metrics.queue_depth.labels(stage=key[5:], state=state).set(n)
+    metrics.studies.clear()
+    for state, n in counts.get("studies", {}).items():
+        metrics.studies.labels(state=state).set(n)
+    metrics.dead_letters.set(
+        sum(s.get("dead", 0) for k, s in counts.items() if k.startswith("jobs:"))
+    )
+    metrics.oldest_waiting.clear()
+    for lane, age in store.queue.oldest_waiting_by_lane(time.time()).items():
+        metrics.oldest_waiting.labels(lane=lane or "route").set(age)
+
+
+def store_ok(store: Store) -> bool:
+    """The queue database answers."""
+    try:
+        store.queue.counts()
+    except Exception:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What one gateway process runs; every part by default (the whole gateway)."""
+
+    ingest: bool = True  # the DICOM SCP and the MLLP listener
+    work: bool = True  # the assembler, the workers and the model runner
+    retention: bool = True  # the retention pass (one process of a gateway)
+    http: bool = True  # /healthz, /readyz and /metrics in this process
+    # the audit trail's "gateway started/stopped", and the reload's log and audit record:
+    # the process a site sees as "the gateway"; the others log process.* events
+    announce: bool = True
+    # one of several ingest processes: the ports are shared (SO_REUSEPORT), and incoming/
+    # holds the others' live transfers (the supervisor purged it before they started)
+    shared_ports: bool = False
+    role: str = "all"  # for the logs
+
+
 class Gateway:
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
+    def __init__(
+        self, cfg: Config, parts: Parts | None = None, ports: Ports | None = None
+    ) -> None:
+        self.parts = parts = parts or Parts()
+        self.ports = ports
+        self.cfg = cfg = with_ports(cfg, ports)
+        self._event = "gateway" if parts.announce else "process"
         self.metrics = Metrics()
         self.store = Store.for_config(cfg)
-        # who sent what and where it went: a hash-chained trail apart from the logs
-        syslog = cfg.gateway.audit.syslog
-        forward = (
-            SyslogForwarder(syslog.host, syslog.port, client_context(syslog.tls, cfg.path))
-            if syslog is not None
-            else None
-        )
-        self.audit = Auditor(
-            AuditLog.open(trail_path(cfg.data_dir), forward=forward),
-            on_error=self.metrics.audit_failures.inc,
-        )
-        dicom_tls = server_context(cfg.dicom.tls, cfg.path) if cfg.dicom.tls else None
-        hl7_tls = server_context(cfg.hl7.tls, cfg.path) if cfg.hl7.tls else None
-        # the live server contexts: a reload loads renewed certificate files into them
-        self._server_tls = {"dicom": dicom_tls, "hl7": hl7_tls}
-        self.dicom = DicomSCP(
-            cfg.dicom,
-            self.store,
-            self.metrics,
-            incoming=cfg.data_dir / "incoming",
-            ssl_context=dicom_tls,
-            keywords=routing_keywords(cfg.routes),
-            audit=self.audit,
-        )
-        self.hl7 = HL7Listener(
-            cfg.hl7,
-            self.store,
-            ssl_context=hl7_tls,
-            on_message=self._count_message,
-            on_connection=lambda outcome: self.metrics.hl7_connections.labels(outcome).inc(),
-            audit=self.audit,
-        )
+        self.audit = open_audit(cfg, self.metrics)
+        self._server_tls: dict[str, ssl.SSLContext | None] = {}
+        self.dicom: DicomSCP | None = None
+        self.hl7: HL7Listener | None = None
+        if parts.ingest:
+            dicom_tls = server_context(cfg.dicom.tls, cfg.path) if cfg.dicom.tls else None
+            hl7_tls = server_context(cfg.hl7.tls, cfg.path) if cfg.hl7.tls else None
+            # the live server contexts: a reload loads renewed certificate files into them
+            self._server_tls = {"dicom": dicom_tls, "hl7": hl7_tls}
+            self.dicom = DicomSCP(
+                cfg.dicom,
+                self.store,
+                self.metrics,
+                incoming=cfg.data_dir / "incoming",
+                ssl_context=dicom_tls,
+                keywords=routing_keywords(cfg.routes),
+                audit=self.audit,
+                reuse_port=parts.shared_ports,
+                purge_older_than=NETWORK_TIMEOUT if parts.shared_ports else 0.0,
+            )
+            self.hl7 = HL7Listener(
+                cfg.hl7,
+                self.store,
+                ssl_context=hl7_tls,
+                on_message=self._count_message,
+                on_connection=lambda outcome: self.metrics.hl7_connections.labels(outcome).inc(),
+                audit=self.audit,
+                reuse_port=parts.shared_ports,
+            )
         # Workers keep their books on a second connection whose commits are not fsync'd
         # one by one (Store.for_workers): a lost lease or completion only re-runs a job.
         # The study timers stay on the durable connection.
-        self.work_store = self.store.for_workers()
-        self.assembler = Assembler(self.store.queue, self.metrics, on_complete=self.wake_workers)
-        self.runner = _model_runner(cfg)
-        self.pipeline = Pipeline(
-            cfg, self.work_store, self.metrics, runner=self.runner, audit=self.audit
-        )
-        self.workers = self._workers()
-        # PostgreSQL tells idle workers when a job becomes ready on any node
-        queue = self.work_store.queue
-        self.waker = (
-            JobWaker(queue, self.wake_workers) if isinstance(queue, JobNotifications) else None
-        )
-        self.certwatch = CertWatch(cfg)
-        self.retention = RetentionService(
-            lambda: Store.for_config(cfg, create=False, durable=False),
-            cfg.gateway.retention_days,  # a restart-only setting
-            metrics=self.metrics,
-            audit=self.audit,
-        )
-        with _listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
-            self.http = HealthServer(
-                cfg.gateway.http.host,
-                cfg.gateway.http.port,
-                self.metrics,
-                self.readiness,
-                self.refresh_metrics,
-                details=self.certwatch.readiness_details,
+        self.work_store: Store | None = None
+        self.assembler: Assembler | None = None
+        self.runner: ModelRunner | None = None
+        self.pipeline: Pipeline | None = None
+        self.workers: list[Worker] = []
+        self.waker: JobWaker | None = None
+        if parts.work:
+            self.work_store = self.store.for_workers()
+            self.assembler = Assembler(
+                self.store.queue, self.metrics, on_complete=self.wake_workers
             )
+            self.runner = _model_runner(cfg)
+            self.pipeline = Pipeline(
+                cfg, self.work_store, self.metrics, runner=self.runner, audit=self.audit
+            )
+            self.workers = self._workers()
+            # PostgreSQL tells idle workers when a job becomes ready on any node
+            queue = self.work_store.queue
+            if isinstance(queue, JobNotifications):
+                self.waker = JobWaker(queue, self.wake_workers)
+        self.certwatch = CertWatch(cfg)
+        self.retention: RetentionService | None = None
+        if parts.retention:
+            self.retention = RetentionService(
+                lambda: Store.for_config(cfg, create=False, durable=False),
+                cfg.gateway.retention_days,  # a restart-only setting
+                metrics=self.metrics,
+                audit=self.audit,
+            )
+        self.http: HealthServer | None = None
+        if parts.http:
+            with listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
+                self.http = HealthServer(
+                    cfg.gateway.http.host,
+                    cfg.gateway.http.port,
+                    self.metrics,
+                    self.readiness,
+                    self.refresh_metrics,
+                    details=self.certwatch.readiness_details,
+                )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hl7", daemon=True)
         self._stopped = threading.Event()
@@ -221,6 +384,7 @@ class Gateway:
     def _workers(self) -> list[Worker]:
         """One worker for routing (and, later, inference), one per destination lane."""
         p = self.pipeline
+        assert p is not None and self.work_store is not None
 
         def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
             stage = {
@@ -290,17 +454,12 @@ class Gateway:
         self.metrics.hl7_messages.labels(type=message_type, ack=ack).inc()
 
     def readiness(self) -> dict[str, bool]:
-        try:
-            self.store.queue.counts()
-            store_ok = True
-        except Exception:
-            store_ok = False
-        return {
-            "started": self._started,
-            "dicom": bool(self.dicom.servers),
-            "hl7": self._started and not self._stopped.is_set(),
-            "store": store_ok,
-        }
+        checks = {"started": self._started}
+        if self.dicom is not None:
+            checks["dicom"] = bool(self.dicom.servers)
+            checks["hl7"] = self._started and not self._stopped.is_set()
+        checks["store"] = store_ok(self.store)
+        return checks
 
     def reload_certificates(self) -> None:
         """Load renewed certificate and key files (same paths) into the running TLS
@@ -325,60 +484,59 @@ class Gateway:
                 )
                 continue
             log.info("tls.reloaded", listener=section)
-        self.pipeline.reset_senders()
+        if self.pipeline is not None:
+            self.pipeline.reset_senders()
 
     def refresh_metrics(self) -> None:
-        self.certwatch.update_metrics(self.metrics)
-        counts = self.store.queue.counts()
-        self.metrics.queue_depth.clear()
-        for key, states in counts.items():
-            if key.startswith("jobs:"):
-                for state, n in states.items():
-                    self.metrics.queue_depth.labels(stage=key[5:], state=state).set(n)
-        for state, n in counts.get("studies", {}).items():
-            self.metrics.studies.labels(state=state).set(n)
-        self.metrics.dead_letters.set(
-            sum(s.get("dead", 0) for k, s in counts.items() if k.startswith("jobs:"))
-        )
-        self.metrics.oldest_waiting.clear()
-        for lane, age in self.store.queue.oldest_waiting_by_lane(time.time()).items():
-            self.metrics.oldest_waiting.labels(lane=lane or "route").set(age)
+        refresh_metrics(self.metrics, self.store, self.certwatch)
 
     def start(self) -> None:
-        self.http.start()
+        if self.http is not None:
+            self.http.start()
         self._loop_thread.start()
         try:
-            with _listening("hl7", self.cfg.hl7.host, _ports(self.cfg.hl7.port, self.cfg.hl7.tls)):
-                asyncio.run_coroutine_threadsafe(self.hl7.start(), self._loop).result(timeout=30)
-            with _listening(
-                "dicom", self.cfg.dicom.host, _ports(self.cfg.dicom.port, self.cfg.dicom.tls)
-            ):
-                self.dicom.start()
+            if self.hl7 is not None:
+                with listening(
+                    "hl7", self.cfg.hl7.host, _ports(self.cfg.hl7.port, self.cfg.hl7.tls)
+                ):
+                    asyncio.run_coroutine_threadsafe(self.hl7.start(), self._loop).result(
+                        timeout=30
+                    )
+            if self.dicom is not None:
+                with listening(
+                    "dicom", self.cfg.dicom.host, _ports(self.cfg.dicom.port, self.cfg.dicom.tls)
+                ):
+                    self.dicom.start()
         except BaseException:
             self.stop()
             raise
-        released = self.work_store.queue.release_dead_workers(worker_alive, time.time())
-        if released:
-            log.warning(
-                "queue.released_dead_workers",
-                jobs=released,
-                reason="leased by a gateway process that is gone; resumed now",
-            )
-        self.assembler.start()
+        if self.work_store is not None:
+            released = self.work_store.queue.release_dead_workers(worker_alive, time.time())
+            if released:
+                log.warning(
+                    "queue.released_dead_workers",
+                    jobs=released,
+                    reason="leased by a gateway process that is gone; resumed now",
+                )
+        if self.assembler is not None:
+            self.assembler.start()
         if self.runner is not None:
             self.runner.start()  # the processes load and warm up the models meanwhile
         if self.waker is not None:
             self.waker.start()
         for worker in self.workers:
             worker.start()
-        self.retention.start()
+        if self.retention is not None:
+            self.retention.start()
         self._started = True
-        self.audit(records.application_activity(records.gateway_process(), "started"))
+        if self.parts.announce:
+            self.audit(records.application_activity(records.gateway_process(), "started"))
         log.info(
-            "gateway.started",
-            dicom_ports=self.dicom.ports,
-            hl7_ports=self.hl7.ports,
-            http_port=self.http.port,
+            f"{self._event}.started",
+            role=self.parts.role,
+            dicom_ports=self.dicom.ports if self.dicom else None,
+            hl7_ports=self.hl7.ports if self.hl7 else None,
+            http_port=self.http.port if self.http else None,
             data_dir=str(self.cfg.data_dir),
         )
 
@@ -387,13 +545,17 @@ class Gateway:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.retention.request_stop()
-        log.info("gateway.stopping")
-        self.dicom.stop()
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self.hl7.stop(), self._loop).result(timeout=30)
+        if self.retention is not None:
+            self.retention.request_stop()
+        log.info(f"{self._event}.stopping", role=self.parts.role)
+        if self.dicom is not None:
+            self.dicom.stop()
+        if self.hl7 is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.hl7.stop(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._loop_thread.join(timeout=10)
+        if self._loop_thread.is_alive():
+            self._loop_thread.join(timeout=10)
         if self.waker is not None:
             self.waker.stop()
         for worker in self.workers:
@@ -410,96 +572,84 @@ class Gateway:
             self.runner.close()  # a model still running is stopped; its job is retried
             for worker in self.workers:
                 worker.stop(2.0)
-        self.retention.stop(timeout=30)
-        self.pipeline.close()
-        if self.assembler.running:
+        if self.retention is not None:
+            self.retention.stop(timeout=30)
+        if self.pipeline is not None:
+            self.pipeline.close()
+        if self.assembler is not None and self.assembler.running:
             self.assembler.stop()
-        self.http.stop()
+        if self.http is not None:
+            self.http.stop()
         self.store.close()
-        self.work_store.close()
-        self.audit(records.application_activity(records.gateway_process(), "stopped"))
-        if self.audit.trail is not None:
-            seq, head = self.audit.trail.head
-            # an anchor outside the trail: `gateway audit verify` can be checked against it
-            log.info("audit.head", seq=seq, hash=head)
+        if self.work_store is not None:
+            self.work_store.close()
+        if self.parts.announce:
+            self.audit(records.application_activity(records.gateway_process(), "stopped"))
+            if self.audit.trail is not None:
+                seq, head = self.audit.trail.head
+                # an anchor outside the trail: `gateway audit verify` can be checked against it
+                log.info("audit.head", seq=seq, hash=head)
         self.audit.close()
-        log.info("gateway.stopped")
+        log.info(f"{self._event}.stopped", role=self.parts.role)
 
     def reload(self) -> bool:
         """Re-read the config file (SIGHUP) and apply what can change without a restart:
         allow-lists, the study quiet period, destinations, routes and models.  Nothing
         running is dropped.  An invalid file changes nothing."""
-        assert self.cfg.source is not None
-        try:
-            new = load_config(self.cfg.source)
-        except ConfigError as exc:
-            log.error(
-                "config.reload_rejected",
-                errors=exc.errors,
-                outcome="the running configuration is kept",
-            )
-            self.audit(
-                records.configuration_rejected(
-                    records.gateway_process(), _file_hash(self.cfg.source), len(exc.errors)
-                )
-            )
+        found = reread_config(self.cfg, self.ports, self.audit, report=self.parts.announce)
+        if found is None:
             return False
-        needs_restart = restart_only_changes(self.cfg, new)
-        if needs_restart:
-            log.warning(
-                "config.reload_needs_restart",
-                changed=needs_restart,
-                outcome="those settings keep their running values until a restart",
-            )
-        new = keep_restart_only(self.cfg, new)
+        new, needs_restart = found
         self.cfg = new
-        keywords = routing_keywords(new.routes)
-        self.dicom.reconfigure(new.dicom, keywords)
-        asyncio.run_coroutine_threadsafe(
-            self.hl7.update_allowed_senders(new.hl7.allowed_senders), self._loop
-        ).result(timeout=30)
-        self.pipeline.cfg = new
+        if self.dicom is not None:
+            self.dicom.reconfigure(new.dicom, routing_keywords(new.routes))
+        if self.hl7 is not None:
+            asyncio.run_coroutine_threadsafe(
+                self.hl7.update_allowed_senders(new.hl7.allowed_senders), self._loop
+            ).result(timeout=30)
+        if self.pipeline is not None:
+            self.pipeline.cfg = new
+            lanes = {w.lane for w in self.workers}
+            for worker in self._workers():
+                if worker.lane not in lanes:  # a new destination gets its lane
+                    self.workers.append(worker)
+                    worker.start()
         self.certwatch.cfg = new
-        lanes = {w.lane for w in self.workers}
-        for worker in self._workers():
-            if worker.lane not in lanes:  # a new destination gets its lane
-                self.workers.append(worker)
-                worker.start()
         self.reload_certificates()
-        self.audit(
-            records.configuration_reloaded(
-                records.gateway_process(), _file_hash(new.source), needs_restart
-            )
-        )
-        log.info(
-            "config.reloaded",
-            destinations=len(new.destinations),
-            routes=len(new.routes),
-            dicom_callers=len(new.dicom.allowed_callers),
-            hl7_senders=len(new.hl7.allowed_senders),
-        )
+        if self.parts.announce:
+            report_reload(new, needs_restart, self.audit)
+        else:
+            log.info("process.reloaded", role=self.parts.role)
         return True
 
-    def run_forever(self) -> None:
+    def run_forever(
+        self,
+        on_started: Callable[[], None] | None = None,
+        on_reloaded: Callable[[bool], None] | None = None,
+    ) -> None:
         """Start, then block until SIGTERM/SIGINT, then drain and return.  SIGHUP reloads
-        the config."""
+        the config.  *on_started* and *on_reloaded* tell a supervisor."""
         done = threading.Event()
         hangup = threading.Event()
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("gateway.signal", signal=signal.Signals(signum).name)
+            log.info(f"{self._event}.signal", signal=signal.Signals(signum).name)
             (hangup if signum == signal.SIGHUP else done).set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, on_signal)
         self.start()
+        if on_started is not None:
+            on_started()
         try:
             while not done.wait(0.5):
                 if hangup.is_set():
                     hangup.clear()
-                    self.reload()
+                    ok = self.reload()
+                    if on_reloaded is not None:
+                        on_reloaded(ok)
         finally:
             started = time.monotonic()
             self.stop()
-            log.info("gateway.drained", seconds=round(time.monotonic() - started, 2))
+            log.info(f"{self._event}.drained", seconds=round(time.monotonic() - started, 2))

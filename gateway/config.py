@@ -65,6 +65,19 @@ class InferenceConfig(_Strict):
     warm_up: bool = True  # one run on a blank input per model at start
 
 
+class IngestSection(_Strict):
+    """The listener processes: each runs the DICOM SCP and the MLLP listener on the same
+    ports (SO_REUSEPORT; the kernel spreads the connections among them)."""
+
+    processes: int = Field(default=1, ge=1, le=64)
+
+
+class WorkersSection(_Strict):
+    """The worker processes: each routes, runs models, builds results and delivers."""
+
+    processes: int = Field(default=1, ge=1, le=64)
+
+
 class ServerTLS(_Strict):
     """TLS on a listening port: our certificate, and the CA client certificates chain to."""
 
@@ -348,6 +361,8 @@ class Config(_Strict):
     gateway: GatewaySection = GatewaySection()
     dicom: DicomSection
     hl7: HL7Section
+    ingest: IngestSection = IngestSection()
+    workers: WorkersSection = WorkersSection()
     destinations: dict[str, Destination] = {}
     models: dict[str, ModelConfig] = {}
     routes: list[Route] = []

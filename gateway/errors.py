@@ -56,6 +56,10 @@ class ListenError(Permanent):
     """A listener cannot bind its address (port in use, no permission)."""
 
 
+class ProcessFailed(Permanent):
+    """A process of the gateway (an ingest or worker process) did not start."""
+
+
 class KeyStoreError(Permanent):
     """The encryption key file is missing, unreadable or corrupt."""
 

@@ -69,6 +69,7 @@ class GatewayProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     cfg: dict[str, Any] = field(default_factory=dict)
+    args: tuple[str, ...] = ()  # more options of `gateway run`, e.g. ("--role", "ingest")
 
     def __post_init__(self) -> None:
         self.cfg = yaml.safe_load(self.config.read_text())
@@ -98,7 +99,7 @@ class GatewayProcess:
         log = self.log_path.open("ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config)],
+            [sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config), *self.args],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -136,6 +137,13 @@ class GatewayProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The supervised processes as /readyz details list them (name, role, pid...)."""
+        processes: list[dict[str, Any]] = json.loads(self.get("/readyz")[1])["details"][
+            "processes"
+        ]
+        return processes
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

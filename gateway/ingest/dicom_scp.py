@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import socketserver
 import ssl
 import tempfile
@@ -248,7 +249,27 @@ def _status(code: int, comment: str) -> Dataset:
 HANDSHAKE_TIMEOUT = 30.0  # seconds a TLS client gets to complete its handshake
 
 
-class _TLSAssociationServer(ThreadedAssociationServer):
+class _AssociationServer(ThreadedAssociationServer):
+    """A listener of ours: with *reuse_port*, bound with ``SO_REUSEPORT`` so that several
+    ingest processes share the port (the kernel spreads the connections among them).
+    It is stopped by :meth:`shutdown`, outside pynetdicom's list of the servers that
+    ``AE.start_server`` made."""
+
+    def __init__(self, *args: Any, reuse_port: bool = False, **kwargs: Any) -> None:
+        self.reuse_port = reuse_port  # read by server_bind, which the base __init__ calls
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.reuse_port and self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+class _TLSAssociationServer(_AssociationServer):
     """pynetdicom's server runs the TLS handshake inside its accept loop with no deadline,
     so one silent client (a port scanner, a half-open peer) stalls the TLS port for every
     other client and blocks shutdown.  Here the handshake runs in the connection's own
@@ -282,11 +303,24 @@ class _TLSAssociationServer(ThreadedAssociationServer):
             return
         super().process_request_thread(secured, client_address)
 
-    def shutdown(self) -> None:
-        # pynetdicom's shutdown() also unregisters the server from the AE's own list, which
-        # holds only the servers that start_server() made.
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
+
+def purge_incoming(incoming: Path, older_than: float = 0.0) -> int:
+    """Delete partial receptions: files of associations that aborted mid-instance, or
+    of a gateway that was killed.  Nothing in them was acknowledged.  A live transfer
+    touches its file with every fragment, so *older_than* seconds of silence mean dead.
+    """
+    removed = 0
+    if not incoming.is_dir():
+        return 0
+    cutoff = time.time() - older_than
+    for entry in os.scandir(incoming):
+        with contextlib.suppress(OSError):
+            if entry.is_file() and entry.stat().st_mtime <= cutoff:
+                os.unlink(entry.path)
+                removed += 1
+    if removed:
+        log.info("dicom.incoming.purged", files=removed)
+    return removed
 
 
 class DicomSCP:
@@ -302,9 +336,15 @@ class DicomSCP:
         keywords: Iterable[str],
         ssl_context: ssl.SSLContext | None = None,
         audit: Auditor = NO_AUDIT,
+        reuse_port: bool = False,
+        purge_older_than: float = 0.0,
     ) -> None:
         configure_pynetdicom(incoming if cfg.receive_to_disk else None)
         self.incoming = incoming
+        # several ingest processes: the port is shared, and incoming/ holds the partial
+        # files of the others' live transfers (only silent ones are purged at start)
+        self.reuse_port = reuse_port
+        self.purge_older_than = purge_older_than
         self.audit = audit
         self.cfg = cfg
         self.metrics = metrics
@@ -344,36 +384,25 @@ class DicomSCP:
         self.store_handler.keywords = tuple(keywords)
 
     def purge_incoming(self, older_than: float = 0.0) -> int:
-        """Delete partial receptions: files of associations that aborted mid-instance, or
-        of a gateway that was killed.  Nothing in them was acknowledged.  A live transfer
-        touches its file with every fragment, so *older_than* seconds of silence mean dead.
-        """
-        removed = 0
-        if not self.incoming.is_dir():
-            return 0
-        cutoff = time.time() - older_than
-        for entry in os.scandir(self.incoming):
-            with contextlib.suppress(OSError):
-                if entry.is_file() and entry.stat().st_mtime <= cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-        if removed:
-            log.info("dicom.incoming.purged", files=removed)
-        return removed
+        """:func:`purge_incoming` of this SCP's folder."""
+        return purge_incoming(self.incoming, older_than)
 
     def start(self) -> None:
-        self.purge_incoming()
+        self.purge_incoming(self.purge_older_than)
         if self.cfg.port is not None:  # null: TLS only
-            self.servers.append(
-                cast(
-                    ThreadedAssociationServer,
-                    self.ae.start_server(
-                        (self.cfg.host, self.cfg.port),
-                        block=False,
-                        evt_handlers=self.handlers,
-                    ),
-                )
+            plain = cast(
+                _AssociationServer,
+                self.ae.make_server(
+                    (self.cfg.host, self.cfg.port),
+                    evt_handlers=self.handlers,
+                    server_class=_AssociationServer,
+                    reuse_port=self.reuse_port,
+                ),
             )
+            threading.Thread(
+                target=plain.serve_forever, name="dicom-acceptor", daemon=True
+            ).start()
+            self.servers.append(plain)
         if self.cfg.tls is not None and self.ssl_context is not None:
             server = cast(
                 _TLSAssociationServer,
@@ -383,6 +412,7 @@ class DicomSCP:
                     server_class=_TLSAssociationServer,
                     tls=self.ssl_context,
                     audit=self.audit,
+                    reuse_port=self.reuse_port,
                 ),
             )
             threading.Thread(

@@ -110,6 +110,7 @@ class HL7Listener:
         on_connection: OnConnection | None = None,
         clock: Callable[[], datetime] | None = None,
         audit: Auditor = NO_AUDIT,
+        reuse_port: bool = False,
     ) -> None:
         if (config.tls is None) != (ssl_context is None):
             raise ValueError("hl7.tls and the ssl context go together: give both or neither")
@@ -119,6 +120,8 @@ class HL7Listener:
         self.on_message = on_message
         self.on_connection = on_connection
         self.audit = audit  # records are written off the event loop (Auditor.later)
+        # SO_REUSEPORT: several ingest processes listen on the same ports
+        self.reuse_port = reuse_port or None
         # received messages are audited in batches: one record per sender and host for
         # up to AUDIT_BATCH messages or AUDIT_SECONDS, so the ACK path pays no fsync
         self._received: dict[tuple[str, str, str], list[str]] = {}
@@ -144,6 +147,7 @@ class HL7Listener:
                 self.config.host,
                 self.config.port,
                 limit=_reader_limit(self.config.max_frame_bytes),
+                reuse_port=self.reuse_port,
             )
             self._servers.append(plain)
             self._ports["mllp"] = _bound_port(plain)
@@ -155,6 +159,7 @@ class HL7Listener:
                 self.config.host,
                 self.config.tls.port,
                 limit=_reader_limit(self.config.max_frame_bytes),
+                reuse_port=self.reuse_port,
             )
             self._servers.append(secure)
             self._ports["mllp+tls"] = _bound_port(secure)

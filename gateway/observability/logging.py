@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import logging
+import os
 import re
 import sys
 import traceback
@@ -134,10 +135,30 @@ def exception_fields(exc: BaseException) -> dict[str, str]:
     }
 
 
-def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
-    """Set up structlog and the standard library logging to write redacted JSON lines."""
+class _ProcessFields:
+    """A processor: the process's name and pid on every line."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(
+        self, _: Any, __: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event_dict.setdefault("process", self.name)
+        event_dict.setdefault("process_id", os.getpid())
+        return event_dict
+
+
+def configure_logging(
+    level: str = "INFO", stream: TextIO | None = None, process: str | None = None
+) -> None:
+    """Set up structlog and the standard library logging to write redacted JSON lines.
+    With *process* (``gateway run``'s processes share one stdout), every line also says
+    which process wrote it: ``process`` (``supervisor``, ``ingest-0``, ``worker-1``) and
+    ``process_id`` (the operating system's; ``pid`` is an HL7 segment's name, redacted)."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        *([_ProcessFields(process)] if process is not None else []),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -192,6 +192,8 @@ def test_config_schema_prints_a_strict_json_schema_of_the_sections(
         "gateway",
         "dicom",
         "hl7",
+        "ingest",
+        "workers",
         "destinations",
         "models",
         "routes",

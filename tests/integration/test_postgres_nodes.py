@@ -7,7 +7,8 @@ PostgreSQL server (tests/pg.py), loopback only.
   sent to either node are delivered exactly once (the receivers deduplicate nothing:
   storescp with unique file names, an MLLP sink that keeps every message);
 - ``gateway db status|migrate`` on a PostgreSQL config;
-- PostgreSQL stopped and started again under a running gateway.
+- PostgreSQL stopped and started again under a running gateway;
+- an ingest-only node and a worker-only node (distributed inference).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pynetdicom import AE
 
 from tests import pg
 from tests.dicomgen import SeriesSpec, dcmtk_env, free_port, make_study, storescp_args
-from tests.gatewayproc import GatewayProcess, wait_until, write_config
+from tests.gatewayproc import REPO, GatewayProcess, wait_until, write_config
 from tests.hl7msgs import oru_r01, send_mllp
 from tests.mllpsink import MLLPSink
 
@@ -223,3 +224,41 @@ def test_a_database_outage_is_refused_truthfully_and_ingest_recovers_by_itself(
         assert gw.stop() == 0
     finally:
         server.remove()
+
+
+def test_an_ingest_node_and_a_worker_node_carry_the_flow_with_a_model_between_them(
+    tmp_path: Path, pg_dsn: Callable[[], str], sink: MLLPSink
+) -> None:
+    """Distributed inference: node A only listens and stores (``--role ingest``), node B,
+    with its own data dir, only works (``--role worker``): it routes what A stored, runs the
+    note model on it and sends the result ORU^R01 to the EHR."""
+    dsn, shared = pg_dsn(), tmp_path / "shared"
+    model = {"report-findings": {"bundle": str(REPO / "models" / "report_findings")}}
+    routes = [
+        {
+            "name": "reports",
+            "when": {"hl7": {"MSH-9": "ORU^R01"}},
+            "run": ["report-findings"],
+            "send": ["ehr"],
+        }
+    ]
+    a_config = node_config(
+        tmp_path / "a", dsn, shared, free_port(), sink, routes=routes, models=model
+    )
+    b_config = node_config(
+        tmp_path / "b", dsn, shared, free_port(), sink, routes=routes, models=model
+    )
+    a = GatewayProcess(a_config, tmp_path / "a.log", args=("--role", "ingest")).start()
+    b = GatewayProcess(b_config, tmp_path / "b.log", args=("--role", "worker")).start(timeout=90)
+    try:
+        message = oru_r01(control_id="DIST0001")
+        assert b"MSA|AA|DIST0001" in send_mllp(a.hl7_port, [message])[0]
+        (result,) = sink.wait_for(1, timeout=90)
+        msh = result.split(b"\r", 1)[0].split(b"|")
+        assert msh[8].startswith(b"ORU^R01") and msh[9].startswith(b"AI"), msh
+        assert any(e.get("event") == "infer.done" for e in b.log_events())
+        assert not any(e.get("event") == "infer.done" for e in a.log_events())
+        assert not any(e.get("event") == "hl7.message.stored" for e in b.log_events())
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0

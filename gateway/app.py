@@ -402,6 +402,7 @@ class Gateway:
 
         # with notifications (PostgreSQL) the idle wait only catches retries coming due
         idle = 2.0 if isinstance(self.work_store.queue, JobNotifications) else 0.25
+        lease = self.cfg.workers.lease_seconds
         workers = [
             # routing and result building: both short, neither waits on a peer
             Worker(
@@ -412,6 +413,7 @@ class Gateway:
                 p.retry_policy,
                 on_outcome=outcome,
                 idle_wait=idle,
+                lease_seconds=lease,
             )
         ]
         # one infer worker per runner process: each waits on its model run (in the runner
@@ -426,6 +428,7 @@ class Gateway:
                     p.retry_policy,
                     on_outcome=outcome,
                     idle_wait=idle,
+                    lease_seconds=lease,
                 )
             )
         for name in self.cfg.destinations:
@@ -439,6 +442,7 @@ class Gateway:
                     lane=name,
                     on_outcome=outcome,
                     idle_wait=idle,
+                    lease_seconds=lease,
                 )
             )
         return workers

@@ -76,6 +76,9 @@ class WorkersSection(_Strict):
     """The worker processes: each routes, runs models, builds results and delivers."""
 
     processes: int = Field(default=1, ge=1, le=64)
+    # how long a job stays with a worker that stops renewing its lease (renewed every tenth
+    # of it while the job runs): when a node dies, another takes its jobs over after this
+    lease_seconds: float = Field(default=60.0, ge=2, le=3600)
 
 
 class ServerTLS(_Strict):

@@ -14,6 +14,7 @@ PostgreSQL server (tests/pg.py), loopback only.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydicom import dcmread
 from pynetdicom import AE
 
@@ -262,3 +264,69 @@ def test_an_ingest_node_and_a_worker_node_carry_the_flow_with_a_model_between_th
     finally:
         assert a.stop() == 0
         assert b.stop() == 0
+
+
+def test_a_node_killed_mid_delivery_loses_nothing_the_other_finishes_after_the_lease(
+    tmp_path: Path, pg_dsn: Callable[[], str], sink: MLLPSink
+) -> None:
+    """Node A takes the delivery and waits on an EHR that does not answer; A is killed
+    (kill -9 of its supervisor: its children go with it). Its lease is no longer renewed;
+    when it expires node B takes the job over and delivers: the acknowledged message is
+    not lost (the EHR sees it twice, with the same MSH-10: at least once, recognisable)."""
+    dsn, shared = pg_dsn(), tmp_path / "shared"
+    workers = {"lease_seconds": 4}
+    reports = [{"name": "reports", "when": {"hl7": {"MSH-9": "ORU^R01"}}, "forward": ["ehr"]}]
+    a_config = node_config(
+        tmp_path / "a", dsn, shared, free_port(), sink, routes=reports, workers=workers
+    )
+    b_config = node_config(
+        tmp_path / "b", dsn, shared, free_port(), sink, routes=reports, workers=workers
+    )
+    cfg = yaml.safe_load(a_config.read_text())
+    cfg["destinations"]["ehr"]["hl7"]["ack_timeout"] = 60  # A waits long on the silent EHR
+    a_config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    a = GatewayProcess(a_config, tmp_path / "a.log", args=("--role", "all")).start()
+    b = GatewayProcess(b_config, tmp_path / "b.log", args=("--role", "ingest")).start()
+    try:
+        sink.reply = "NONE"  # the EHR takes the message and never answers
+        message = oru_r01(control_id="KILL0001")
+        assert b"MSA|AA|KILL0001" in send_mllp(b.hl7_port, [message])[0]
+        sink.wait_for(1, timeout=30)  # node A's worker has it in hand, waiting
+        sink.reply = "AA"  # the EHR answers again (A's connection stays unanswered)
+        # a worker on node B (a second `gateway run` there), started while A is alive:
+        # it cannot tell that A will die, so only the lease can hand the job over
+        b_cfg = yaml.safe_load(b_config.read_text())
+        b_cfg["gateway"]["http"]["port"] = free_port()
+        b_worker_config = tmp_path / "b" / "worker.yaml"
+        b_worker_config.write_text(yaml.safe_dump(b_cfg, sort_keys=False))
+        b_worker = GatewayProcess(
+            b_worker_config, tmp_path / "b-worker.log", args=("--role", "worker")
+        ).start()
+        try:
+            a.kill9()
+            killed = time.monotonic()
+            wait_until("node A's processes gone", lambda: not a_children_alive(a), 10)
+            received = sink.wait_for(2, timeout=30)
+            assert received == [message, message]
+            assert time.monotonic() - killed < 20  # the 4 s lease, not a restart
+            wait_until("the delivery done", lambda: all_done(b), 30)
+            assert b.queue_status()["jobs:deliver"] == {"done": 1}
+            assert any(e.get("event") == "queue.leases_expired" for e in b_worker.log_events())
+        finally:
+            assert b_worker.stop() == 0
+    finally:
+        assert b.stop() == 0
+
+
+def a_children_alive(gw: GatewayProcess) -> bool:
+    """Whether any process of *gw*'s log is still running (its children by pid)."""
+    pids = {e.get("child_pid") for e in gw.log_events() if e.get("event") == "process.spawned"}
+    alive = False
+    for pid in pids:
+        if isinstance(pid, int):
+            try:
+                os.kill(pid, 0)
+                alive = True
+            except ProcessLookupError:
+                pass
+    return alive

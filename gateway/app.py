@@ -440,6 +440,7 @@ class Gateway:
                     handler,
                     p.retry_policy,
                     lane=name,
+                    alone=self.cfg.destinations[name].one_at_a_time,
                     on_outcome=outcome,
                     idle_wait=idle,
                     lease_seconds=lease,

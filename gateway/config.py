@@ -299,6 +299,9 @@ class Destination(_Strict):
     dicom: DicomDestination | None = None
     hl7: HL7Destination | None = None
     retry: RetryPolicyConfig = RetryPolicyConfig()
+    # one delivery at a time to this destination across every process and node (a peer
+    # that takes one association, or needs its messages one after the other)
+    one_at_a_time: bool = False
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:

@@ -74,6 +74,7 @@ class Worker:
         retry_policy: Callable[[Job], RetryDecider],
         *,
         lane: str | None = None,
+        alone: bool = False,
         lease_seconds: float = 60.0,
         idle_wait: float = 0.25,
         on_outcome: Callable[[Job, str], None] | None = None,
@@ -87,6 +88,7 @@ class Worker:
         self.handler = handler
         self.retry_policy = retry_policy
         self.lane = lane
+        self.alone = alone  # one job of the lane at a time, site-wide
         self.lease_seconds = lease_seconds
         self.idle_wait = idle_wait
         self.on_outcome = on_outcome
@@ -130,7 +132,12 @@ class Worker:
     def run_once(self) -> bool:
         """Lease and process one job; False when none was ready."""
         job = self.queue.lease(
-            self.stages, self.identity, self.lease_seconds, self.clock(), lane=self.lane
+            self.stages,
+            self.identity,
+            self.lease_seconds,
+            self.clock(),
+            lane=self.lane,
+            alone=self.alone,
         )
         if job is None:
             return False

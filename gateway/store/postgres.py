@@ -247,6 +247,17 @@ SQL: dict[str, str] = {
     " AND stage = ANY(%(stages)s::text[]) AND lane = %(lane)s AND run_at <= %(now)s"
     " ORDER BY run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
     " RETURNING *",
+    # a lane that takes one delivery at a time: lease attempts in it take turns (the lock
+    # goes with the transaction) and take a job only while none of the lane is leased
+    "lock_lane": "SELECT pg_advisory_xact_lock(hashtext('gateway-lane:' || %(lane)s))",
+    "lease_in_lane_alone": "UPDATE jobs SET state = 'leased', lease_token = %(token)s,"
+    " lease_expires = %(expires)s, worker = %(worker)s, attempts = attempts + 1,"
+    " updated_at = %(now)s"
+    " WHERE id = (SELECT id FROM jobs WHERE state = 'ready'"
+    " AND stage = ANY(%(stages)s::text[]) AND lane = %(lane)s AND run_at <= %(now)s"
+    " AND NOT EXISTS (SELECT 1 FROM jobs l WHERE l.lane = %(lane)s AND l.state = 'leased')"
+    " ORDER BY run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+    " RETURNING *",
     "dead_letter_unreadable": "UPDATE jobs SET state = 'dead', lease_token = NULL,"
     " last_error = %s WHERE id = %s AND lease_token = %s",
     "check_lease": "SELECT 1 FROM jobs WHERE id = %s AND state = 'leased'"
@@ -692,11 +703,13 @@ class PostgresQueue:
         now: float,
         *,
         lane: str | None = None,
+        alone: bool = False,
     ) -> Job | None:
         """Take the next due job of *stages* (in *lane*, when given) in one statement,
-        skipping rows other transactions hold.  A job whose payload no worker can read
-        becomes a dead letter saying why (a second statement, guarded by the token just
-        taken), and the lease moves on to the next."""
+        skipping rows other transactions hold.  *alone*: in one transaction that first
+        takes the lane's advisory lock, so two nodes cannot both find the lane free.  A job
+        whose payload no worker can read becomes a dead letter saying why (a second
+        statement, guarded by the token just taken), and the lease moves on to the next."""
         params: dict[str, Any] = {
             "token": secrets.token_hex(8),
             "expires": now + seconds,
@@ -706,8 +719,13 @@ class PostgresQueue:
             "lane": lane,
         }
         sql = SQL["lease"] if lane is None else SQL["lease_in_lane"]
+        alone = alone and lane is not None
+        if alone:
+            sql = SQL["lease_in_lane_alone"]
 
         def body(cur: Cursor) -> Job | None:
+            if alone:
+                cur.execute(SQL["lock_lane"], params)
             while True:
                 row = cur.execute(sql, params).fetchone()
                 if row is None:
@@ -722,7 +740,7 @@ class PostgresQueue:
                         (f"unreadable job payload: {exc}"[:2000], job.id, job.lease_token),
                     )
 
-        return self._write(body, single=True)
+        return self._write(body, single=not alone)
 
     def _check_lease(self, cur: Cursor, job: Job) -> None:
         """Lock the job's row if it is still leased with *job*'s token; else LeaseLost."""

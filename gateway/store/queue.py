@@ -140,8 +140,11 @@ class Queue(Protocol):
         now: float,
         *,
         lane: str | None = None,
+        alone: bool = False,
     ) -> Job | None:
-        """The next due job of *stages* (in *lane* when given), leased to *worker*."""
+        """The next due job of *stages* (in *lane* when given), leased to *worker*.
+        *alone* (with a lane): only while no other job of the lane is leased, by any
+        process of any node (a destination that takes one delivery at a time)."""
         ...
 
     def heartbeat(self, job: Job, seconds: float, now: float) -> Job: ...

@@ -420,11 +420,20 @@ class SQLiteQueue:
         now: float,
         *,
         lane: str | None = None,
+        alone: bool = False,
     ) -> Job | None:
         """Take the next ready job of the given stages (and *lane*, when given) in one
-        statement: no gap between choosing and taking."""
+        statement: no gap between choosing and taking.  *alone*: only while no job of the
+        lane is leased (writers take turns, so the check and the take cannot interleave)."""
         marks = ",".join("?" for _ in stages)
-        lane_sql, lane_params = ("AND lane = ?", (lane,)) if lane is not None else ("", ())
+        lane_sql = ""
+        lane_params: tuple[str, ...] = ()
+        if lane is not None:
+            lane_sql, lane_params = "AND lane = ?", (lane,)
+        if alone and lane is not None:
+            lane_sql += " AND NOT EXISTS (SELECT 1 FROM jobs l WHERE l.lane = ?"
+            lane_sql += " AND l.state = 'leased')"
+            lane_params = (lane, lane)
         token = secrets.token_hex(8)
         with self._tx() as db:
             while True:

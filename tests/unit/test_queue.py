@@ -5,6 +5,7 @@ one engine has (SQLite's schema and file) is tested beside it: ``test_sqlite_que
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -600,3 +601,59 @@ def test_one_holder_at_a_time_of_a_site_wide_lock(queue: Queue) -> None:
             assert theirs
     finally:
         other.close()
+
+
+def test_a_lane_that_takes_one_delivery_at_a_time_leases_one_job_site_wide(
+    queue: Queue,
+) -> None:
+    """*alone*: while a job of the lane is leased (here by another node's connection), no
+    other job of the lane is leased; other lanes go on; once it is done, the next goes."""
+    other = reopen_test_queue(queue)
+    try:
+        first = queue.enqueue(Stage.DELIVER, "ehr|a", 1.0, any_payload(Stage.DELIVER), lane="ehr")
+        second = queue.enqueue(Stage.DELIVER, "ehr|b", 1.0, any_payload(Stage.DELIVER), lane="ehr")
+        queue.enqueue(Stage.DELIVER, "pacs|a", 1.0, any_payload(Stage.DELIVER), lane="pacs")
+        held = other.lease([Stage.DELIVER], "node-b", 30, now=2.0, lane="ehr", alone=True)
+        assert held is not None and held.id == first
+        assert queue.lease([Stage.DELIVER], "node-a", 30, now=2.0, lane="ehr", alone=True) is None
+        pacs = queue.lease([Stage.DELIVER], "node-a", 30, now=2.0, lane="pacs", alone=True)
+        assert pacs is not None and pacs.subject == "pacs|a"
+        # without *alone* a lane is not exclusive (the default: one worker per process)
+        free = queue.lease([Stage.DELIVER], "node-a", 30, now=2.0, lane="ehr")
+        assert free is not None and free.id == second
+        queue.fail(free, "put back", retry_at=2.0, now=2.0)
+        other.complete(held, now=3.0)
+        nxt = queue.lease([Stage.DELIVER], "node-a", 30, now=4.0, lane="ehr", alone=True)
+        assert nxt is not None and nxt.id == second
+    finally:
+        other.close()
+
+
+def test_two_nodes_racing_for_a_one_at_a_time_lane_never_both_win(queue: Queue) -> None:
+    """Several connections lease in the same lane at once, many times: at no moment are two
+    jobs of the lane leased."""
+    others = [reopen_test_queue(queue) for _ in range(3)]
+    try:
+        for i in range(12):
+            queue.enqueue(Stage.DELIVER, f"ehr|{i}", 1.0, any_payload(Stage.DELIVER), lane="ehr")
+        barrier = threading.Barrier(len(others))
+        won: list[list[int]] = [[] for _ in others]
+
+        def race(k: int, q: Queue) -> None:
+            for _ in range(4):
+                barrier.wait(timeout=10)
+                job = q.lease([Stage.DELIVER], f"node-{k}", 30, now=2.0, lane="ehr", alone=True)
+                barrier.wait(timeout=10)
+                if job is not None:
+                    won[k].append(job.id)
+                    q.complete(job, now=3.0)
+
+        threads = [threading.Thread(target=race, args=(k, q)) for k, q in enumerate(others)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sum(len(w) for w in won) == 4  # exactly one winner per round
+    finally:
+        for q in others:
+            q.close()

@@ -37,9 +37,9 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -173,7 +173,7 @@ class Supervisor:
         self.started = False
         self.stopping = False
         self._signals: list[int] = []
-        self.metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        self.metrics_dir = metrics_dir(cfg.data_dir)
         self.metrics = Metrics(children_dir=self.metrics_dir)
         self.store: Store | None = None
         self.http: HealthServer | None = None
@@ -516,6 +516,32 @@ class Supervisor:
 
 
 # --- the child side ---------------------------------------------------------------------
+
+
+def metrics_dir(data_dir: Path) -> str:
+    """This supervisor's folder for its children's metric files: ``data_dir/metrics/PID``
+    (mode 0700).  The folders of supervisors that are gone (a ``kill -9`` leaves its
+    folder behind) are removed first; those of another gateway running on the same data
+    dir (``--role ingest`` beside ``--role worker``) are left alone."""
+    root = data_dir / "metrics"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for old in root.iterdir():
+        if old.name.isdigit() and not _alive(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = root / str(os.getpid())
+    shutil.rmtree(mine, ignore_errors=True)  # a pid reused after a reboot
+    mine.mkdir(mode=0o700)
+    return str(mine)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def die_with_parent(parent_pid: int) -> None:

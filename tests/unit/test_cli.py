@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from gateway.envelope import JobState, Stage
 from gateway.security.crypto import KeyStore, Sealer
 from gateway.store.sqlite import SCHEMA_VERSION, SQLiteQueue
 from gateway.store.store import Store
+from gateway.supervisor import metrics_dir
 from tests.queues import any_payload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -457,3 +461,17 @@ def test_a_database_made_by_a_newer_gateway_is_refused_naming_both_versions(
     rc, _, err = run(capsys, "db", "migrate", "-c", str(config))
     assert rc == 1
     assert f"has schema {SCHEMA_VERSION + 1}, newer than this gateway's {SCHEMA_VERSION}" in err
+
+
+def test_the_metrics_folder_of_a_supervisor_that_is_gone_is_removed(tmp_path: Path) -> None:
+    """A kill -9 leaves a supervisor's metrics folder behind: the next start removes it,
+    and leaves the folder of a gateway still running on the same data dir."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    root = tmp_path / "metrics"
+    (root / str(gone.pid)).mkdir(parents=True)
+    (root / str(gone.pid) / "counter_1.db").write_bytes(b"x")
+    (root / str(os.getppid())).mkdir()  # alive: another gateway's
+    mine = Path(metrics_dir(tmp_path))
+    assert mine == root / str(os.getpid()) and mine.is_dir()
+    assert not (root / str(gone.pid)).exists() and (root / str(os.getppid())).exists()

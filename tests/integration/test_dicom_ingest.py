@@ -135,11 +135,16 @@ def test_instance_without_study_uid_is_refused(gateway: GatewayProcess, tmp_path
     assert _send_raw(gateway.dicom_port, f) == 0xC211
 
 
+# the quiet period: long enough for `gateway queue status` to start and answer before it
+# ends, on a loaded machine (the CLI imports the whole gateway)
+QUIET = 4
+
+
 def test_study_completes_after_quiet_period_and_reopens_for_a_late_instance(
     tmp_path: Path,
 ) -> None:
     gw = GatewayProcess(
-        write_config(tmp_path, dicom={"study_complete_after": 1}), tmp_path / "gateway.log"
+        write_config(tmp_path, dicom={"study_complete_after": QUIET}), tmp_path / "gateway.log"
     ).start()
     try:
         files = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=3, rows=64, cols=64)])
@@ -148,7 +153,7 @@ def test_study_completes_after_quiet_period_and_reopens_for_a_late_instance(
         )
         status = json.loads(gw.cli("queue", "status", "--json").stdout)
         assert status["studies"] == {"open": 1}
-        time.sleep(2.5)
+        time.sleep(QUIET + 1.5)
         status = json.loads(gw.cli("queue", "status", "--json").stdout)
         assert status["studies"] == {"complete": 1}
         # routed at once: no route matches in this config, so it is stored, not processed
@@ -157,7 +162,7 @@ def test_study_completes_after_quiet_period_and_reopens_for_a_late_instance(
         assert (
             run_dcmtk(storescu_args(files[2:], port=gw.dicom_port, aet="STORESCU")).returncode == 0
         )
-        time.sleep(2.5)
+        time.sleep(QUIET + 1.5)
         store = open_store(gw)
         try:
             study_key = store.keys.index("study", str(dcmread(files[0]).StudyInstanceUID))
@@ -217,8 +222,9 @@ def test_a_caller_allowed_by_host_name_is_accepted(tmp_path: Path) -> None:
         write_config(tmp_path, dicom={"allowed_callers": callers}), tmp_path / "gateway.log"
     ).start()
     try:
-        r = run_dcmtk(["echoscu", "-aet", "NAMED", "-aec", "AI_GATEWAY", "127.0.0.1",
-                       str(gw.dicom_port)])
+        r = run_dcmtk(
+            ["echoscu", "-aet", "NAMED", "-aec", "AI_GATEWAY", "127.0.0.1", str(gw.dicom_port)]
+        )
         assert r.returncode == 0, r.stderr
     finally:
         gw.stop()

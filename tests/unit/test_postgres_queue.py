@@ -15,11 +15,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
+from gateway.config import read_config
 from gateway.envelope import InferPayload, JobState, Kind, NextJob, RoutePayload, Stage
 from gateway.errors import ConfigError, QueueUnavailable
 from gateway.store import postgres
-from gateway.store.backend import open_queue
+from gateway.store.backend import _dsn, database_label, database_password, open_queue
 from gateway.store.postgres import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -464,3 +466,22 @@ def test_a_missing_postgresql_skips_locally_and_fails_under_ci(
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="PostgreSQL is required under CI"):
         pg._unavailable("no initdb")
+
+
+def test_the_password_file_reaches_libpq_and_no_message(tmp_path: Path) -> None:
+    """``gateway.database_password_file``: its content is the connection's password; every
+    message names the database by host, port and name only."""
+    (tmp_path / "pw").write_text("s3cret-pw\n")
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "gateway:\n  database: postgresql://gw@db.example:6543/gateway\n"
+        "  database_password_file: pw\n"
+        "dicom:\n  allowed_callers: [{ae_title: PACS, hosts: [127.0.0.1]}]\n"
+        "hl7:\n  allowed_senders: [{application: EHR, facility: HOSP, hosts: [127.0.0.1]}]\n"
+    )
+    cfg = read_config(config)
+    password = database_password(cfg)
+    assert password == "s3cret-pw"
+    assert conninfo_to_dict(_dsn(str(cfg.gateway.database), password))["password"] == "s3cret-pw"
+    label = database_label(cfg.gateway.database, cfg.data_dir)
+    assert label == "db.example:6543/gateway" and "s3cret" not in label

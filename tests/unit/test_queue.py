@@ -657,3 +657,42 @@ def test_two_nodes_racing_for_a_one_at_a_time_lane_never_both_win(queue: Queue) 
     finally:
         for q in others:
             q.close()
+
+
+# --- retention ----------------------------------------------------------------------------
+
+
+def _run_all(queue: Queue, now: float) -> None:
+    while (job := queue.lease(list(Stage), "w", 30, now=now)) is not None:
+        queue.complete(job, now=now)
+
+
+def test_purge_deletes_old_finished_work_with_its_spool_keys_and_keeps_what_is_busy(
+    queue: Queue,
+) -> None:
+    """The same retention plan on every engine: a done study and a done message go, with
+    the spool keys of their envelopes and of their jobs' payloads; a study with a job
+    still waiting stays; a dry run deletes nothing and reports the same."""
+    result_key = "1700000000-" + "a" * 32
+    queue.record_instance(instance("1", study="old"), b"attrs-old", QUIET)
+    queue.record_instance(instance("2", study="busy"), b"attrs-busy", QUIET)
+    msg = message("M1")
+    queue.record_message(msg, b"sealed", b"attrs", b"ACK")
+    queue.complete_due_studies(now=200.0)
+    _run_all(queue, now=201.0)
+    build = BuildPayload("m", Kind.DICOM, "old", result=result_key)
+    queue.enqueue(Stage.BUILD, "m|old", 202.0, build)
+    _run_all(queue, now=202.0)
+    queue.enqueue(Stage.DELIVER, "pacs|busy", 9999.0, any_payload(Stage.DELIVER))
+
+    dry = queue.purge_rows(1000.0, dry_run=True)
+    assert (dry.studies, dry.messages, dry.kept) == (["old"], [msg.id], 1)
+    assert set(dry.spool_keys) == {"spool-1", result_key}
+    assert [attrs for _, attrs in dry.study_attrs] == [b"attrs-old"]
+    assert queue.study("old") is not None  # nothing deleted
+    done = queue.purge_rows(1000.0)
+    assert (done.studies, done.messages, done.kept, done.envelopes) == (["old"], [msg.id], 1, 2)
+    assert set(done.spool_keys) == {"spool-1", result_key}
+    assert [attrs for _, attrs in done.study_attrs] == [b"attrs-old"]
+    assert queue.study("old") is None and queue.find("hl7:M1") is None
+    assert queue.study("busy") is not None and queue.find("dicom:2") is not None

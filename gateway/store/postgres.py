@@ -55,7 +55,14 @@ from gateway.envelope import (
     payload_json,
 )
 from gateway.errors import QueueUnavailable
-from gateway.store.queue import SUPERSEDED, Ack, LeaseLost, PurgedRows, StudyInfo
+from gateway.store.queue import (
+    SUPERSEDED,
+    Ack,
+    LeaseLost,
+    PurgedRows,
+    StudyInfo,
+    plan_purge,
+)
 from gateway.store.spool import SPOOL_KEY
 
 T = TypeVar("T")
@@ -967,37 +974,24 @@ class PostgresQueue:
         subjects; a study sent again since the snapshot is kept.
         """
         with self._read() as cur:
-            busy = {
-                str(r["subject"]).rsplit("|", 1)[-1]
-                for r in cur.execute(SQL["busy_subjects"]).fetchall()
-            }
-            studies = [
-                str(r["study_key"])
-                for r in cur.execute(SQL["purgeable_studies"], (cutoff,)).fetchall()
-            ]
-            messages = [
-                str(r["id"]) for r in cur.execute(SQL["purgeable_messages"], (cutoff,)).fetchall()
-            ]
-            targets = {t for t in [*studies, *messages] if t not in busy}
-            jobs: dict[str, list[int]] = {}
-            keys: dict[str, list[str]] = {}
-            for r in cur.execute(SQL["done_jobs"]).fetchall():
-                target = str(r["subject"]).rsplit("|", 1)[-1]
-                if target in targets:
-                    jobs.setdefault(target, []).append(int(r["id"]))
-                    keys.setdefault(target, []).extend(SPOOL_KEY.findall(str(r["payload"])))
-        out = PurgedRows(
-            studies=[s for s in studies if s in targets],
-            messages=[m for m in messages if m in targets],
-            kept=len(studies) + len(messages) - len(targets),
-        )
+            plan = plan_purge(
+                (str(r["subject"]) for r in cur.execute(SQL["busy_subjects"]).fetchall()),
+                [
+                    str(r["study_key"])
+                    for r in cur.execute(SQL["purgeable_studies"], (cutoff,)).fetchall()
+                ],
+                [
+                    str(r["id"])
+                    for r in cur.execute(SQL["purgeable_messages"], (cutoff,)).fetchall()
+                ],
+                (
+                    (int(r["id"]), str(r["subject"]), str(r["payload"]))
+                    for r in cur.execute(SQL["done_jobs"]).fetchall()
+                ),
+            )
         if dry_run:
-            out.study_attrs = [self._first_attrs(s) for s in out.studies]
-            for target in out.studies:
-                out.spool_keys += [e.spool_key for e in self.study_envelopes(target) if e.spool_key]
-            for target in targets:
-                out.spool_keys += keys.get(target, [])
-            return out
+            return plan.dry_run(self._first_attrs, self.study_envelopes)
+        out, jobs, keys = plan.rows, plan.jobs, plan.keys
         ordered = [*out.studies, *out.messages]
         study_keys = set(out.studies)
         for start in range(0, len(ordered), chunk):

@@ -31,13 +31,14 @@ What every engine guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from gateway.envelope import Envelope, Job, Kind, NextJob, Payload, Stage
 from gateway.errors import QueueUnavailable
+from gateway.store.spool import SPOOL_KEY
 
 SUPERSEDED = "superseded: a newer job for the same subject is waiting"
 
@@ -78,6 +79,61 @@ class PurgedRows:
     spool_keys: list[str] = field(default_factory=list)
     #: (envelope id, sealed attributes) of one instance per deleted study, for the audit
     study_attrs: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class PurgePlan:
+    """What a retention pass found to delete, before it deletes anything: the same for
+    every engine (:func:`plan_purge`); each engine then deletes in its own transactions."""
+
+    rows: PurgedRows  # the studies and messages to delete, and how many are kept
+    jobs: dict[str, list[int]]  # per study key or message id: its done jobs
+    keys: dict[str, list[str]]  # per study key or message id: spool keys its jobs name
+
+    def dry_run(
+        self,
+        first_attrs: Callable[[str], tuple[str, bytes]],
+        study_envelopes: Callable[[str], list[Envelope]],
+    ) -> PurgedRows:
+        """The rows as a dry run reports them: what a real pass would delete."""
+        out = self.rows
+        out.study_attrs = [first_attrs(s) for s in out.studies]
+        for target in out.studies:
+            out.spool_keys += [e.spool_key for e in study_envelopes(target) if e.spool_key]
+        for target in [*out.studies, *out.messages]:
+            out.spool_keys += self.keys.get(target, [])
+        return out
+
+
+def job_target(subject: str) -> str:
+    """The study key or message id a job works on (``dest|model|target`` -> ``target``)."""
+    return subject.rsplit("|", 1)[-1]
+
+
+def plan_purge(
+    busy_subjects: Iterable[str],
+    studies: list[str],
+    messages: list[str],
+    done_jobs: Iterable[tuple[int, str, str]],
+) -> PurgePlan:
+    """Which of the old enough *studies* and *messages* a pass may delete: those with no
+    job that is not done (*busy_subjects*); with the (id, subject, payload) of the
+    *done_jobs*, each target's jobs and the spool keys their payloads name."""
+    busy = {job_target(s) for s in busy_subjects}
+    targets = {t for t in [*studies, *messages] if t not in busy}
+    jobs: dict[str, list[int]] = {}
+    keys: dict[str, list[str]] = {}
+    for job_id, subject, payload in done_jobs:
+        target = job_target(subject)
+        if target in targets:
+            jobs.setdefault(target, []).append(job_id)
+            keys.setdefault(target, []).extend(SPOOL_KEY.findall(payload))
+    rows = PurgedRows(
+        studies=[s for s in studies if s in targets],
+        messages=[m for m in messages if m in targets],
+        kept=len(studies) + len(messages) - len(targets),
+    )
+    return PurgePlan(rows, jobs, keys)
 
 
 class Queue(Protocol):

@@ -31,7 +31,7 @@ from gateway.envelope import (
     payload_json,
 )
 from gateway.errors import QueueUnavailable
-from gateway.store.queue import SUPERSEDED, Ack, LeaseLost, PurgedRows, StudyInfo
+from gateway.store.queue import SUPERSEDED, Ack, LeaseLost, PurgedRows, StudyInfo, plan_purge
 from gateway.store.spool import SPOOL_KEY
 
 SCHEMA_VERSION = 3
@@ -740,46 +740,37 @@ class SQLiteQueue:
         subjects, so ingest waits for one short transaction at a time.
         """
         with self._lock:
-            busy = {
-                str(r["subject"]).rsplit("|", 1)[-1]
-                for r in self._db.execute("SELECT subject FROM jobs WHERE state != 'done'")
-            }
-            studies = [
-                str(r["study_key"])
-                for r in self._db.execute(
-                    "SELECT study_key FROM studies WHERE state = 'complete' AND last_at < ?"
-                    " ORDER BY last_at",
-                    (cutoff,),
-                )
-            ]
-            messages = [
-                str(r["id"])
-                for r in self._db.execute(
-                    "SELECT id FROM envelopes WHERE kind = 'hl7' AND received_at < ?"
-                    " ORDER BY received_at",
-                    (cutoff,),
-                )
-            ]
-            targets = {t for t in [*studies, *messages] if t not in busy}
-            jobs: dict[str, list[int]] = {}
-            keys: dict[str, list[str]] = {}
-            for r in self._db.execute("SELECT id, subject, payload FROM jobs WHERE state = 'done'"):
-                target = str(r["subject"]).rsplit("|", 1)[-1]
-                if target in targets:
-                    jobs.setdefault(target, []).append(int(r["id"]))
-                    keys.setdefault(target, []).extend(SPOOL_KEY.findall(str(r["payload"])))
-        out = PurgedRows(
-            studies=[s for s in studies if s in targets],
-            messages=[m for m in messages if m in targets],
-            kept=len(studies) + len(messages) - len(targets),
-        )
+            plan = plan_purge(
+                (
+                    str(r[0])
+                    for r in self._db.execute("SELECT subject FROM jobs WHERE state != 'done'")
+                ),
+                [
+                    str(r["study_key"])
+                    for r in self._db.execute(
+                        "SELECT study_key FROM studies WHERE state = 'complete' AND last_at < ?"
+                        " ORDER BY last_at",
+                        (cutoff,),
+                    )
+                ],
+                [
+                    str(r["id"])
+                    for r in self._db.execute(
+                        "SELECT id FROM envelopes WHERE kind = 'hl7' AND received_at < ?"
+                        " ORDER BY received_at",
+                        (cutoff,),
+                    )
+                ],
+                (
+                    (int(r["id"]), str(r["subject"]), str(r["payload"]))
+                    for r in self._db.execute(
+                        "SELECT id, subject, payload FROM jobs WHERE state = 'done'"
+                    )
+                ),
+            )
         if dry_run:
-            out.study_attrs = [self._first_attrs(s) for s in out.studies]
-            for target in out.studies:
-                out.spool_keys += [e.spool_key for e in self.study_envelopes(target) if e.spool_key]
-            for target in targets:
-                out.spool_keys += keys.get(target, [])
-            return out
+            return plan.dry_run(self._first_attrs, self.study_envelopes)
+        out, jobs, keys = plan.rows, plan.jobs, plan.keys
         ordered = [*out.studies, *out.messages]
         study_keys = set(out.studies)
         for start in range(0, len(ordered), chunk):

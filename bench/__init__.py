@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,27 @@ def scratch_dir(prefix: str) -> Path:
     so fsync costs compare)."""
     OUT.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=OUT))
+
+
+def cached_data(
+    name: str, count: int, what: str, make: Callable[[Path], list[Path]]
+) -> list[Path]:
+    """*count* files made once by *make(folder)* into ``bench/out/NAME/`` (a manifest
+    lists them) and reused by later runs while every file is still there."""
+    folder = OUT / name
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        paths = [folder / n for n in json.loads(manifest.read_text())]
+        if len(paths) == count and all(p.exists() for p in paths):
+            log(f"using cached series {folder} ({count} files)")
+            return paths
+    shutil.rmtree(folder, ignore_errors=True)
+    log(f"generating {count} {what} into {folder} ...")
+    t0 = time.perf_counter()
+    paths = make(folder)
+    manifest.write_text(json.dumps([p.name for p in paths]))
+    log(f"  done in {time.perf_counter() - t0:.1f}s")
+    return paths
 
 
 def gateway_command() -> list[str]:

@@ -33,7 +33,7 @@ from typing import Any
 from bench import (
     CALLING_AE,
     GATEWAY_AE,
-    OUT,
+    cached_data,
     gateway_command,
     log,
     machine,
@@ -102,20 +102,9 @@ HEADERS = ["peer", "instances", "seconds", "inst/s", "MB/s", "storescu", "stored
 
 def cached_series(count: int) -> list[Path]:
     """The benchmark series, generated once into bench/out/ct-<count>/ and reused."""
-    folder = OUT / f"ct-{count}"
-    manifest = folder / "manifest.json"
-    if manifest.exists():
-        paths = [folder / name for name in json.loads(manifest.read_text())]
-        if len(paths) == count and all(p.exists() for p in paths):
-            log(f"using cached series {folder} ({count} files)")
-            return paths
-    shutil.rmtree(folder, ignore_errors=True)
-    log(f"generating {count} CT slices 512x512 into {folder} ...")
-    t0 = time.perf_counter()
-    paths = make_ct_series(folder, count=count)
-    manifest.write_text(json.dumps([p.name for p in paths]))
-    log(f"  done in {time.perf_counter() - t0:.1f}s")
-    return paths
+    return cached_data(
+        f"ct-{count}", count, "CT slices 512x512", lambda f: make_ct_series(f, count=count)
+    )
 
 
 def megabytes(paths: list[Path]) -> float:

@@ -62,8 +62,8 @@ from typing import Any
 from bench import (
     CALLING_AE,
     GATEWAY_AE,
-    OUT,
     GatewayProcess,
+    cached_data,
     log,
     machine,
     median,
@@ -145,22 +145,13 @@ HEADERS = ["data", "assoc", "peer", "instances", "seconds", "inst/s", "MB/s", "s
 
 def cached_mr(count: int) -> list[Path]:
     """An MR series of ``count`` 64x64 instances, generated once into bench/out/mr-<count>/."""
-    folder = OUT / f"mr-{count}"
-    manifest = folder / "manifest.json"
-    if manifest.exists():
-        paths = [folder / name for name in json.loads(manifest.read_text())]
-        if len(paths) == count and all(p.exists() for p in paths):
-            log(f"using cached series {folder} ({count} files)")
-            return paths
-    shutil.rmtree(folder, ignore_errors=True)
-    log(f"generating {count} MR instances 64x64 into {folder} ...")
-    t0 = time.perf_counter()
-    paths = make_study(folder, patient_id="PID-BENCH-MR", accession="ACCBENCHMR",
-                       series=[SeriesSpec("MR", count, 64, 64, body_part="BRAIN",
-                                          description="MR BENCH 64x64")])
-    manifest.write_text(json.dumps([p.name for p in paths]))
-    log(f"  done in {time.perf_counter() - t0:.1f}s")
-    return paths
+    spec = SeriesSpec("MR", count, 64, 64, body_part="BRAIN", description="MR BENCH 64x64")
+    return cached_data(
+        f"mr-{count}",
+        count,
+        "MR instances 64x64",
+        lambda f: make_study(f, patient_id="PID-BENCH-MR", accession="ACCBENCHMR", series=[spec]),
+    )
 
 
 def split(paths: Sequence[Path], parts: int) -> list[list[Path]]:

@@ -14,7 +14,7 @@ import functools
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 
 class Kind(enum.StrEnum):
@@ -36,6 +36,13 @@ class JobState(enum.StrEnum):
     LEASED = "leased"
     DONE = "done"
     DEAD = "dead"
+
+
+class Row(Protocol):
+    """A database row read by column name (sqlite3.Row, psycopg's dict rows): what the
+    queue engines hand :meth:`Envelope.from_row` and :meth:`Job.from_row`."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
 
 
 def new_id() -> str:
@@ -61,6 +68,22 @@ class Envelope:
     size: int = 0
     attrs: dict[str, Any] = field(default_factory=dict)
     late: bool = False  # an instance that reopened its complete study
+
+    @classmethod
+    def from_row(cls, row: Row) -> Envelope:
+        """An envelope from its row in the ``envelopes`` table (the same columns on every
+        engine); its attributes stay sealed in the row."""
+        return cls(
+            id=row["id"],
+            kind=Kind(row["kind"]),
+            source=row["source"],
+            received_at=row["received_at"],
+            dedup_key=row["dedup_key"],
+            spool_key=row["spool_key"],
+            study_key=row["study_key"],
+            size=row["size"],
+            late=bool(row["late"]),
+        )
 
     def replace(self, **changes: Any) -> Envelope:
         return dataclasses.replace(self, **changes)
@@ -184,6 +207,25 @@ class Job:
     lane: str = ""
     first_failed_at: float | None = None
     worker: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Job:
+        """A job from its row in the ``jobs`` table (the same columns on every engine)."""
+        return cls(
+            id=int(row["id"]),
+            stage=Stage(row["stage"]),
+            subject=row["subject"],
+            state=JobState(row["state"]),
+            attempts=row["attempts"],
+            run_at=row["run_at"],
+            lease_token=row["lease_token"],
+            lease_expires=row["lease_expires"],
+            last_error=row["last_error"],
+            payload_text=row["payload"],
+            lane=row["lane"],
+            first_failed_at=row["first_failed_at"],
+            worker=row["worker"],
+        )
 
     @functools.cached_property
     def payload(self) -> Payload:

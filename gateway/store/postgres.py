@@ -45,7 +45,6 @@ from psycopg_pool import ConnectionPool
 from gateway.envelope import (
     Envelope,
     Job,
-    JobState,
     Kind,
     NextJob,
     Payload,
@@ -683,7 +682,7 @@ class PostgresQueue:
     def study_envelopes(self, study_key: str) -> list[Envelope]:
         with self._read() as cur:
             rows = cur.execute(SQL["study_envelopes"], (study_key,)).fetchall()
-        return [_envelope(r) for r in rows]
+        return [Envelope.from_row(r) for r in rows]
 
     # --- jobs --------------------------------------------------------------------------
 
@@ -737,7 +736,7 @@ class PostgresQueue:
                 row = cur.execute(sql, params).fetchone()
                 if row is None:
                     return None
-                job = _job(row)
+                job = Job.from_row(row)
                 try:
                     job.payload  # noqa: B018 (read now: a job no worker can read is dead)
                     return job
@@ -761,7 +760,7 @@ class PostgresQueue:
             ).fetchone()
             if row is None:
                 raise _lease_lost(job)
-            return _job(row)
+            return Job.from_row(row)
 
         return self._write(body, single=True)
 
@@ -918,7 +917,11 @@ class PostgresQueue:
         if row is None:
             raise KeyError(envelope_id)
         inline = row["inline_blob"]
-        return _envelope(row), bytes(row["attrs"]), None if inline is None else bytes(inline)
+        return (
+            Envelope.from_row(row),
+            bytes(row["attrs"]),
+            None if inline is None else bytes(inline),
+        )
 
     def envelopes(self, kind: Kind | None = None) -> list[Envelope]:
         with self._read() as cur:
@@ -926,17 +929,17 @@ class PostgresQueue:
                 rows = cur.execute(SQL["envelopes"]).fetchall()
             else:
                 rows = cur.execute(SQL["envelopes_of_kind"], (kind.value,)).fetchall()
-        return [_envelope(r) for r in rows]
+        return [Envelope.from_row(r) for r in rows]
 
     def job(self, job_id: int) -> Job | None:
         with self._read() as cur:
             row = cur.execute(SQL["job"], (job_id,)).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else Job.from_row(row)
 
     def dead_jobs(self) -> list[Job]:
         with self._read() as cur:
             rows = cur.execute(SQL["dead_jobs"]).fetchall()
-        return [_job(r) for r in rows]
+        return [Job.from_row(r) for r in rows]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Counts for ``gateway queue status``: received objects, studies, jobs by stage/state."""
@@ -1168,35 +1171,3 @@ def _purge_chunk(
         cur.execute(SQL["delete_study"], (target,))
         out.envelopes += len(ids)
     return out
-
-
-def _job(row: DictRow) -> Job:
-    return Job(
-        id=int(row["id"]),
-        stage=Stage(row["stage"]),
-        subject=row["subject"],
-        state=JobState(row["state"]),
-        attempts=row["attempts"],
-        run_at=row["run_at"],
-        lease_token=row["lease_token"],
-        lease_expires=row["lease_expires"],
-        last_error=row["last_error"],
-        payload_text=row["payload"],
-        lane=row["lane"],
-        first_failed_at=row["first_failed_at"],
-        worker=row["worker"],
-    )
-
-
-def _envelope(row: DictRow) -> Envelope:
-    return Envelope(
-        id=row["id"],
-        kind=Kind(row["kind"]),
-        source=row["source"],
-        received_at=row["received_at"],
-        dedup_key=row["dedup_key"],
-        spool_key=row["spool_key"],
-        study_key=row["study_key"],
-        size=row["size"],
-        late=bool(row["late"]),
-    )

@@ -21,7 +21,6 @@ from typing import Any
 from gateway.envelope import (
     Envelope,
     Job,
-    JobState,
     Kind,
     NextJob,
     Payload,
@@ -456,7 +455,7 @@ class SQLiteQueue:
                 ).fetchone()
                 if row is None:
                     return None
-                job = _job(row)
+                job = Job.from_row(row)
                 try:
                     job.payload  # noqa: B018 (read now: a job no worker can read is dead)
                     return job
@@ -478,7 +477,7 @@ class SQLiteQueue:
         return row
 
     def heartbeat(self, job: Job, seconds: float, now: float) -> Job:
-        return _job(
+        return Job.from_row(
             self._guarded(
                 job, "UPDATE jobs SET lease_expires = ?, updated_at = ?", (now + seconds, now)
             )
@@ -654,7 +653,7 @@ class SQLiteQueue:
             rows = self._db.execute(
                 "SELECT * FROM envelopes WHERE study_key = ? ORDER BY received_at", (study_key,)
             ).fetchall()
-        return [_envelope(r) for r in rows]
+        return [Envelope.from_row(r) for r in rows]
 
     # --- reading -----------------------------------------------------------------------
 
@@ -666,7 +665,7 @@ class SQLiteQueue:
             ).fetchone()
         if row is None:
             raise KeyError(envelope_id)
-        return _envelope(row), row["attrs"], row["inline_blob"]
+        return Envelope.from_row(row), row["attrs"], row["inline_blob"]
 
     def find(self, dedup_key: str) -> str | None:
         with self._lock:
@@ -683,7 +682,7 @@ class SQLiteQueue:
                 rows = self._db.execute(
                     "SELECT * FROM envelopes WHERE kind = ? ORDER BY received_at", (kind.value,)
                 ).fetchall()
-        return [_envelope(r) for r in rows]
+        return [Envelope.from_row(r) for r in rows]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Counts for ``gateway queue status``: received objects, studies, jobs by stage/state."""
@@ -718,14 +717,14 @@ class SQLiteQueue:
     def job(self, job_id: int) -> Job | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else Job.from_row(row)
 
     def dead_jobs(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE state = 'dead' ORDER BY id"
             ).fetchall()
-        return [_job(r) for r in rows]
+        return [Job.from_row(r) for r in rows]
 
     # --- retention ----------------------------------------------------------------------
 
@@ -859,35 +858,3 @@ class SQLiteQueue:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def _job(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row["id"],
-        stage=Stage(row["stage"]),
-        subject=row["subject"],
-        state=JobState(row["state"]),
-        attempts=row["attempts"],
-        run_at=row["run_at"],
-        lease_token=row["lease_token"],
-        lease_expires=row["lease_expires"],
-        last_error=row["last_error"],
-        payload_text=row["payload"],
-        lane=row["lane"],
-        first_failed_at=row["first_failed_at"],
-        worker=row["worker"],
-    )
-
-
-def _envelope(row: sqlite3.Row) -> Envelope:
-    return Envelope(
-        id=row["id"],
-        kind=Kind(row["kind"]),
-        source=row["source"],
-        received_at=row["received_at"],
-        dedup_key=row["dedup_key"],
-        spool_key=row["spool_key"],
-        study_key=row["study_key"],
-        size=row["size"],
-        late=bool(row["late"]),
-    )

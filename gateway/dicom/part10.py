@@ -15,6 +15,7 @@ skipped, never decoded).
 - :func:`header_end`: where the top-level elements up to a given tag end (the tolerant
   walk the header reader uses: it stops at the first element cut short).
 - :func:`mapped`: a file as a read-only memoryview (a memory map: nothing is copied).
+- :func:`encode_file_meta`: the file meta of a received instance, encoded.
 
 Imports only :mod:`gateway.errors` and the standard library.
 """
@@ -39,6 +40,7 @@ __all__ = [
     "Buffer",
     "FileMeta",
     "check_dataset",
+    "encode_file_meta",
     "has_explicit_vr",
     "header_end",
     "inflate",
@@ -307,3 +309,44 @@ def mapped(path: Path) -> Iterator[memoryview]:
             raise MalformedInput("empty file") from None
     with mm, memoryview(mm) as view:
         yield view
+
+
+def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of the file meta."""
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr
+    if vr in _LONG_VRS:
+        return head + struct.pack("<HI", 0, len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def encode_file_meta(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    implementation_uid: str,
+    implementation_version: str,
+) -> bytes:
+    """The file meta group (0002) of a received instance, encoded, group length first:
+    the bytes pydicom writes for pynetdicom's ``create_file_meta`` with the same values,
+    made here with a few ``struct.pack`` calls instead of a pydicom dataset (that costs
+    about a tenth of an instance's time on the acknowledgement path).  UIDs are padded
+    with NUL, the version name with a space, to an even length (PS3.5 6.2)."""
+    version = implementation_version.encode("ascii")
+    if len(version) % 2:
+        version += b" "
+    body = b"".join(
+        (
+            _meta_element(0x00020001, b"OB", b"\x00\x01"),
+            _meta_element(_MEDIA_SOP_CLASS, b"UI", _uid_value(sop_class_uid)),
+            _meta_element(_MEDIA_SOP_INSTANCE, b"UI", _uid_value(sop_instance_uid)),
+            _meta_element(_TRANSFER_SYNTAX, b"UI", _uid_value(transfer_syntax)),
+            _meta_element(0x00020012, b"UI", _uid_value(implementation_uid)),
+            _meta_element(0x00020013, b"SH", version),
+        )
+    )
+    return _meta_element(0x00020000, b"UL", struct.pack("<I", len(body))) + body

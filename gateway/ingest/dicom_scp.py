@@ -9,6 +9,7 @@ routing attributes are read, with pixel data skipped.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import socketserver
@@ -26,17 +27,19 @@ from pydicom.dataset import Dataset
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
     StoragePresentationContexts,
     VerificationPresentationContexts,
     _config,
     evt,
 )
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.config import AllowedCaller, DicomSection, parse_subject
+from gateway.dicom import reactor
 from gateway.dicom.header import read_header
 from gateway.dicom.network import (
     CANNOT_UNDERSTAND,
@@ -47,7 +50,7 @@ from gateway.dicom.network import (
     PROCESSING_FAILURE,
     SUCCESS,
 )
-from gateway.dicom.part10 import check_dataset, mapped, read_file_meta
+from gateway.dicom.part10 import check_dataset, encode_file_meta, mapped, read_file_meta
 from gateway.errors import MalformedInput, Permanent, Transient
 from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
@@ -169,6 +172,9 @@ class StoreHandler:
     def _store(self, event: evt.Event, source: str) -> int | Dataset:
         data: bytes | Path
         syntax = str(event.context.transfer_syntax)
+        request = cast(C_STORE, event.request)
+        request_uid = str(request.AffectedSOPInstanceUID)
+        request_class = str(request.AffectedSOPClassUID)
         if self.on_disk:
             # pynetdicom wrote the instance, as received, to a Part 10 file in the incoming
             # directory while the fragments arrived: memory stays small whatever its size.
@@ -184,11 +190,17 @@ class StoreHandler:
         else:
             body: bytes = event.encoded_dataset(include_meta=False)
             check_dataset(body, syntax)
-            data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), body))
+            # the file meta pynetdicom would write (``event.file_meta``), made directly
+            meta_bytes = encode_file_meta(
+                request_class,
+                request_uid,
+                syntax,
+                PYNETDICOM_IMPLEMENTATION_UID,
+                PYNETDICOM_IMPLEMENTATION_VERSION,
+            )
+            data = b"".join((b"\x00" * 128, b"DICM", meta_bytes, body))
             size = len(data)
             header = read_header(data, self.keywords)
-        request = cast(C_STORE, event.request)
-        request_uid = str(request.AffectedSOPInstanceUID)
         if not header.sop_instance_uid:
             raise _refusal(MISSING_IDENTIFIER, "SOP Instance UID (0008,0018) is missing")
         if header.sop_instance_uid != request_uid:
@@ -196,7 +208,7 @@ class StoreHandler:
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "SOP Instance UID in the data set differs from the C-STORE request",
             )
-        if header.sop_class_uid and header.sop_class_uid != str(request.AffectedSOPClassUID):
+        if header.sop_class_uid and header.sop_class_uid != request_class:
             raise _refusal(
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "SOP Class UID in the data set differs from the C-STORE request",
@@ -216,6 +228,8 @@ class StoreHandler:
         self.studies.setdefault(id(event.assoc), set()).add(header.study_instance_uid)
         if ack.new:
             self.metrics.instance_bytes.inc(size)
+        if not log.isEnabledFor(logging.DEBUG):  # the keyed hashes below cost a little
+            return SUCCESS
         log.debug(
             "dicom.instance.stored" if ack.new else "dicom.instance.duplicate",
             envelope_id=ack.envelope_id,
@@ -399,9 +413,7 @@ class DicomSCP:
                     reuse_port=self.reuse_port,
                 ),
             )
-            threading.Thread(
-                target=plain.serve_forever, name="dicom-acceptor", daemon=True
-            ).start()
+            threading.Thread(target=plain.serve_forever, name="dicom-acceptor", daemon=True).start()
             self.servers.append(plain)
         if self.cfg.tls is not None and self.ssl_context is not None:
             server = cast(
@@ -442,6 +454,7 @@ class DicomSCP:
 
     def _on_connection(self, event: evt.Event) -> None:
         event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
+        reactor.install(event.assoc)  # serve each message as soon as it is decoded
 
     def _on_requested(self, event: evt.Event) -> None:
         req = event.assoc.requestor

@@ -217,14 +217,15 @@ class Pipeline:
         assert self.runner is not None
         model_input: SpoolInput | TextInput
         if kind is Kind.DICOM:
-            envelopes = self.store.queue.study_envelopes(target)
-            if not envelopes:
+            spool_keys, in_rows = self.store.study_instances(target)
+            if not spool_keys and not in_rows:
                 raise Permanent("the study has no stored instances")
             model_input = SpoolInput(
                 str(self.store.spool.root),
                 str(self.cfg.key_file),
-                tuple(e.spool_key for e in envelopes if e.spool_key),
+                spool_keys,
                 deidentify=model.deidentify,  # done inside the runner, before the model
+                inline=in_rows,
             )
         else:
             _, raw = self.store.read(target)

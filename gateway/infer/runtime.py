@@ -56,7 +56,7 @@ from gateway.security.deid import (
     Pseudonymizer,
     deidentify_dataset,
 )
-from gateway.store.spool import Spool
+from gateway.store.spool import Spool, row_context
 
 # --- inputs ----------------------------------------------------------------------------
 
@@ -82,6 +82,8 @@ class SpoolInput:
     key_file: str
     keys: tuple[str, ...]
     deidentify: bool = False  # the basic profile before the model sees the series
+    # small instances kept sealed in their queue rows: (envelope id, sealed bytes)
+    inline: tuple[tuple[str, bytes], ...] = ()
 
 
 ModelInput = TextInput | FilesInput | SpoolInput
@@ -248,16 +250,24 @@ def _datasets(model_input: FilesInput | SpoolInput) -> tuple[list[Any], Callable
         return headers, full
 
     keys = KeyStore.open(Path(model_input.key_file), create=False)
-    spool = Spool(Path(model_input.spool_dir), Sealer(keys), pool=False)  # reads only
+    sealer = Sealer(keys)
+    spool = Spool(Path(model_input.spool_dir), sealer, pool=False)  # reads only
+    inline = dict(model_input.inline)
+
+    def instance(ref: str) -> bytes:
+        """A spool key's instance, or an envelope id's kept in its row."""
+        sealed = inline.get(ref)
+        return spool.get(ref) if sealed is None else sealer.open(sealed, row_context(ref))
+
     by_uid: dict[str, str] = {}
     headers = []
-    for key in model_input.keys:
-        h = dataset_from_bytes(spool.get(key), headers_only=True)
-        by_uid[str(h.SOPInstanceUID)] = key
+    for ref in (*model_input.keys, *inline):
+        h = dataset_from_bytes(instance(ref), headers_only=True)
+        by_uid[str(h.SOPInstanceUID)] = ref
         headers.append(h)
 
     def full_from_spool(h: Any) -> Any:
-        return dataset_from_bytes(spool.get(by_uid[str(h.SOPInstanceUID)]))
+        return dataset_from_bytes(instance(by_uid[str(h.SOPInstanceUID)]))
 
     return headers, full_from_spool
 

@@ -563,14 +563,16 @@ class PostgresQueue:
             return None
         return cur.execute(SQL["envelope_by_dedup"], (env.dedup_key,)).fetchone()
 
-    def record_instance(self, env: Envelope, sealed_attrs: bytes, quiet: float) -> Ack:
+    def record_instance(
+        self, env: Envelope, sealed_attrs: bytes, quiet: float, inline: bytes | None = None
+    ) -> Ack:
         """Record a received DICOM instance and (re)start its study's quiet-period timer,
         committed durably before it returns."""
         assert env.study_key is not None
         study_key, now = env.study_key, env.received_at
 
         def body(cur: Cursor) -> Ack:
-            existing = self._insert_envelope(cur, env, sealed_attrs, None, None)
+            existing = self._insert_envelope(cur, env, sealed_attrs, inline, None)
             if existing is not None:
                 return Ack(new=False, envelope_id=existing["id"])
             while True:  # the study row, locked; or a new one (another node may race us)

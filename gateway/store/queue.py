@@ -142,8 +142,12 @@ class Queue(Protocol):
 
     # --- ingest: one durable transaction each, committed before the edge answers ------
 
-    def record_instance(self, env: Envelope, sealed_attrs: bytes, quiet: float) -> Ack:
-        """Record a received DICOM instance and (re)start its study's quiet period."""
+    def record_instance(
+        self, env: Envelope, sealed_attrs: bytes, quiet: float, inline: bytes | None = None
+    ) -> Ack:
+        """Record a received DICOM instance and (re)start its study's quiet period.  A small
+        instance comes *inline*, sealed, to be kept in its row (``env.spool_key`` is None);
+        a larger one is in the spool already."""
         ...
 
     def touch_study(self, study_key: str, now: float, quiet: float) -> None:

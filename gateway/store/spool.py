@@ -1,5 +1,8 @@
 """The spool: encrypted, fsync'd blobs on the local disk, one file per object.
 
+Instances up to :data:`INLINE_MAX_BYTES` are not spool files: they are sealed into their
+queue row (:func:`row_context`), so one commit makes them durable.
+
 A blob's name is ``<UTC hour>-<random>``: it reveals nothing about the content, it is
 never reused (so a file is written once, in place, with no rename), and objects of the
 same hour share a directory, so a new directory (and its extra fsync) is needed once an
@@ -34,8 +37,17 @@ from gateway.security.crypto import Sealer, fsync_dir, key_id_of
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 POOL_BATCH = 32  # empty files created (and their directory fsync'd) at a time
+#: instances up to this size are kept sealed in their queue row, not in a spool file: one
+#: commit makes them durable instead of a file ``fdatasync`` and then the commit
+INLINE_MAX_BYTES = 64 * 1024
 #: what a spool key looks like (``<UTC hour YYYYMMDDHH>-<32 hex>``), e.g. inside a payload
 SPOOL_KEY = re.compile(r"\b\d{10}-[0-9a-f]{32}\b")
+
+
+def row_context(envelope_id: str) -> bytes:
+    """The associated data an instance kept in its queue row is sealed with (a spool file's
+    is its key): a blob moved to another row does not open."""
+    return b"dicom:" + envelope_id.encode()
 
 
 class Spool:

@@ -270,12 +270,14 @@ class SQLiteQueue:
         ).fetchone()
         return existing
 
-    def record_instance(self, env: Envelope, sealed_attrs: bytes, quiet: float) -> Ack:
+    def record_instance(
+        self, env: Envelope, sealed_attrs: bytes, quiet: float, inline: bytes | None = None
+    ) -> Ack:
         """Record a received DICOM instance and (re)start its study's quiet-period timer."""
         assert env.study_key is not None
         now = env.received_at
         with self._tx() as db:
-            existing = self._insert_envelope(db, env, sealed_attrs, None, None)
+            existing = self._insert_envelope(db, env, sealed_attrs, inline, None)
             if existing is not None:
                 return Ack(new=False, envelope_id=existing["id"])
             row = db.execute(

@@ -24,7 +24,7 @@ from gateway.store.backend import (
     queue_exists,
 )
 from gateway.store.queue import Ack, Queue
-from gateway.store.spool import Spool
+from gateway.store.spool import INLINE_MAX_BYTES, Spool, row_context
 
 
 class Store:
@@ -111,23 +111,31 @@ class Store:
         now: float | None = None,
     ) -> Ack:
         """Durably store one DICOM instance: Part 10 bytes as received, or a file holding
-        them (streamed, for instances larger than memory).  A SOP Instance UID seen before
-        is acknowledged as a duplicate and not stored again; it restarts its study's quiet
-        period (a study sent again is processed again)."""
+        them (streamed, for instances larger than memory).  Up to
+        :data:`~gateway.store.spool.INLINE_MAX_BYTES`, the bytes are sealed into the queue
+        row (one commit); larger ones go to the spool first.  A SOP Instance UID seen
+        before is acknowledged as a duplicate and not stored again; it restarts its study's
+        quiet period (a study sent again is processed again)."""
         dedup_key = self.keys.index("dicom", sop_instance_uid)
         existing = self.queue.find(dedup_key)
         received_at = time.time() if now is None else now
         if existing is not None:
             self.queue.touch_study(self.keys.index("study", study_instance_uid), received_at, quiet)
             return Ack(new=False, envelope_id=existing)
+        envelope_id = new_id()
+        inline: bytes | None = None
+        spool_key: str | None = None
         if isinstance(data, Path):
             size = data.stat().st_size
             spool_key = self.spool.put_file(data)
+        elif len(data) <= INLINE_MAX_BYTES:
+            size = len(data)
+            inline = self.sealer.seal(data, row_context(envelope_id))
         else:
             size = len(data)
             spool_key = self.spool.put(data)
         env = Envelope(
-            id=new_id(),
+            id=envelope_id,
             kind=Kind.DICOM,
             source=source,
             received_at=received_at,
@@ -137,11 +145,12 @@ class Store:
             size=size,
         )
         try:
-            ack = self.queue.record_instance(env, self._seal_attrs(env.id, attrs), quiet)
+            ack = self.queue.record_instance(env, self._seal_attrs(env.id, attrs), quiet, inline)
         except BaseException:
-            self.spool.discard(spool_key)
+            if spool_key is not None:
+                self.spool.discard(spool_key)
             raise
-        if not ack.new:  # another association stored the same instance meanwhile
+        if not ack.new and spool_key is not None:  # another association stored it meanwhile
             self.spool.discard(spool_key)
         return ack
 
@@ -193,8 +202,29 @@ class Store:
         if env.kind is Kind.HL7:
             assert inline is not None
             return env, self.sealer.open(inline, b"hl7:" + env.id.encode())
+        if inline is not None:  # a small instance, kept in its row
+            return env, self.sealer.open(inline, row_context(env.id))
         assert env.spool_key is not None
         return env, self.spool.get(env.spool_key)
+
+    def sealed_instance(self, envelope_id: str) -> bytes | None:
+        """The sealed bytes of an instance kept in its row (see :meth:`read`), or None when
+        it is a spool file."""
+        _, _, inline = self.queue.envelope(envelope_id)
+        return inline
+
+    def study_instances(
+        self, study_key: str
+    ) -> tuple[tuple[str, ...], tuple[tuple[str, bytes], ...]]:
+        """Where a study's instances are, for a reader that has the key file (the model
+        runner): the spool keys of the spool files, and (envelope id, sealed bytes) of the
+        instances kept in their rows (opened with :func:`~gateway.store.spool.row_context`)."""
+        envelopes = self.queue.study_envelopes(study_key)
+        in_rows = []
+        for env in envelopes:
+            if not env.spool_key and (sealed := self.sealed_instance(env.id)) is not None:
+                in_rows.append((env.id, sealed))
+        return tuple(e.spool_key for e in envelopes if e.spool_key), tuple(in_rows)
 
     def find_instance(self, sop_instance_uid: str) -> str | None:
         """The envelope id of a stored instance, by SOP Instance UID."""

@@ -75,6 +75,8 @@ def all_delivered(gw: GatewayProcess) -> bool:
 
 
 def spool_blobs(gw: GatewayProcess) -> list[Path]:
+    """The spool files that hold an object (the studies here are 192 x 192 x 16 bit, above
+    INLINE_MAX_BYTES: their instances are spool files, not row values)."""
     return [p for p in (gw.data_dir / "spool").rglob("*.blob") if p.stat().st_size]
 
 
@@ -82,7 +84,7 @@ def test_the_running_gateway_deletes_what_it_delivered_once_retention_has_passed
     tmp_path: Path, peers: tuple[Path, int, MLLPSink]
 ) -> None:
     received, pacs_port, sink = peers
-    paths = make_study(tmp_path / "ct", series=[SeriesSpec("CT", count=3, rows=16, cols=16)])
+    paths = make_study(tmp_path / "ct", series=[SeriesSpec("CT", count=3, rows=192, cols=192)])
     study_uid = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
     # 0.0001 days = 8.6 s: the gateway checks every 2.2 s at that retention
     gw = forwarding_gateway(tmp_path, pacs_port, sink, retention_days=0.0001).start()
@@ -116,7 +118,7 @@ def test_gateway_purge_counts_first_then_deletes_and_keeps_dead_letters(
     tmp_path: Path, peers: tuple[Path, int, MLLPSink]
 ) -> None:
     _, pacs_port, sink = peers
-    paths = make_study(tmp_path / "ct", series=[SeriesSpec("CT", count=2, rows=16, cols=16)])
+    paths = make_study(tmp_path / "ct", series=[SeriesSpec("CT", count=2, rows=192, cols=192)])
     gw = forwarding_gateway(tmp_path, pacs_port, sink).start()
     try:
         gw.send_study(paths)

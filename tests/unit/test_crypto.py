@@ -13,7 +13,7 @@ import pytest
 from gateway.errors import IntegrityError, KeyStoreError
 from gateway.security.crypto import MAGIC, NONCE_BYTES, TAG_BYTES, KeyStore, Sealer
 from gateway.store.queue import Ack
-from gateway.store.spool import Spool
+from gateway.store.spool import INLINE_MAX_BYTES, Spool
 from gateway.store.store import Store
 
 PLAINTEXT = b"DICM-like bytes with PatientName DOE^JANE and MRN 12345678"
@@ -302,8 +302,14 @@ def test_spool_get_of_a_missing_object_raises_integrity_error(
 # --- store --------------------------------------------------------------------------------
 
 
-def test_ingesting_the_same_sop_instance_twice_stores_one_blob(tmp_path: Path) -> None:
+@pytest.mark.parametrize("large", [False, True], ids=["in the row", "in the spool"])
+def test_ingesting_the_same_sop_instance_twice_stores_one_blob(
+    tmp_path: Path, large: bool
+) -> None:
+    """A small instance is sealed into its queue row (no spool file), a larger one is a
+    spool file; either way a resend stores nothing."""
     store = Store(tmp_path / "data", tmp_path / "data" / "keys.json")
+    original = PLAINTEXT * (INLINE_MAX_BYTES // len(PLAINTEXT) + 1) if large else PLAINTEXT
     try:
 
         def ingest(data: bytes, now: float) -> Ack:
@@ -317,16 +323,20 @@ def test_ingesting_the_same_sop_instance_twice_stores_one_blob(tmp_path: Path) -
                 now=now,
             )
 
-        first = ingest(PLAINTEXT, 100.0)
+        first = ingest(original, 100.0)
         second = ingest(b"other bytes", 101.0)
         assert (first.new, second.new) == (True, False)
         assert second.envelope_id == first.envelope_id
         spool = tmp_path / "data" / "spool"
         # (the spool creates empty files ahead; only written ones hold objects)
         blobs = [p for p in spool.rglob("*") if p.is_file() and p.stat().st_size]
-        assert len(blobs) == 1
+        assert len(blobs) == (1 if large else 0)
+        sealed = store.sealed_instance(first.envelope_id)
+        assert (sealed is None) == large
+        assert sealed is None or PLAINTEXT not in sealed
         env, data = store.read(first.envelope_id)
-        assert data == PLAINTEXT
+        assert data == original
+        assert (env.spool_key is not None) == large
         assert store.attrs(first.envelope_id) == {"Modality": "CT"}
         assert store.find_instance("1.2.3.4") == first.envelope_id
         assert env.study_key == store.keys.index("study", "1.2.3")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -364,6 +365,17 @@ def test_record_instance_dedups_by_dedup_key(queue: Queue) -> None:
     assert (env, attrs, inline) == (first, b"attrs1", None)
     assert queue.find("dicom:1.2.3") == first.id
     assert queue.find("dicom:9.9.9") is None
+
+
+def test_a_small_instance_is_kept_in_its_row_and_a_resend_keeps_the_first(queue: Queue) -> None:
+    first = replace(instance("1.2.4", at=100.0), spool_key=None)
+    assert queue.record_instance(first, b"attrs", QUIET, b"sealed instance").new
+    again = replace(instance("1.2.4", at=101.0), spool_key=None)
+    assert not queue.record_instance(again, b"other", QUIET, b"other bytes").new
+    assert queue.envelope(first.id) == (first, b"attrs", b"sealed instance")
+    assert [e.id for e in queue.study_envelopes("study-1")] == [first.id]
+    assert queue.referenced_spool_keys() == set()
+    assert b"sealed instance"[:64] in set(queue.sealed_blobs())  # a key in use stays
 
 
 def test_each_new_instance_restarts_the_study_quiet_period(queue: Queue) -> None:

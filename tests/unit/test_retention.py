@@ -17,6 +17,7 @@ from gateway.observability.metrics import Metrics
 from gateway.security.audit import NO_AUDIT, AuditLog, Auditor
 from gateway.security.crypto import KeyStore, key_id_of
 from gateway.services.retention import DAY, RetentionBusy, RetentionService, audit_entry, purge
+from gateway.store.spool import INLINE_MAX_BYTES
 from gateway.store.store import Store
 from tests.queues import reopen_test_queue
 
@@ -34,7 +35,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def ingest_study(store: Store, study_uid: str, at: float, n: int = 2) -> str:
     for i in range(n):
         store.ingest_instance(
-            f"DICM-{study_uid}-{i}".encode() * 50,
+            # larger than INLINE_MAX_BYTES: a spool file (a small one would be kept in its row)
+            f"DICM-{study_uid}-{i}".encode().ljust(INLINE_MAX_BYTES + 1, b"."),
             sop_instance_uid=f"{study_uid}.{i}",
             study_instance_uid=study_uid,
             attrs={"Modality": ["CT"], "StudyInstanceUID": [study_uid]},

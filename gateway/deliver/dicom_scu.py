@@ -5,10 +5,11 @@ proposes the presentation contexts they need (:func:`plan_contexts`), and sends 
 instance in its own transfer syntax where the peer accepted it.  Such an instance goes out
 byte for byte as it was received: its encoded data set is streamed from the Part 10 bytes
 without being decoded (pynetdicom's chunked send), from an anonymous memory file when the
-bytes came from memory, so the plaintext never lands on disk.  Only when the peer
-accepted no context with that syntax is the instance converted, with pydicom: compressed
-data is decompressed, uncompressed data re-encoded (Explicit VR Little Endian preferred,
-then Implicit).  Every status is read by :func:`classify_status`, the one classifier:
+bytes came from memory, so the plaintext never lands on disk.  (A deflated data set of odd
+length gains the NUL pad byte of PS3.5 A.5 on the way: :func:`_needs_pad`.)  Only when
+the peer accepted no context with that syntax is the instance converted, with pydicom:
+compressed data is decompressed, uncompressed data re-encoded (Explicit VR Little Endian
+preferred, then Implicit).  Every status is read by :func:`classify_status`, the one classifier:
 
 - 0x0000, and the warnings 0xB000 / 0xB006 / 0xB007 (any 0xBxxx, 0x0001, 0x0107, 0x0116):
   delivered (warnings are logged);
@@ -70,6 +71,7 @@ instance at a time is held in memory)."""
 # Anonymous memory files (Linux): the plaintext of an instance sent as it is encoded.
 # Without them, instances given as bytes or loaders take the pydicom path instead.
 _HAVE_MEMFD = hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir()
+_COPY_CHUNK = 1 << 20  # a file copied into a memory file (to pad it), this much at a time
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
 UNCOMPRESSED_FALLBACK: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -459,23 +461,51 @@ def _prepared(data: bytes | Path, item: _Item, target: UID) -> Iterator[Dataset 
     converted to *target*) by pydicom.
 
     Bytes are sent from an anonymous memory file (``memfd_create``), closed on exit: the
-    decrypted instance is never written to a file system."""
+    decrypted instance is never written to a file system.  A deflated data set of odd
+    length gets its trailing NUL there (:func:`_needs_pad`), from a file too."""
     as_encoded = target == item.transfer_syntax and _starts_with(data, item.prefix)
+    pad = as_encoded and _needs_pad(data, item)
     if not as_encoded:
         yield _load(data, item, target)
-    elif isinstance(data, Path):
+    elif isinstance(data, Path) and not pad:
         yield data
     elif not _HAVE_MEMFD:
-        yield _load(data, item, target)
+        yield _load(data, item, target)  # pynetdicom pads a deflated data set it encodes
     else:
         fd = os.memfd_create("dicom-scu", os.MFD_CLOEXEC)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            if isinstance(data, Path):
+                with data.open("rb") as f:
+                    while chunk := f.read(_COPY_CHUNK):
+                        _write_all(fd, chunk)
+            else:
+                _write_all(fd, data)
+            if pad:
+                _write_all(fd, b"\x00")
             yield Path(f"/proc/self/fd/{fd}")
         finally:
             os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _needs_pad(data: bytes | Path, item: _Item) -> bool:
+    """Whether *data* is a deflated data set of odd length.  PS3.5 A.5 pads the deflated
+    stream with a trailing NUL to an even length (pydicom and pynetdicom write it so); a
+    stream received without it is sent with it, as the one byte a forward adds: a peer may
+    refuse an odd-length P-DATA fragment and abort (dcmtk: "Odd Fragment Length"), and
+    inflating ignores what follows the end of the deflated stream."""
+    if not item.transfer_syntax.is_deflated:
+        return False
+    try:
+        size = len(data) if isinstance(data, bytes) else data.stat().st_size
+    except OSError:
+        return False
+    return (size - len(item.prefix)) % 2 == 1
 
 
 def _starts_with(data: bytes | Path, prefix: bytes) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -236,6 +237,28 @@ def test_accepted_syntaxes_go_out_byte_identical_without_a_plaintext_file(
         data = path.read_bytes()
         uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         assert dataset_bytes(received[uid]) == dataset_bytes(data), path.name
+
+
+def test_odd_length_deflated_data_set_goes_out_with_its_pad_byte(
+    storescp_factory: Callable[..., StoreSCP],
+) -> None:
+    """pydicom's image_dfl.dcm: a deflated data set of odd length, without the trailing NUL
+    that PS3.5 A.5 pads a deflated stream with.  Sent as it is, it is an odd P-DATA
+    fragment and storescp aborts the association ("Odd Fragment Length"): never delivered.
+    It goes out with the NUL added, from a file (copied to a memory file) or from bytes,
+    as encoded otherwise, and the file is left as it was."""
+    source = Path(str(get_testdata_file("image_dfl.dcm", download=False)))
+    original = source.read_bytes()
+    body = dataset_bytes(original)
+    assert len(body) % 2 == 1
+    for name, instance in (("file", source), ("bytes", original)):
+        scp = storescp_factory("+xa", "+B")
+        results = sender_for(scp.port).send_study([(name, instance)])
+        assert [(r.delivered, r.status) for r in results] == [(True, 0)], results
+        assert "sent as" not in results[0].message
+        (received,) = scp.out.iterdir()
+        assert dataset_bytes(received.read_bytes()) == body + b"\x00", name
+    assert source.read_bytes() == original
 
 
 def test_unreadable_instance_is_refused_and_the_others_are_delivered(

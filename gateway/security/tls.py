@@ -11,13 +11,22 @@ from gateway.errors import ConfigError
 
 Resolve = Callable[[Path], Path]
 
+#: TLS 1.2 suites of BCP 195 (RFC 9325, 4.2): ECDHE (or DHE-RSA) with AES-GCM or
+#: ChaCha20-Poly1305; no CBC, no RSA key transport. TLS 1.3 uses OpenSSL's standard suites.
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!MD5:!DSS"
+
 
 def server_context(tls: ServerTLS, resolve: Resolve) -> ssl.SSLContext:
     """A server context presenting our certificate; client certificates required when
     ``require_client_cert`` (verified against ``ca``)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!MD5:!DSS")
+    ctx.set_ciphers(SERVER_CIPHERS)
+    # No TLS compression (CRIME) and no renegotiation: a client-initiated one costs the
+    # server a handshake at the client's will. OpenSSL 3 refuses client renegotiation and
+    # Python turns compression off by default; said here so that neither depends on the
+    # OpenSSL the interpreter was built with (OpenSSL 1.1.1 accepts client renegotiation).
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     try:
         ctx.load_cert_chain(resolve(tls.cert), resolve(tls.key))
         if tls.ca is not None:

@@ -379,6 +379,7 @@ class DicomSCP:
         )
         self.handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -455,6 +456,18 @@ class DicomSCP:
     def _on_connection(self, event: evt.Event) -> None:
         event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
         reactor.install(event.assoc)  # serve each message as soon as it is decoded
+
+    def _on_connection_closed(self, event: evt.Event) -> None:
+        """A connection closed before its A-ASSOCIATE-RQ (a port scanner, a TLS probe, a
+        load balancer's health check): pynetdicom's acceptor would go on waiting
+        ``acse_timeout`` for the request, holding one of ``max_associations`` slots, so a
+        burst of such connections locked real peers out for 30 s.  An empty item in the
+        queue it waits on ends that wait at once (pynetdicom reads it as the timeout)."""
+        assoc = event.assoc
+        if assoc.is_established or assoc.requestor.primitive is not None:
+            return
+        if assoc.dul.to_user_queue.empty():
+            assoc.dul.to_user_queue.put(None)
 
     def _on_requested(self, event: evt.Event) -> None:
         req = event.assoc.requestor

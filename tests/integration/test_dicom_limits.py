@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -134,6 +135,22 @@ def test_association_beyond_max_associations_is_rejected_transient_local_limit(
     assert rejected[0]["peer"] == "127.0.0.1"
     assert rejected[0]["level"] == "warning"
     assert metric(gateway, "gateway_dicom_associations_total", '{outcome="rejected"}') == 1
+
+
+def test_connections_closed_before_a_request_do_not_hold_association_slots(
+    gateway: GatewayProcess,
+) -> None:
+    """A port scanner or a load balancer's health check connects and closes without an
+    A-ASSOCIATE-RQ.  Five of those against max_associations 2: the next peer is served at
+    once, not after pynetdicom's 30 s acse_timeout."""
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", gateway.dicom_port), timeout=5):
+            pass
+    time.sleep(0.5)  # the gateway has seen every connection close
+    assoc = associate(gateway)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
 
 
 def test_dcmtk_beyond_max_associations_is_told_local_limit_exceeded(

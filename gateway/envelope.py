@@ -156,8 +156,22 @@ class PayloadError(ValueError):
 
 def payload_json(payload: Payload) -> str:
     """The payload as stored: a JSON object with the record's fields (enums as values,
-    tuples as lists)."""
-    return json.dumps(dataclasses.asdict(payload), sort_keys=True)
+    tuples as lists).  The records are flat, so this is ``dataclasses.asdict`` without its
+    recursive deep copy (a tenth of the HL7 listener's time per message)."""
+    data: dict[str, Any] = {}
+    for name in _field_names(type(payload)):
+        value = getattr(payload, name)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, tuple):
+            value = list(value)
+        data[name] = value
+    return json.dumps(data, sort_keys=True)
+
+
+@functools.cache
+def _field_names(cls: type[Payload]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def payload_from_json(stage: Stage, text: str | bytes) -> Payload:

@@ -4,6 +4,8 @@ one engine has (SQLite's schema and file) is tested beside it: ``test_sqlite_que
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import threading
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from gateway.envelope import (
     RoutePayload,
     Stage,
     new_id,
+    payload_json,
 )
 from gateway.store.queue import LeaseLost, Queue
 from tests.queues import BACKENDS, any_payload, open_test_queue, reopen_test_queue
@@ -584,6 +587,22 @@ def test_a_payload_comes_back_as_the_record_it_went_in_as(
     assert job.payload == sent and type(job.payload) is type(sent)
     stored = queue.job(job_id)
     assert stored is not None and stored.payload == sent
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        RoutePayload(Kind.HL7),
+        RoutePayload(None, 3, True),
+        InferPayload("lung", Kind.DICOM, "study", ("pacs", "ehr"), "chest-ct"),
+        BuildPayload("lung", Kind.DICOM, "study", "r-key", ("pacs",), "ct", "m-key", "x-key"),
+        DeliverPayload("ehr", Kind.HL7, "lung|msg", "result", ("o1", "o2"), "1.2"),
+    ],
+)
+def test_a_payload_is_stored_as_the_json_of_its_fields(sent: Payload) -> None:
+    """The stored text is what ``dataclasses.asdict`` gives (rows written by earlier
+    versions and by these read alike)."""
+    assert payload_json(sent) == json.dumps(dataclasses.asdict(sent), sort_keys=True)
 
 
 def test_a_next_job_takes_only_the_record_of_its_stage() -> None:

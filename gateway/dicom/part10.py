@@ -105,6 +105,10 @@ Buffer = bytes | memoryview
 class PixelDataMismatch(MalformedInput):
     """The pixel data cannot be the image its attributes describe."""
 
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail  # the attributes it was measured against, for a log
+
 
 class _Walker:
     def __init__(
@@ -326,9 +330,9 @@ def _check_pixel_data(walker: _Walker, found: dict[int, int], tag: int) -> None:
     need = (samples * bits + 7) // 8
     if length < need:
         raise PixelDataMismatch(
-            f"{name} has {length} of the {need} bytes the image needs "
-            f"({rows} x {columns}, {frames} frame(s), {spp} sample(s) of {bits} bits"
-            f"{', ' + photometric.decode() if photometric in _SUBSAMPLED_422 else ''})"
+            f"{name} has {length} of the {need} bytes the image needs",  # fits 64 characters
+            f"Rows {rows}, Columns {columns}, {frames} frame(s), {spp} sample(s) of {bits} bits"
+            + (f", {photometric.decode()}" if photometric in _SUBSAMPLED_422 else ""),
         )
 
 

@@ -310,7 +310,7 @@ def test_encapsulated_pixel_data_without_a_fragment_is_refused(fragments: bytes)
 def test_a_ct_slice_cut_to_1000_bytes_is_refused(tmp_path: Path) -> None:
     """The case of the issue: a 512 x 512 CT slice whose Pixel Data was cut to 1,000 bytes
     (its length says so; the data set is otherwise well formed).  The reason fits an
-    Error Comment (64 characters) and names no patient data."""
+    Error Comment (64 characters); the detail, for the log, names the attributes."""
     f = make_ct_series(tmp_path, count=1)[0]
     body = dataset_bytes(f.read_bytes())
     check_dataset(body, ExplicitVRLittleEndian)
@@ -318,11 +318,10 @@ def test_a_ct_slice_cut_to_1000_bytes_is_refused(tmp_path: Path) -> None:
     cut = body[:at] + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, 1000) + b"\x00" * 1000
     with pytest.raises(PixelDataMismatch) as caught:
         check_dataset(cut, ExplicitVRLittleEndian)
-    message = caught.value.message
-    assert message.startswith("Pixel Data has 1000 of the 524288 bytes the image needs")
-    assert len("Pixel Data has 1000 of the 524288 bytes the image needs") <= 64
-    assert "512 x 512, 1 frame(s), 1 sample(s) of 16 bits" in message
-    assert "DOE" not in message and "PID" not in message
+    message, detail = caught.value.message, caught.value.detail
+    assert message == "Pixel Data has 1000 of the 524288 bytes the image needs"
+    assert len(message) <= 64
+    assert detail == "Rows 512, Columns 512, 1 frame(s), 1 sample(s) of 16 bits"
 
 
 def test_only_the_top_level_pixel_data_is_measured() -> None:
@@ -342,3 +341,11 @@ def test_only_the_top_level_pixel_data_is_measured() -> None:
         ds.PixelData = b"\x00" * 30
         with pytest.raises(PixelDataMismatch, match="has 30 of the 32 bytes"):
             check_dataset(encode(ds, ts), ts)
+
+
+def test_the_detail_names_a_subsampled_photometric_interpretation() -> None:
+    ybr = image(31, bits=8, samples=3, photometric="YBR_FULL_422")
+    with pytest.raises(PixelDataMismatch) as caught:
+        check_dataset(ybr, ExplicitVRLittleEndian)
+    detail = "Rows 4, Columns 4, 1 frame(s), 3 sample(s) of 8 bits, YBR_FULL_422"
+    assert caught.value.detail == detail

@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from gateway.errors import MalformedInput
 
@@ -110,6 +111,26 @@ class PixelDataMismatch(MalformedInput):
         self.detail = detail  # the attributes it was measured against, for a log
 
 
+class _Formats(NamedTuple):
+    """The structs a walker reads with, in one byte order: made once, not per walker (one
+    is made per instance checked and per header read; making them took over 1 µs)."""
+
+    u16: struct.Struct
+    u32: struct.Struct
+    tag: struct.Struct
+    vr_u16: struct.Struct  # an explicit VR and its 2-byte length
+    implicit_us: struct.Struct  # a US element's length and (first) value, after its tag
+    explicit_us: struct.Struct  # the same, with its VR
+
+
+def _formats(e: str) -> _Formats:
+    return _Formats(*(struct.Struct(e + f) for f in ("H", "I", "HH", "2sH", "IH", "2sHH")))
+
+
+_LITTLE_ENDIAN = _formats("<")
+_BIG_ENDIAN = _formats(">")
+
+
 class _Walker:
     def __init__(
         self, data: Buffer, *, implicit: bool, big_endian: bool, native: bool = False
@@ -118,11 +139,10 @@ class _Walker:
         self.implicit = implicit
         # strict about pixel data: native syntaxes have no encapsulated (undefined length) one
         self.native = native
-        e = ">" if big_endian else "<"
-        self.u16 = struct.Struct(e + "H")
-        self.u32 = struct.Struct(e + "I")
-        self.tag_fmt = struct.Struct(e + "HH")
-        self.vr_u16 = struct.Struct(e + "2sH")  # an explicit VR and its 2-byte length
+        formats = _BIG_ENDIAN if big_endian else _LITTLE_ENDIAN
+        self.u16, self.u32, self.tag_fmt, self.vr_u16 = formats[:4]
+        # a US element's length and (first) value, after its tag
+        self.us = formats.implicit_us if implicit else formats.explicit_us
 
     def _fail(self, offset: int, what: str) -> MalformedInput:
         return MalformedInput(f"malformed data set at byte {offset}: {what}")
@@ -324,7 +344,8 @@ def _check_pixel_data(walker: _Walker, found: dict[int, int], tag: int) -> None:
     spp = _unsigned(walker, found, _SAMPLES_PER_PIXEL)
     spp = 1 if spp is None else spp
     samples = rows * columns * frames * spp
-    photometric = _text(walker, found, _PHOTOMETRIC)
+    # 4:2:2 is a three-sample interpretation: a grey image's is not read
+    photometric = _text(walker, found, _PHOTOMETRIC) if spp == 3 else None
     if photometric in _SUBSAMPLED_422:
         samples = samples * 2 // 3
     need = (samples * bits + 7) // 8
@@ -337,16 +358,20 @@ def _check_pixel_data(walker: _Walker, found: dict[int, int], tag: int) -> None:
 
 
 def _unsigned(walker: _Walker, found: dict[int, int], tag: int) -> int | None:
-    """The (first) US value of a top-level element; None when absent, empty or of another
-    VR (an explicit VR other than US, SS or UN would be read as something else)."""
+    """The (first) US value of a top-level element, read with one unpack; None when absent,
+    empty or, in explicit VR, of a VR other than US or SS (an IS "512" is not 12597)."""
     pos = found.get(tag)
-    if pos is None:
+    if pos is None or pos + 10 > len(walker.data):
         return None
-    vr, start, length = walker.value(pos)
-    if length < 2 or vr not in (b"", b"US", b"SS", b"UN"):
-        return None
-    value: int = walker.u16.unpack_from(walker.data, start)[0]
-    return value
+    length: int
+    value: int
+    if walker.implicit:
+        length, value = walker.us.unpack_from(walker.data, pos + 4)
+    else:
+        vr, length, value = walker.us.unpack_from(walker.data, pos + 4)
+        if vr not in (b"US", b"SS"):
+            return None
+    return value if length >= 2 else None
 
 
 def _text(walker: _Walker, found: dict[int, int], tag: int, limit: int = 64) -> bytes | None:

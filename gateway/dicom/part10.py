@@ -299,8 +299,8 @@ def check_dataset(data: Buffer, transfer_syntax: str) -> None:
       pad byte holds no pixel: an element of the odd size is not refused for lacking it
       (this walk does not refuse odd lengths elsewhere either).  Longer is accepted:
       trailing padding is common in real files.  When Rows, Columns or BitsAllocated is
-      absent or empty, or NumberOfFrames is not a number, there is nothing to measure
-      against and nothing is refused;
+      absent, empty or (explicit VR) not US or SS, or NumberOfFrames is not a number,
+      there is nothing to measure against and nothing is refused;
     - encapsulated and without a fragment after the Basic Offset Table item (PS3.5 A.4).
       The fragments are walked (item tags, lengths within the data set, the delimiter);
       the codestream is not decoded, and Pixel Data of defined length in an encapsulated

@@ -11,7 +11,8 @@ skipped, never decoded).
   is acknowledged.  pydicom reads tolerantly: a value cut short is returned shorter,
   trailing garbage becomes an odd element.  For an archive that is the right choice; for
   a gateway that answers "stored" it is not, so every element header is walked and any
-  length that runs past its container is a :class:`MalformedInput`.
+  length that runs past its container is a :class:`MalformedInput`; and the pixel data
+  must be able to hold the image its attributes describe (:class:`PixelDataMismatch`).
 - :func:`header_end`: where the top-level elements up to a given tag end (the tolerant
   walk the header reader uses: it stops at the first element cut short).
 - :func:`mapped`: a file as a read-only memoryview (a memory map: nothing is copied).
@@ -29,6 +30,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from gateway.errors import MalformedInput
 
@@ -37,8 +39,10 @@ __all__ = [
     "EXPLICIT_BE",
     "EXPLICIT_LE",
     "IMPLICIT_LE",
+    "NATIVE",
     "Buffer",
     "FileMeta",
+    "PixelDataMismatch",
     "check_dataset",
     "encode_file_meta",
     "has_explicit_vr",
@@ -53,6 +57,9 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")  # deflated explicit / image
+# The transfer syntaxes whose pixel data is native (uncompressed, defined length); in all
+# the others that pynetdicom accepts, (7FE0,0010) is encapsulated (PS3.5 A.4).
+NATIVE = (IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE, DEFLATED[0])
 
 PREAMBLE = 128  # bytes before "DICM"
 META_START = PREAMBLE + 4  # the first file meta element
@@ -64,6 +71,31 @@ ITEM_END = 0xFFFEE00D
 SEQ_END = 0xFFFEE0DD
 MAX_DEPTH = 64
 
+# The pixel data elements and the Image Pixel module attributes (PS3.3 C.7.6.3) that say
+# how long native pixel data must be; :func:`check_dataset` notes where the top-level ones
+# are as it walks, and reads their values once the walk is done.
+PIXEL_DATA = 0x7FE00010
+FLOAT_PIXEL_DATA = 0x7FE00008
+DOUBLE_FLOAT_PIXEL_DATA = 0x7FE00009
+_PIXEL_TAGS = {  # tag -> (name, bits per sample fixed by its VR; 0: BitsAllocated)
+    FLOAT_PIXEL_DATA: ("Float Pixel Data", 32),
+    DOUBLE_FLOAT_PIXEL_DATA: ("Double Float Pixel Data", 64),
+    PIXEL_DATA: ("Pixel Data", 0),
+}
+_SAMPLES_PER_PIXEL = 0x00280002
+_PHOTOMETRIC = 0x00280004
+_NUMBER_OF_FRAMES = 0x00280008
+_ROWS = 0x00280010
+_COLUMNS = 0x00280011
+_BITS_ALLOCATED = 0x00280100
+_IMAGE_TAGS = frozenset(
+    {_SAMPLES_PER_PIXEL, _PHOTOMETRIC, _NUMBER_OF_FRAMES, _ROWS, _COLUMNS, _BITS_ALLOCATED}
+    | _PIXEL_TAGS.keys()
+)
+# 4:2:2 (horizontally subsampled chrominance): two samples per pixel where RGB has three
+# (PS3.3 C.7.6.3.1.2)
+_SUBSAMPLED_422 = (b"YBR_FULL_422", b"YBR_PARTIAL_422")
+
 # File meta elements whose (UI) values :func:`read_file_meta` returns.
 _MEDIA_SOP_CLASS = 0x00020002
 _MEDIA_SOP_INSTANCE = 0x00020003
@@ -73,14 +105,46 @@ _TRANSFER_SYNTAX = 0x00020010
 Buffer = bytes | memoryview
 
 
+class PixelDataMismatch(MalformedInput):
+    """The pixel data cannot be the image its attributes describe."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail  # the attributes it was measured against, for a log
+
+
+class _Formats(NamedTuple):
+    """The structs a walker reads with, in one byte order: made once, not per walker (one
+    is made per instance checked and per header read; making them took over 1 µs)."""
+
+    u16: struct.Struct
+    u32: struct.Struct
+    tag: struct.Struct
+    vr_u16: struct.Struct  # an explicit VR and its 2-byte length
+    implicit_us: struct.Struct  # a US element's length and (first) value, after its tag
+    explicit_us: struct.Struct  # the same, with its VR
+
+
+def _formats(e: str) -> _Formats:
+    return _Formats(*(struct.Struct(e + f) for f in ("H", "I", "HH", "2sH", "IH", "2sHH")))
+
+
+_LITTLE_ENDIAN = _formats("<")
+_BIG_ENDIAN = _formats(">")
+
+
 class _Walker:
-    def __init__(self, data: Buffer, *, implicit: bool, big_endian: bool) -> None:
+    def __init__(
+        self, data: Buffer, *, implicit: bool, big_endian: bool, native: bool = False
+    ) -> None:
         self.data = data
         self.implicit = implicit
-        e = ">" if big_endian else "<"
-        self.u16 = struct.Struct(e + "H")
-        self.u32 = struct.Struct(e + "I")
-        self.tag_fmt = struct.Struct(e + "HH")
+        # strict about pixel data: native syntaxes have no encapsulated (undefined length) one
+        self.native = native
+        formats = _BIG_ENDIAN if big_endian else _LITTLE_ENDIAN
+        self.u16, self.u32, self.tag_fmt, self.vr_u16 = formats[:4]
+        # a US element's length and (first) value, after its tag
+        self.us = formats.implicit_us if implicit else formats.explicit_us
 
     def _fail(self, offset: int, what: str) -> MalformedInput:
         return MalformedInput(f"malformed data set at byte {offset}: {what}")
@@ -93,8 +157,17 @@ class _Walker:
         group, elem = self.tag_fmt.unpack_from(self.data, pos)
         return (group << 16) | elem
 
-    def dataset(self, pos: int, end: int, depth: int, *, until_item_end: bool) -> int:
-        """Walk elements from *pos*; return the position after the data set."""
+    def dataset(
+        self,
+        pos: int,
+        end: int,
+        depth: int,
+        *,
+        until_item_end: bool,
+        found: dict[int, int] | None = None,
+    ) -> int:
+        """Walk elements from *pos*; return the position after the data set.  *found*
+        gets the offset of each element of :data:`_IMAGE_TAGS` met on the way."""
         if depth > MAX_DEPTH:
             raise self._fail(pos, "sequences nested too deeply")
         while pos < end:
@@ -105,6 +178,8 @@ class _Walker:
                 return pos + 8
             if tag in (ITEM, SEQ_END):
                 raise self._fail(pos, f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+            if tag in _IMAGE_TAGS and found is not None:
+                found[tag] = pos
             pos = self.element(pos, end, tag, depth)
         if until_item_end:
             raise self._fail(pos, "item without its delimiter")
@@ -138,7 +213,11 @@ class _Walker:
             if vr == b"SQ":
                 self.sequence(pos, pos + length, depth, defined=True)
             return pos + length
-        if tag == 0x7FE00010 or vr in (b"OB", b"OW"):
+        if tag in _PIXEL_TAGS and (self.native or tag != PIXEL_DATA):
+            # only (7FE0,0010) of an encapsulated syntax has fragments (PS3.5 A.4)
+            where = " in a native transfer syntax" if tag == PIXEL_DATA else ""
+            raise MalformedInput(f"{_PIXEL_TAGS[tag][0]} has undefined length{where}")
+        if tag == PIXEL_DATA or vr in (b"OB", b"OW"):
             return self.fragments(pos, end)
         if vr == b"SQ":
             return self.sequence(pos, end, depth, defined=False)
@@ -147,6 +226,18 @@ class _Walker:
                 pos, end, depth, defined=False
             )
         raise self._fail(pos, f"undefined length on VR {vr.decode(errors='replace')}")
+
+    def value(self, pos: int) -> tuple[bytes, int, int]:
+        """(VR, or b"" in implicit VR; value offset; length) of the element at *pos*, whose
+        header the walk has already read."""
+        if self.implicit:
+            return b"", pos + 8, self.u32.unpack_from(self.data, pos + 4)[0]
+        vr: bytes
+        length: int
+        vr, length = self.vr_u16.unpack_from(self.data, pos + 4)
+        if vr in _LONG_VRS:
+            return vr, pos + 12, self.u32.unpack_from(self.data, pos + 8)[0]
+        return vr, pos + 8, length
 
     def sequence(self, pos: int, end: int, depth: int, *, defined: bool) -> int:
         while pos < end:
@@ -193,14 +284,124 @@ def inflate(data: Buffer) -> bytes:
 
 def check_dataset(data: Buffer, transfer_syntax: str) -> None:
     """Raise :class:`MalformedInput` unless *data* (a data set without file meta) is a
-    well-formed sequence of elements in *transfer_syntax*."""
+    well-formed sequence of elements in *transfer_syntax* whose pixel data can hold the
+    image it claims to be.
+
+    The walk refuses an element that runs past its container, a broken sequence or item,
+    and pixel data of undefined length where it cannot have one: (7FE0,0010) in a native
+    syntax (:data:`NATIVE`), Float and Double Float Pixel Data in any.  Then, for the
+    top-level pixel data, :class:`PixelDataMismatch` (a :class:`MalformedInput`) when:
+
+    - native (Pixel Data in a native syntax, Float and Double Float Pixel Data in any) and
+      shorter than Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated / 8
+      bytes, rounded up: BitsAllocated 1 is bit-packed (PS3.5 8.1.1); 32 and 64 bits for
+      Float and Double Float Pixel Data whatever BitsAllocated says; NumberOfFrames absent
+      or empty is 1; YBR_FULL_422 and YBR_PARTIAL_422 have two samples per pixel where RGB
+      has three (PS3.3 C.7.6.3.1.2).  An odd size is padded to even (PS3.5 7.1.1), but the
+      pad byte holds no pixel: an element of the odd size is not refused for lacking it
+      (this walk does not refuse odd lengths elsewhere either).  Longer is accepted:
+      trailing padding is common in real files.  When Rows, Columns or BitsAllocated is
+      absent, empty or (explicit VR) not US or SS, or NumberOfFrames is not a number,
+      there is nothing to measure against and nothing is refused;
+    - encapsulated and without a fragment after the Basic Offset Table item (PS3.5 A.4).
+      The fragments are walked (item tags, lengths within the data set, the delimiter);
+      the codestream is not decoded, and Pixel Data of defined length in an encapsulated
+      syntax is not measured.
+
+    A deflated data set is inflated whole first, as the header reader does.  Nothing is
+    copied: the values read are a few short ones of the Image Pixel module."""
     if transfer_syntax in DEFLATED:
         data = inflate(data)
-    walker = _walker(data, transfer_syntax)
+    walker = _walker(data, transfer_syntax, native=transfer_syntax in NATIVE)
+    found: dict[int, int] = {}
     try:
-        walker.dataset(0, len(data), 0, until_item_end=False)
+        walker.dataset(0, len(data), 0, until_item_end=False, found=found)
     except struct.error:
         raise MalformedInput("malformed data set: truncated element") from None
+    for tag in _PIXEL_TAGS:
+        if tag in found:
+            _check_pixel_data(walker, found, tag)
+
+
+def _check_pixel_data(walker: _Walker, found: dict[int, int], tag: int) -> None:
+    """Raise :class:`PixelDataMismatch` when the top-level pixel data element *tag* (found
+    at ``found[tag]`` by a finished walk) cannot hold the image (see :func:`check_dataset`)."""
+    name, bits = _PIXEL_TAGS[tag]
+    _vr, start, length = walker.value(found[tag])
+    if length == UNDEFINED:  # encapsulated; the walk checked the items and the delimiter
+        pos = start
+        for _ in range(2):  # the Basic Offset Table item, then the first fragment
+            if walker._tag(pos, len(walker.data)) != ITEM:
+                raise PixelDataMismatch(f"encapsulated {name} has no fragment")
+            pos += 8 + walker.u32.unpack_from(walker.data, pos + 4)[0]
+        return
+    if tag == PIXEL_DATA and not walker.native:  # compressed, yet defined length: not measured
+        return
+    rows = _unsigned(walker, found, _ROWS)
+    columns = _unsigned(walker, found, _COLUMNS)
+    bits = bits or _unsigned(walker, found, _BITS_ALLOCATED) or 0
+    frames = _frames(walker, found)
+    if rows is None or columns is None or not bits or frames is None:
+        return
+    spp = _unsigned(walker, found, _SAMPLES_PER_PIXEL)
+    spp = 1 if spp is None else spp
+    samples = rows * columns * frames * spp
+    # 4:2:2 is a three-sample interpretation: a grey image's is not read
+    photometric = _text(walker, found, _PHOTOMETRIC) if spp == 3 else None
+    if photometric in _SUBSAMPLED_422:
+        samples = samples * 2 // 3
+    need = (samples * bits + 7) // 8
+    if length < need:
+        raise PixelDataMismatch(
+            f"{name} has {length} of the {need} bytes the image needs",  # fits 64 characters
+            f"Rows {rows}, Columns {columns}, {frames} frame(s), {spp} sample(s) of {bits} bits"
+            + (f", {photometric.decode()}" if photometric in _SUBSAMPLED_422 else ""),
+        )
+
+
+def _unsigned(walker: _Walker, found: dict[int, int], tag: int) -> int | None:
+    """The (first) US value of a top-level element, read with one unpack; None when absent,
+    empty or, in explicit VR, of a VR other than US or SS (an IS "512" is not 12597)."""
+    pos = found.get(tag)
+    if pos is None or pos + 10 > len(walker.data):
+        return None
+    length: int
+    value: int
+    if walker.implicit:
+        length, value = walker.us.unpack_from(walker.data, pos + 4)
+    else:
+        vr, length, value = walker.us.unpack_from(walker.data, pos + 4)
+        if vr not in (b"US", b"SS"):
+            return None
+    return value if length >= 2 else None
+
+
+def _text(walker: _Walker, found: dict[int, int], tag: int, limit: int = 64) -> bytes | None:
+    """The value of a short top-level string element (its first value, without padding);
+    None when absent or longer than *limit*."""
+    pos = found.get(tag)
+    if pos is None:
+        return None
+    _vr, start, length = walker.value(pos)
+    if length > limit:
+        return None
+    return bytes(walker.data[start : start + length]).split(b"\\")[0].strip(b" \x00")
+
+
+def _frames(walker: _Walker, found: dict[int, int]) -> int | None:
+    """Number of Frames (IS): 1 when absent or empty; None when not a number >= 0."""
+    if _NUMBER_OF_FRAMES not in found:
+        return 1
+    text = _text(walker, found, _NUMBER_OF_FRAMES, limit=16)
+    if text is None:
+        return None
+    if not text:
+        return 1
+    try:
+        frames = int(text)
+    except ValueError:
+        return None
+    return frames if frames >= 0 else None
 
 
 def header_end(data: Buffer, transfer_syntax: str, last_tag: int) -> int:
@@ -229,9 +430,12 @@ def has_explicit_vr(data: Buffer, offset: int = 0) -> bool:
     return len(vr) == 2 and vr.isalpha() and vr.isupper()
 
 
-def _walker(data: Buffer, transfer_syntax: str) -> _Walker:
+def _walker(data: Buffer, transfer_syntax: str, *, native: bool = False) -> _Walker:
     return _Walker(
-        data, implicit=transfer_syntax == IMPLICIT_LE, big_endian=transfer_syntax == EXPLICIT_BE
+        data,
+        implicit=transfer_syntax == IMPLICIT_LE,
+        big_endian=transfer_syntax == EXPLICIT_BE,
+        native=native,
     )
 
 

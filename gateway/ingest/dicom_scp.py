@@ -47,10 +47,18 @@ from gateway.dicom.network import (
     DUL_POLL_SECONDS,
     MISSING_IDENTIFIER,
     OUT_OF_RESOURCES,
+    PIXEL_DATA_MISMATCH,
     PROCESSING_FAILURE,
     SUCCESS,
 )
-from gateway.dicom.part10 import check_dataset, encode_file_meta, mapped, read_file_meta
+from gateway.dicom.part10 import (
+    Buffer,
+    PixelDataMismatch,
+    check_dataset,
+    encode_file_meta,
+    mapped,
+    read_file_meta,
+)
 from gateway.errors import MalformedInput, Permanent, Transient
 from gateway.observability.logging import exception_fields
 from gateway.observability.metrics import Metrics
@@ -159,8 +167,13 @@ class StoreHandler:
         except Permanent as exc:
             self._count(event, "refused")
             code = getattr(exc, "status", CANNOT_UNDERSTAND)
+            detail = getattr(exc, "detail", "")  # more than the Error Comment's 64 characters
             log.warning(
-                "dicom.instance.refused", reason=exc.message, source=source, status=f"{code:04X}"
+                "dicom.instance.refused",
+                reason=exc.message,
+                source=source,
+                status=f"{code:04X}",
+                **({"detail": detail} if detail else {}),
             )
             return _status(code, exc.message)
         except Exception as exc:  # a bug must never answer success
@@ -184,12 +197,12 @@ class StoreHandler:
             with mapped(data) as view:
                 meta = read_file_meta(view)
                 with view[meta.offset :] as body_view:
-                    check_dataset(body_view, syntax)
+                    _check(body_view, syntax)
                 header = read_header(view, self.keywords)
                 size = len(view)
         else:
             body: bytes = event.encoded_dataset(include_meta=False)
-            check_dataset(body, syntax)
+            _check(body, syntax)
             # the file meta pynetdicom would write (``event.file_meta``), made directly
             meta_bytes = encode_file_meta(
                 request_class,
@@ -243,13 +256,25 @@ class StoreHandler:
         return SUCCESS
 
 
+def _check(body: Buffer, syntax: str) -> None:
+    """:func:`check_dataset`: a malformed data set is 0xC210 (the default); pixel data that
+    cannot be the image it claims to be is 0xC213 (:data:`PIXEL_DATA_MISMATCH`, where the
+    network module says why that code), the attributes it was measured against logged."""
+    try:
+        check_dataset(body, syntax)
+    except PixelDataMismatch as exc:
+        raise _refusal(PIXEL_DATA_MISMATCH, exc.message, exc.detail) from None
+
+
 class _Refusal(MalformedInput):
     status = CANNOT_UNDERSTAND
+    detail = ""  # logged with the reason, not sent
 
 
-def _refusal(status: int, message: str) -> _Refusal:
+def _refusal(status: int, message: str, detail: str = "") -> _Refusal:
     exc = _Refusal(message)
     exc.status = status
+    exc.detail = detail
     return exc
 
 

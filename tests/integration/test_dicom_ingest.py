@@ -4,6 +4,7 @@ real gateway process on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -96,17 +97,26 @@ def test_resent_instance_is_success_and_stored_once(
 
 def _send_raw(port: int, path: Path) -> int:
     """Send a file's data set bytes as they are (pynetdicom's chunked send does not decode)."""
+    return _send_raw_each(port, [path])[0][0]
+
+
+def _send_raw_each(port: int, paths: list[Path]) -> list[tuple[int, str]]:
+    """Send files as they are over one association: (status, Error Comment) of each."""
     before = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
         ae = AE(ae_title="PACS")
-        meta = dcmread(path, stop_before_pixels=True).file_meta
-        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+        for path in paths:
+            meta = dcmread(path, stop_before_pixels=True).file_meta
+            ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
         assoc = ae.associate("127.0.0.1", port, ae_title="AI_GATEWAY")
         assert assoc.is_established
         try:
-            rsp = assoc.send_c_store(path)
-            return int(rsp.Status)
+            answers = []
+            for path in paths:
+                rsp = assoc.send_c_store(path)
+                answers.append((int(rsp.Status), str(rsp.get("ErrorComment", ""))))
+            return answers
         finally:
             assoc.release()
     finally:
@@ -125,6 +135,47 @@ def test_malformed_data_set_gets_c210_and_nothing_is_stored(
     assert _send_raw(gateway.dicom_port, bad) == 0xC210
     status = json.loads(gateway.cli("queue", "status", "--json").stdout)
     assert status["received"].get("dicom", 0) == 0
+
+
+@pytest.mark.parametrize("receive_to_disk", [False, True])
+def test_a_ct_slice_cut_to_1000_bytes_is_refused_and_the_next_one_stored(
+    tmp_path: Path, receive_to_disk: bool
+) -> None:
+    """A 512 x 512 CT slice whose Pixel Data element was cut to 1,000 bytes (its length
+    says 1,000: well formed, but not the image it claims to be) gets 0xC213 with the reason
+    in the Error Comment and the log, and nothing is stored; the next instance, on the same
+    association, is stored."""
+    gw = GatewayProcess(
+        write_config(tmp_path, dicom={"receive_to_disk": receive_to_disk}),
+        tmp_path / "gateway.log",
+    ).start()
+    try:
+        cut, good = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=2)])
+        raw = cut.read_bytes()
+        at = raw.index(struct.pack("<HH2sH", 0x7FE0, 0x0010, b"OW", 0))
+        header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, 1000)
+        cut.write_bytes(raw[:at] + header + raw[at + 12 : at + 12 + 1000])
+
+        comment = "Pixel Data has 1000 of the 524288 bytes the image needs"
+        assert _send_raw_each(gw.dicom_port, [cut]) == [(0xC213, comment)]
+        status_json = json.loads(gw.cli("queue", "status", "--json").stdout)
+        assert status_json["received"].get("dicom", 0) == 0
+        refused = [e for e in gw.log_events() if e.get("event") == "dicom.instance.refused"]
+        assert len(refused) == 1 and refused[0]["status"] == "C213"
+        assert refused[0]["reason"] == comment
+        assert refused[0]["detail"] == "Rows 512, Columns 512, 1 frame(s), 1 sample(s) of 16 bits"
+
+        assert _send_raw_each(gw.dicom_port, [cut, good]) == [(0xC213, comment), (0x0000, "")]
+        status_json = json.loads(gw.cli("queue", "status", "--json").stdout)
+        assert status_json["received"]["dicom"] == 1
+        store = open_store(gw)
+        try:
+            assert store.find_instance(str(dcmread(cut).SOPInstanceUID)) is None
+            assert store.find_instance(str(dcmread(good).SOPInstanceUID)) is not None
+        finally:
+            store.close()
+    finally:
+        gw.stop()
 
 
 def test_instance_without_study_uid_is_refused(gateway: GatewayProcess, tmp_path: Path) -> None:

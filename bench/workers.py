@@ -482,7 +482,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     p.add_argument("--studies", type=int, default=8,
-                   help="timed CT studies per batch (default 8)")
+                   help="timed CT studies per batch (default 8); a multiple of every W, "
+                        "else the last runs leave a process idle")
     p.add_argument("--slices", type=int, default=60,
                    help="512x512 slices per study (default 60)")
     p.add_argument("--workers", type=_int_list, default=[1, 2],
@@ -499,6 +500,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1 or args.studies < 1 or not 8 <= args.slices <= 400 \
             or args.threads < 0 or args.quiet <= 0:
         p.error("--rounds >= 1, --studies >= 1, --slices 8..400, --threads >= 0, --quiet > 0")
+    uneven = [w for w in args.workers if args.studies % w]
+    if uneven:
+        log(f"note: {args.studies} studies do not divide among {uneven} processes: the "
+            "last runs leave a process idle, which lowers that W's figure")
     return args
 
 

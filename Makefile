@@ -51,6 +51,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.e2e
 	$(BIN)/python -m bench.tls
 	$(BIN)/python -m bench.scaleout
+	$(BIN)/python -m bench.workers
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dicomgen import dcmtk_env, free_port
 
@@ -214,14 +215,55 @@ class GatewayProcess:
         except OSError:
             return ""
 
+    def log_count(self, *needles: str) -> int:
+        """Lines of the gateway's log (its processes' JSON lines) holding every needle."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return 0
+        return sum(1 for line in text.splitlines() if all(n in line for n in needles))
+
+    def wait_for_log(self, count: int, *needles: str, timeout: float = 120.0) -> None:
+        """Until ``count`` lines hold every needle (e.g. each runner process's
+        ``model.loaded``); RuntimeError after ``timeout`` s or if the gateway exits."""
+        deadline = time.monotonic() + timeout
+        while self.log_count(*needles) < count:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}; log tail:\n"
+                                   f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count} log lines with {needles} not there after "
+                                   f"{timeout:.0f}s; log tail:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample of the supervisor's /metrics (every process's counts added up):
+        the sum of the samples called ``name`` whose labels include ``labels``; 0.0 when
+        there is none yet, None when /metrics cannot be read."""
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.cfg.http_port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                        sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
 
 @contextlib.contextmanager
-def running_gateway(prefix: str, keep: bool = False) -> Iterator[GatewayProcess]:
-    """A fresh gateway (own config, ports and data dir) for the ``with`` block."""
+def running_gateway(prefix: str, keep: bool = False, start_timeout: float = 60.0,
+                    **sections: Any) -> Iterator[GatewayProcess]:
+    """A fresh gateway (own config, ports and data dir) for the ``with`` block; *sections*
+    go to :func:`write_gateway_config`."""
     folder = scratch_dir(prefix)
-    gw = GatewayProcess(write_gateway_config(folder))
+    gw = GatewayProcess(write_gateway_config(folder, **sections))
     try:
-        yield gw.start()
+        yield gw.start(timeout=start_timeout)
     finally:
         rc = gw.stop()
         if rc not in (0, None, -signal.SIGTERM):

@@ -13,6 +13,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,6 +155,18 @@ def _delete_in(db: sqlite3.Connection, table: str, column: str, values: Sequence
         db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", part)
 
 
+_FIRST_PAUSE = 0.00005  # seconds: the first wait for another process's write transaction
+_LONGEST_PAUSE = 0.002
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds the write lock."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 class SQLiteQueue:
     """The :class:`~gateway.store.queue.Queue` on one SQLite file (see the module docstring)."""
 
@@ -172,6 +185,8 @@ class SQLiteQueue:
         commit syncs them too.  Pass the durable queue's :attr:`lock` so both connections
         take turns in-process instead of in SQLite's coarse busy-wait."""
         self.path = path
+        self._busy_timeout = busy_timeout
+        self._durable = durable
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = lock or threading.Lock()
         self._db = sqlite3.connect(
@@ -216,10 +231,7 @@ class SQLiteQueue:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: BEGIN IMMEDIATE ... COMMIT (durable on return)."""
         with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise QueueUnavailable(f"queue database is busy: {exc}") from exc
+            self._begin()
             try:
                 yield self._db
                 self._db.execute("COMMIT")
@@ -229,6 +241,43 @@ class SQLiteQueue:
             except BaseException:
                 self._rollback()
                 raise
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE, waiting for another process's write transaction in short steps.
+
+        SQLite's own busy handler (``busy_timeout``) sleeps 1, 2, 5, 10, 15, 20, 25 ... ms
+        between tries, so another process's transaction that ends 50 us later still costs
+        this one a millisecond or more: with the MLLP listener and the workers in separate
+        processes on one file, those sleeps were the acknowledgement path's p99.  Here the
+        connection does not wait inside SQLite (``busy_timeout`` 0 for the BEGIN only) and
+        tries again after 50 us, doubling to at most 2 ms, until the same
+        :attr:`busy_timeout` has passed; then the queue is busy (a transient error).
+
+        Only the durable connections (the ingest edges) do so; the workers' bookkeeping
+        keeps SQLite's backing-off handler, so that where both wait for the lock, the
+        acknowledgement path gets it first (measured: retrying fast on the workers' side
+        too cost the MLLP listener a third of its messages per second)."""
+        if not self._durable:  # the workers' bookkeeping yields to the ingest edges
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise QueueUnavailable(f"queue database is busy: {exc}") from exc
+            return
+        deadline = time.monotonic() + self._busy_timeout
+        pause = _FIRST_PAUSE
+        self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            while True:
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc) or time.monotonic() >= deadline:
+                        raise QueueUnavailable(f"queue database is busy: {exc}") from exc
+                time.sleep(pause)
+                pause = min(pause * 2, _LONGEST_PAUSE)
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
 
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):

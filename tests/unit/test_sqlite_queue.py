@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from gateway.envelope import InferPayload, JobState, Kind, RoutePayload, Stage
+from gateway.errors import QueueUnavailable
 from gateway.store.sqlite import SCHEMA, SCHEMA_VERSION, SQLiteQueue
 from tests.unit.test_queue import QUIET, instance
 
@@ -126,3 +129,48 @@ def test_a_job_whose_payload_no_worker_can_read_is_a_dead_letter_saying_why(
     assert dead.subject == "bad" and dead.state is JobState.DEAD
     assert dead.last_error is not None and dead.last_error.startswith("unreadable job payload")
     assert "model" in dead.last_error
+
+
+def _hold_write_lock(path: Path, seconds: float, held: threading.Event) -> None:
+    """Another process's write transaction: a second connection holding the write lock."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    held.set()
+    time.sleep(seconds)
+    other.execute("COMMIT")
+    other.close()
+
+
+def test_a_write_waits_for_another_connections_transaction_in_short_steps(
+    tmp_path: Path,
+) -> None:
+    """SQLite's busy handler would sleep 1, 2, 5, 10 ... ms between tries; the queue
+    tries again within about 2 ms of the other transaction's end."""
+    queue = SQLiteQueue(tmp_path / "queue.db")
+    held = threading.Event()
+    holder = threading.Thread(target=_hold_write_lock, args=(queue.path, 0.3, held))
+    holder.start()
+    held.wait(5)
+    started = time.monotonic()
+    assert queue.record_instance(instance("1.2.3"), b"", QUIET).new
+    waited = time.monotonic() - started
+    holder.join()
+    assert 0.29 <= waited < 5.0
+    # the connection's own busy timeout is back for everything else
+    assert queue._db.execute("PRAGMA busy_timeout").fetchone()[0] == 10000
+    queue.close()
+
+
+def test_a_write_lock_held_past_the_busy_timeout_is_a_transient_error(tmp_path: Path) -> None:
+    queue = SQLiteQueue(tmp_path / "queue.db", busy_timeout=0.3)
+    held = threading.Event()
+    holder = threading.Thread(target=_hold_write_lock, args=(queue.path, 1.5, held))
+    holder.start()
+    held.wait(5)
+    started = time.monotonic()
+    with pytest.raises(QueueUnavailable, match="queue database is busy"):
+        queue.record_instance(instance("1.2.4"), b"", QUIET)
+    assert 0.29 <= time.monotonic() - started < 1.4  # its own timeout, not the holder's
+    holder.join()
+    assert queue.record_instance(instance("1.2.4"), b"", QUIET).new  # and then it works
+    queue.close()

@@ -165,6 +165,54 @@ $$""",
             " WHEN (NEW.state = 'ready') EXECUTE FUNCTION gateway_jobs_notify()",
         ),
     ),
+    Migration(
+        2,
+        "a received instance recorded in one round trip: gateway_record_instance()",
+        (
+            # What record_instance did in four statements (each a round trip, plus BEGIN
+            # and COMMIT): the envelope (nothing on a duplicate), its study row locked or
+            # made, the quiet period restarted, a late instance marked.  Called alone, it
+            # is one transaction.
+            """CREATE FUNCTION gateway_record_instance(
+    p_id text, p_source text, p_received double precision, p_dedup text, p_spool text,
+    p_inline bytea, p_study text, p_size bigint, p_attrs bytea, p_quiet double precision
+) RETURNS TABLE (envelope_id text, new boolean) LANGUAGE plpgsql AS $$
+DECLARE
+    v_state text;
+BEGIN
+    INSERT INTO envelopes (id, kind, source, received_at, dedup_key, spool_key,
+                           inline_blob, study_key, size, attrs)
+    VALUES (p_id, 'dicom', p_source, p_received, p_dedup, p_spool, p_inline, p_study,
+            p_size, p_attrs)
+    ON CONFLICT (dedup_key) DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT e.id, false FROM envelopes e WHERE e.dedup_key = p_dedup;
+        RETURN;
+    END IF;
+    LOOP  -- the study row, locked; or a new one (another node may race us)
+        SELECT s.state INTO v_state FROM studies s WHERE s.study_key = p_study FOR UPDATE;
+        EXIT WHEN FOUND;
+        INSERT INTO studies (study_key, state, first_at, last_at, complete_due, instances)
+        VALUES (p_study, 'open', p_received, p_received, p_received + p_quiet, 1)
+        ON CONFLICT (study_key) DO NOTHING;
+        IF FOUND THEN
+            RETURN QUERY SELECT p_id, true;
+            RETURN;
+        END IF;
+    END LOOP;
+    UPDATE studies SET state = 'open', last_at = p_received,
+        complete_due = p_received + p_quiet, instances = instances + 1,
+        generation = generation + (v_state = 'complete')::integer,
+        reopened = GREATEST(reopened, (v_state = 'complete')::integer)
+    WHERE study_key = p_study;
+    IF v_state = 'complete' THEN
+        UPDATE envelopes SET late = 1 WHERE id = p_id;
+    END IF;
+    RETURN QUERY SELECT p_id, true;
+END
+$$""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -204,15 +252,9 @@ SQL: dict[str, str] = {
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
     "envelope_by_dedup": "SELECT id, ack FROM envelopes WHERE dedup_key = %s",
-    "study_state_for_update": "SELECT state FROM studies WHERE study_key = %s FOR UPDATE",
-    "insert_study": "INSERT INTO studies (study_key, state, first_at, last_at, complete_due,"
-    " instances) VALUES (%s, 'open', %s, %s, %s, 1)"
-    " ON CONFLICT (study_key) DO NOTHING RETURNING study_key",
-    "add_to_study": "UPDATE studies SET state = 'open', last_at = %(now)s,"
-    " complete_due = %(due)s, instances = instances + 1,"
-    " generation = generation + %(late)s, reopened = GREATEST(reopened, %(late)s)"
-    " WHERE study_key = %(study)s",
-    "mark_late": "UPDATE envelopes SET late = 1 WHERE id = %s",
+    "record_instance": "SELECT envelope_id, new FROM gateway_record_instance(%(id)s,"
+    " %(source)s, %(received)s, %(dedup)s, %(spool)s, %(inline)s, %(study)s, %(size)s,"
+    " %(attrs)s, %(quiet)s)",
     "touch_study": "UPDATE studies SET last_at = %(now)s, complete_due = %(due)s,"
     " generation = generation + (state = 'complete')::integer,"
     " reopened = GREATEST(reopened, (state = 'complete')::integer), state = 'open'"
@@ -569,29 +611,26 @@ class PostgresQueue:
         """Record a received DICOM instance and (re)start its study's quiet-period timer,
         committed durably before it returns."""
         assert env.study_key is not None
-        study_key, now = env.study_key, env.received_at
+        params = {
+            "id": env.id,
+            "source": env.source,
+            "received": env.received_at,
+            "dedup": env.dedup_key,
+            "spool": env.spool_key,
+            "inline": inline,
+            "study": env.study_key,
+            "size": env.size,
+            "attrs": sealed_attrs,
+            "quiet": quiet,
+        }
 
         def body(cur: Cursor) -> Ack:
-            existing = self._insert_envelope(cur, env, sealed_attrs, inline, None)
-            if existing is not None:
-                return Ack(new=False, envelope_id=existing["id"])
-            while True:  # the study row, locked; or a new one (another node may race us)
-                row = cur.execute(SQL["study_state_for_update"], (study_key,)).fetchone()
-                if row is not None:
-                    break
-                cur.execute(SQL["insert_study"], (study_key, now, now, now + quiet))
-                if cur.fetchone() is not None:
-                    return Ack(new=True, envelope_id=env.id)
-            late = int(row["state"] == "complete")
-            cur.execute(
-                SQL["add_to_study"],
-                {"now": now, "due": now + quiet, "late": late, "study": study_key},
-            )
-            if late:
-                cur.execute(SQL["mark_late"], (env.id,))
-            return Ack(new=True, envelope_id=env.id)
+            # one statement, one transaction, one round trip (migration 2)
+            row = cur.execute(SQL["record_instance"], params).fetchone()
+            assert row is not None
+            return Ack(new=bool(row["new"]), envelope_id=row["envelope_id"])
 
-        return self._write(body, ingest=True)
+        return self._write(body, ingest=True, single=True)
 
     def touch_study(self, study_key: str, now: float, quiet: float) -> None:
         """An instance of the study was received again: its quiet-period timer restarts,

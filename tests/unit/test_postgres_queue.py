@@ -81,6 +81,34 @@ def test_opening_a_queue_migrates_an_empty_database(dsn: str) -> None:
         q.close()
 
 
+def test_a_version_1_database_gets_the_one_round_trip_ingest_and_keeps_its_rows(
+    dsn: str,
+) -> None:
+    """A database made by the first release (schema 1) is brought to the current one in
+    place: its rows stay, and an instance of a study it holds is recorded by migration 2's
+    function (the study's quiet period restarts, a complete study is reopened)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in MIGRATIONS[0].statements:
+            conn.execute(statement)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema', '1')")
+        conn.execute(
+            "INSERT INTO studies (study_key, state, first_at, last_at, complete_due,"
+            " instances) VALUES ('study-1', 'complete', 1, 1, 6, 1)"
+        )
+    q = PostgresQueue(dsn)
+    try:
+        assert schema_version(dsn) == SCHEMA_VERSION
+        late = instance("9.9", at=100.0)
+        assert q.record_instance(late, b"a", QUIET).new
+        study = q.study("study-1")
+        assert study is not None
+        assert (study.state, study.instances, study.complete_due) == ("open", 2, 100.0 + QUIET)
+        assert study.generation == 2
+        assert _sql(dsn, f"SELECT late FROM envelopes WHERE id = '{late.id}'") == [(1,)]
+    finally:
+        q.close()
+
+
 def test_a_newer_schema_is_refused_naming_both_versions(dsn: str) -> None:
     migrate(dsn)
     _sql(dsn, "UPDATE meta SET value = '99' WHERE key = 'schema'")

@@ -178,7 +178,8 @@ def test_db_status_and_migrate_on_postgresql(
     assert status["engine"] == "postgresql" and status["schema"] is None
     assert status["database"].startswith("127.0.0.1:") and "postgres@" not in status["database"]
     r = gw.cli("db", "migrate")
-    assert r.returncode == 0 and r.stdout.startswith("applied 1: postgresql"), r.stderr
+    assert r.returncode == 0 and r.stdout.startswith("applied 1, 2: postgresql"), r.stderr
+    assert "is at schema 2" in r.stdout
     r = gw.cli("db", "status")
     assert r.returncode == 0 and "pending         none: up to date" in r.stdout
 

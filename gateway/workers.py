@@ -62,6 +62,68 @@ def worker_alive(identity: str) -> bool:
     return True
 
 
+class LeaseKeeper:
+    """Renews the lease of the job a worker has in hand, every tenth of the lease, from its
+    own thread, for as long as the handler runs.
+
+    A handler renews it too, with its ``beat``, between steps; but one step can wait on a
+    peer for longer than the lease (a DICOM destination answering a C-STORE after a minute,
+    inside pynetdicom where no beat can run).  Without this the lease expired meanwhile, the
+    job went back to ready, and the handler's next beat lost it: the instances the peer had
+    confirmed were not recorded, and the next attempt sent them again, for ever.  The lease
+    still expires when the process dies (this thread goes with it)."""
+
+    def __init__(
+        self, name: str, queue: Queue, lease_seconds: float, clock: Callable[[], float]
+    ) -> None:
+        self.queue = queue
+        self.lease_seconds = lease_seconds
+        self.period = lease_seconds / 10
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._job: Job | None = None
+        self._renewed_at = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def hold(self, job: Job, now: float) -> None:
+        """The worker has *job* in hand, leased (or renewed) at *now*."""
+        with self._lock:
+            self._job, self._renewed_at = job, now
+
+    def release(self) -> None:
+        with self._lock:
+            self._job = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period / 2):
+            with self._lock:
+                job, renewed_at = self._job, self._renewed_at
+            now = self.clock()
+            if job is None or now - renewed_at < self.period:
+                continue
+            try:
+                self.queue.heartbeat(job, self.lease_seconds, now)
+            except LeaseLost:
+                # taken over (or finished meanwhile): the handler's beat or completion says so
+                with self._lock:
+                    if self._job is job:
+                        self._job = None
+                continue
+            except Exception as exc:  # the queue is unavailable now: try again next period
+                log.warning("worker.lease_renewal_failed", job=job.id, **exception_fields(exc))
+                continue
+            with self._lock:
+                if self._job is job:
+                    self._renewed_at = now
+
+
 class Worker:
     """One thread taking jobs of *stages* (only from *lane* when given) one at a time."""
 
@@ -97,8 +159,14 @@ class Worker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
+        # renews the lease while a handler waits on a peer; started with the worker (a
+        # worker driven by run_once alone, as in tests, renews through beat only)
+        self.keeper = LeaseKeeper(name, queue, lease_seconds, clock)
+        self._keeping = False
 
     def start(self) -> None:
+        self._keeping = True
+        self.keeper.start()
         self._thread.start()
 
     def wake(self) -> None:
@@ -109,6 +177,7 @@ class Worker:
         """Take no new job; the one in hand finishes (its outcome is persisted)."""
         self._stop.set()
         self._wake.set()
+        self.keeper.stop()
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop, waiting up to *timeout* for the job in hand; False if it is still running
@@ -155,6 +224,8 @@ class Worker:
             if now - last_beat >= self.lease_seconds / 10:
                 held = self.queue.heartbeat(held, self.lease_seconds, now)
                 last_beat = now
+                if self._keeping:
+                    self.keeper.hold(held, now)
 
         fields = {
             "worker": self.name,
@@ -164,8 +235,13 @@ class Worker:
             "lane": job.lane or None,
         }
         started = time.monotonic()
+        if self._keeping:
+            self.keeper.hold(job, last_beat)
         try:
-            then = self.handler(job, beat)
+            try:
+                then = self.handler(job, beat)
+            finally:
+                self.keeper.release()
             self.queue.complete(held, self.clock(), then=then)
         except LeaseLost:
             log.warning("job.lease_lost", **fields)

@@ -31,6 +31,7 @@ import contextlib
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -343,6 +344,7 @@ class DicomSender:
     def _store(
         self, assoc: Any, item: _Item, target: UID, payload: Dataset | Path
     ) -> InstanceResult:
+        started = time.monotonic()
         try:
             rsp = assoc.send_c_store(payload)
         except (ValueError, AttributeError) as exc:  # pynetdicom: no context / cannot encode
@@ -352,9 +354,11 @@ class DicomSender:
                 item, Outcome.TRANSIENT, None, "the association ended before this instance"
             )
         if "Status" not in rsp:
-            state = "aborted" if assoc.is_aborted else "timed out or sent an invalid response"
             return self._result(
-                item, Outcome.TRANSIENT, None, f"no C-STORE response: the association {state}"
+                item,
+                Outcome.TRANSIENT,
+                None,
+                f"no C-STORE response: {_no_response(assoc, time.monotonic() - started)}",
             )
         status = int(rsp.Status)
         outcome = classify_status(status)
@@ -386,6 +390,22 @@ class DicomSender:
         else:
             log.warning(f"deliver.dicom.{outcome.value}", **fields)
         return InstanceResult(item.key, item.sop_instance, outcome, status, message)
+
+
+def _no_response(assoc: Any, waited: float) -> str:
+    """Why ``send_c_store`` came back without a status, for the log and the dead letter.
+    pynetdicom says only "no response": a peer that reset or closed the connection comes
+    back at once, with the association not yet marked aborted, so the time waited tells
+    a timeout from a connection that went away."""
+    timeout = assoc.dimse_timeout
+    if timeout is not None and waited >= timeout - 0.5:
+        return f"the peer did not answer within {waited:.0f} s (DIMSE timeout)"
+    if assoc.is_aborted:
+        return f"the association was aborted after {waited:.1f} s"
+    return (
+        f"the connection closed after {waited:.1f} s (reset or closed by the peer, "
+        "or an invalid response)"
+    )
 
 
 def _tune(assoc: Any) -> None:

@@ -161,6 +161,41 @@ def test_a_worker_whose_lease_was_taken_over_changes_nothing(queue: SQLiteQueue)
     assert "jobs:deliver" not in queue.counts()
 
 
+def test_the_lease_is_kept_while_a_handler_waits_longer_than_it(queue: SQLiteQueue) -> None:
+    """A handler blocked in one call (a peer answering after a minute) calls no beat: the
+    started worker renews the lease itself, so a sweep meanwhile leaves the job leased and
+    the handler's outcome is kept."""
+    job_id = queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
+    swept: list[int] = []
+    finished = threading.Event()
+
+    def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
+        for _ in range(6):  # 1.5 s against a 0.5 s lease, without a beat
+            time.sleep(0.25)
+            swept.append(queue.sweep_expired(time.time()))
+        beat()  # the lease is still ours
+        return [NextJob(Stage.DELIVER, "pacs|study", any_payload(Stage.DELIVER), lane="pacs")]
+
+    w = Worker(
+        "w",
+        queue,
+        [Stage.ROUTE],
+        handler,
+        lambda job: FixedPolicy(),
+        lease_seconds=0.5,
+        idle_wait=0.05,
+        on_outcome=lambda job, outcome: finished.set(),
+    )
+    w.start()
+    try:
+        assert finished.wait(10)
+    finally:
+        assert w.stop(5)
+    assert swept == [0] * 6
+    assert row(queue, job_id)["state"] == "done"
+    assert queue.counts()["jobs:deliver"] == {"ready": 1}
+
+
 def test_lanes_keep_a_stuck_destination_from_delaying_others(queue: SQLiteQueue) -> None:
     queue.enqueue(Stage.DELIVER, "down|s1", 1.0, any_payload(Stage.DELIVER), lane="down")
     up = queue.enqueue(Stage.DELIVER, "up|s1", 2.0, any_payload(Stage.DELIVER), lane="up")

@@ -147,14 +147,19 @@ class Worker:
     def process(self, job: Job) -> None:
         held = job
         last_beat = self.clock()
+        last_beat_mono = time.monotonic()
 
         def beat() -> None:
-            # renew the lease, at most ten times per lease period (each renewal is a commit)
-            nonlocal held, last_beat
-            now = self.clock()
-            if now - last_beat >= self.lease_seconds / 10:
+            # renew the lease, at most ten times per lease period (each renewal is a commit).
+            # The time since the last renewal is the longer of the wall clock's and the
+            # monotonic clock's: a wall clock stepped back an hour must not stop renewals
+            # for an hour (the lease would expire under a working job), and one stepped
+            # forwards renews at once (into the new time, before a sweep takes it back)
+            nonlocal held, last_beat, last_beat_mono
+            now, mono = self.clock(), time.monotonic()
+            if max(now - last_beat, mono - last_beat_mono) >= self.lease_seconds / 10:
                 held = self.queue.heartbeat(held, self.lease_seconds, now)
-                last_beat = now
+                last_beat, last_beat_mono = now, mono
 
         fields = {
             "worker": self.name,

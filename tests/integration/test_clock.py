@@ -153,6 +153,7 @@ def test_a_study_open_when_the_clock_steps_back_completes_after_its_quiet_period
         gw.stop()
 
 
+@pytest.mark.slow
 def test_a_step_forwards_during_a_delivery_delivers_once_and_keeps_what_is_not_delivered(
     tmp_path: Path, clock: SteppedClock, sink: MLLPSink
 ) -> None:
@@ -190,6 +191,7 @@ def test_a_step_forwards_during_a_delivery_delivers_once_and_keeps_what_is_not_d
         gw.stop()
 
 
+@pytest.mark.slow
 def test_a_worker_killed_after_a_step_back_has_its_job_taken_over_at_once(
     tmp_path: Path, clock: SteppedClock, sink: MLLPSink
 ) -> None:

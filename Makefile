@@ -21,6 +21,7 @@ run: $(STAMP)
 # dcmtk: storescu/storescp/echoscu/dsrdump; orthanc: the PACS that delivery tests send to;
 # dicom3tools: dciodvfy, the validator every generated SR and SEG must pass.
 # postgresql: initdb/pg_ctl for the server tests/pg.py starts (Debian puts them off PATH).
+# faketime: libfaketime, to step the wall clock under a gateway (tests/integration/test_clock.py).
 system-deps:
 	@command -v storescu >/dev/null && command -v echoscu >/dev/null && command -v Orthanc >/dev/null \
 	  && command -v dciodvfy >/dev/null \
@@ -31,6 +32,10 @@ system-deps:
 	  || { echo "installing postgresql (apt-get): the PostgreSQL queue tests' throwaway server"; \
 	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
 	       apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+	@ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 \
+	  || { echo "installing faketime (apt-get): libfaketime, for the clock-step drills"; \
+	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -qq --no-install-recommends faketime >/dev/null; }
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check gateway tests bench

@@ -83,6 +83,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._job: Job | None = None
         self._renewed_at = 0.0
+        self._renewed_mono = 0.0  # the same moment on the monotonic clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{name}", daemon=True)
 
@@ -95,7 +96,7 @@ class LeaseKeeper:
     def hold(self, job: Job, now: float) -> None:
         """The worker has *job* in hand, leased (or renewed) at *now*."""
         with self._lock:
-            self._job, self._renewed_at = job, now
+            self._job, self._renewed_at, self._renewed_mono = job, now, time.monotonic()
 
     def release(self) -> None:
         with self._lock:
@@ -104,9 +105,11 @@ class LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self.period / 2):
             with self._lock:
-                job, renewed_at = self._job, self._renewed_at
-            now = self.clock()
-            if job is None or now - renewed_at < self.period:
+                job, renewed_at, renewed_mono = self._job, self._renewed_at, self._renewed_mono
+            now, mono = self.clock(), time.monotonic()
+            # the longer of the two clocks' intervals, as the handler's beat does: a wall
+            # clock stepped back must not stop renewals for the size of the step
+            if job is None or max(now - renewed_at, mono - renewed_mono) < self.period:
                 continue
             try:
                 self.queue.heartbeat(job, self.lease_seconds, now)
@@ -121,7 +124,7 @@ class LeaseKeeper:
                 continue
             with self._lock:
                 if self._job is job:
-                    self._renewed_at = now
+                    self._renewed_at, self._renewed_mono = now, mono
 
 
 class Worker:
@@ -216,14 +219,19 @@ class Worker:
     def process(self, job: Job) -> None:
         held = job
         last_beat = self.clock()
+        last_beat_mono = time.monotonic()
 
         def beat() -> None:
-            # renew the lease, at most ten times per lease period (each renewal is a commit)
-            nonlocal held, last_beat
-            now = self.clock()
-            if now - last_beat >= self.lease_seconds / 10:
+            # renew the lease, at most ten times per lease period (each renewal is a commit).
+            # The time since the last renewal is the longer of the wall clock's and the
+            # monotonic clock's: a wall clock stepped back an hour must not stop renewals
+            # for an hour (the lease would expire under a working job), and one stepped
+            # forwards renews at once (into the new time, before a sweep takes it back)
+            nonlocal held, last_beat, last_beat_mono
+            now, mono = self.clock(), time.monotonic()
+            if max(now - last_beat, mono - last_beat_mono) >= self.lease_seconds / 10:
                 held = self.queue.heartbeat(held, self.lease_seconds, now)
-                last_beat = now
+                last_beat, last_beat_mono = now, mono
                 if self._keeping:
                     self.keeper.hold(held, now)
 

@@ -70,6 +70,7 @@ class GatewayProcess:
     proc: subprocess.Popen[bytes] | None = None
     cfg: dict[str, Any] = field(default_factory=dict)
     args: tuple[str, ...] = ()  # more options of `gateway run`, e.g. ("--role", "ingest")
+    env: dict[str, str] = field(default_factory=dict)  # more environment, e.g. LD_PRELOAD
 
     def __post_init__(self) -> None:
         self.cfg = yaml.safe_load(self.config.read_text())
@@ -97,7 +98,7 @@ class GatewayProcess:
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         log = self.log_path.open("ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config), *self.args],
             cwd=REPO,

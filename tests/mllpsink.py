@@ -12,6 +12,7 @@ Typical use::
 Replies: ``AA``, ``AE``, ``AR``, ``CA``, ``CE``, ``CR`` (with :attr:`MLLPSink.text` as MSA-3
 and ERR on the error codes), ``WRONG_ID`` (AA for another MSH-10), ``NONE`` (keep the
 connection, never answer) and ``CLOSE`` (close the connection without answering).
+:attr:`MLLPSink.delay` (seconds) makes it a slow EHR: it waits that long before answering.
 Framing, header reading and the ACK come from the gateway's own ``gateway.hl7`` modules.
 It runs an asyncio loop on a background thread; every message is recorded before the
 reply is decided.
@@ -52,6 +53,7 @@ class MLLPSink:
         self.port = port
         self.reply: Reply = reply
         self.text = text
+        self.delay = 0.0  # seconds to wait before each answer
         self._ssl = ssl_context
         self._lock = threading.Lock()
         self._received: list[bytes] = []
@@ -151,7 +153,9 @@ class MLLPSink:
                     return
                 with self._lock:
                     self._received.append(payload)
-                    reply, text = self.reply, self.text
+                    reply, text, delay = self.reply, self.text, self.delay
+                if delay:
+                    await asyncio.sleep(delay)
                 if reply == "CLOSE":
                     return
                 if reply == "NONE":

@@ -55,6 +55,7 @@ from gateway.envelope import (
 )
 from gateway.errors import QueueUnavailable
 from gateway.store.queue import (
+    CLOCK_SLACK,
     SUPERSEDED,
     Ack,
     LeaseLost,
@@ -265,6 +266,12 @@ SQL: dict[str, str] = {
     " FOR UPDATE SKIP LOCKED",
     "complete_study": "UPDATE studies SET state = 'complete', completed_at = %s"
     " WHERE study_key = %s",
+    # the wall clock stepped back: rows written "in the future" are moved back by the step
+    # (gateway/store/queue.py), each wait keeping what was left of it; rows another
+    # transaction holds are left for the next call
+    "rebase_studies": "UPDATE studies SET complete_due = complete_due - (last_at - %(now)s),"
+    " last_at = %(now)s WHERE study_key IN (SELECT study_key FROM studies"
+    " WHERE state = 'open' AND last_at > %(now)s + %(slack)s FOR UPDATE SKIP LOCKED)",
     "study": "SELECT * FROM studies WHERE study_key = %s",
     "next_study_due": "SELECT MIN(complete_due) AS due FROM studies WHERE state = 'open'",
     "record_study_ref": "INSERT INTO study_refs (ref, study_key) VALUES (%s, %s)"
@@ -321,12 +328,20 @@ SQL: dict[str, str] = {
         " first_failed_at = COALESCE(first_failed_at, %(now)s)"
     ),
     "ready_after_replay": _MAKE_READY.format(set="run_at = %(now)s, attempts = 0"),
+    # a job whose lease is taken back was due when it was leased: it runs now, even if
+    # the clock stepped back since
     "ready_after_expiry": _MAKE_READY.format(
-        set="worker = NULL, last_error = COALESCE(last_error, 'lease expired')"
+        set="worker = NULL, run_at = LEAST(run_at, %(now)s),"
+        " last_error = COALESCE(last_error, 'lease expired')"
     ),
     "ready_after_worker_died": _MAKE_READY.format(
-        set="worker = NULL, last_error = COALESCE(last_error, 'worker died')"
+        set="worker = NULL, run_at = LEAST(run_at, %(now)s),"
+        " last_error = COALESCE(last_error, 'worker died')"
     ),
+    "rebase_jobs": "UPDATE jobs SET run_at = run_at - (updated_at - %(now)s),"
+    " lease_expires = lease_expires - (updated_at - %(now)s), updated_at = %(now)s"
+    " WHERE id IN (SELECT id FROM jobs WHERE state IN ('ready', 'leased')"
+    " AND updated_at > %(now)s + %(slack)s FOR UPDATE SKIP LOCKED)",
     "supersede": "UPDATE jobs SET state = 'done', lease_token = NULL, last_error = %(error)s,"
     " updated_at = %(now)s WHERE id = ANY(%(ids)s::bigint[]) AND state != 'ready'",
     "dead_ids_for_update": "SELECT id FROM jobs WHERE state = 'dead' ORDER BY id FOR UPDATE",
@@ -669,9 +684,11 @@ class PostgresQueue:
     def complete_due_studies(self, now: float) -> list[str]:
         """Mark studies whose quiet period has passed complete and queue each for routing,
         in one transaction.  A study another transaction holds (an instance arriving
-        right now) is left for the next call."""
+        right now) is left for the next call.  Open studies written after *now* (the clock
+        stepped back) first have their quiet periods moved back by the step."""
 
         def body(cur: Cursor) -> list[str]:
+            cur.execute(SQL["rebase_studies"], {"now": now, "slack": CLOCK_SLACK})
             rows = cur.execute(SQL["due_studies"], (now,)).fetchall()
             for row in rows:
                 cur.execute(SQL["complete_study"], (now, row["study_key"]))
@@ -857,9 +874,12 @@ class PostgresQueue:
         return self._write(body)
 
     def sweep_expired(self, now: float) -> int:
-        """Return jobs whose lease expired (a crashed or stuck worker) to the ready state."""
+        """Return jobs whose lease expired (a crashed or stuck worker) to the ready state,
+        to run now.  First, waiting and leased jobs written after *now* (the clock stepped
+        back) are moved back by the step."""
 
         def body(cur: Cursor) -> int:
+            cur.execute(SQL["rebase_jobs"], {"now": now, "slack": CLOCK_SLACK})
             rows = cur.execute(SQL["expired_ids_for_update"], (now,)).fetchall()
             moved, superseded = _make_ready(
                 cur, "ready_after_expiry", [r["id"] for r in rows], {}, now

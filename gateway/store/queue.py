@@ -27,6 +27,16 @@ What every engine guarantees:
   has at a time (every node sharing the database): a retention pass runs on one node.
 - **Deliveries recorded.** What reached a destination is a row, so a retry skips it:
   delivery is at least once, with stable identities (deterministic result UIDs).
+- **Wall-clock steps backwards.** Times are wall-clock seconds, and a clock that steps
+  back (an NTP correction, a VM snapshot restored) would otherwise hold every stored time
+  in the future: quiet periods, run times and leases an hour too long for an hour's step.
+  A row last written more than :data:`CLOCK_SLACK` seconds "in the future" (an open
+  study's ``last_at``, a waiting or leased job's ``updated_at``) shows the step: the next
+  ``complete_due_studies`` / ``sweep_expired`` moves it, with its due time, run time or
+  lease expiry, back by the step, keeping what was left of the wait.  A job a sweep or a
+  dead worker's release puts back was due when it was leased: it runs now.  (A step
+  *forwards* looks like time passing: quiet periods and leases end early; see
+  docs/reliability.md.)
 """
 
 from __future__ import annotations
@@ -41,6 +51,12 @@ from gateway.errors import QueueUnavailable
 from gateway.store.spool import SPOOL_KEY
 
 SUPERSEDED = "superseded: a newer job for the same subject is waiting"
+
+#: seconds a row's last write may lie ahead of the caller's *now* before it counts as a
+#: wall-clock step backwards and is moved back: room for skew between the nodes of a site
+#: and for a *now* read before waiting for a busy database (a smaller step back delays
+#: waits by at most this much)
+CLOCK_SLACK = 10.0
 
 
 class LeaseLost(QueueUnavailable):
@@ -167,7 +183,9 @@ class Queue(Protocol):
     # --- study assembly -----------------------------------------------------------------
 
     def complete_due_studies(self, now: float) -> list[str]:
-        """Complete the studies whose quiet period has passed; queue each for routing."""
+        """Complete the studies whose quiet period has passed; queue each for routing.
+        An open study last written after *now* (the clock stepped back) first has its
+        quiet period moved back by the step."""
         ...
 
     def study(self, study_key: str) -> StudyInfo | None: ...
@@ -222,11 +240,13 @@ class Queue(Protocol):
         ...
 
     def sweep_expired(self, now: float) -> int:
-        """Jobs whose lease expired back to ready; how many."""
+        """Jobs whose lease expired back to ready (to run now); how many.  Waiting and
+        leased jobs last written after *now* (the clock stepped back) first have their
+        run times and lease expiries moved back by the step."""
         ...
 
     def release_dead_workers(self, alive: Callable[[str], bool], now: float) -> int:
-        """Jobs leased by workers that *alive* says are gone back to ready at once."""
+        """Jobs leased by workers that *alive* says are gone back to ready, to run now."""
         ...
 
     # --- deliveries ---------------------------------------------------------------------

@@ -31,7 +31,15 @@ from gateway.envelope import (
     payload_json,
 )
 from gateway.errors import QueueUnavailable
-from gateway.store.queue import SUPERSEDED, Ack, LeaseLost, PurgedRows, StudyInfo, plan_purge
+from gateway.store.queue import (
+    CLOCK_SLACK,
+    SUPERSEDED,
+    Ack,
+    LeaseLost,
+    PurgedRows,
+    StudyInfo,
+    plan_purge,
+)
 from gateway.store.spool import SPOOL_KEY
 
 SCHEMA_VERSION = 3
@@ -146,6 +154,20 @@ def _still_done(db: sqlite3.Connection, study_key: str, cutoff: float) -> bool:
         "SELECT state, last_at FROM studies WHERE study_key = ?", (study_key,)
     ).fetchone()
     return row is not None and row["state"] == "complete" and float(row["last_at"]) < cutoff
+
+
+# A wall clock that stepped back leaves rows written "in the future" (queue.py): moved
+# back by the step (how far ahead their last write lies), keeping what was left of each
+# wait.  SQL evaluates every SET expression on the old row, so the order does not matter.
+REBASE_STUDIES = (
+    "UPDATE studies SET complete_due = complete_due - (last_at - :now), last_at = :now"
+    " WHERE state = 'open' AND last_at > :now + :slack"
+)
+REBASE_JOBS = (
+    "UPDATE jobs SET run_at = run_at - (updated_at - :now),"
+    " lease_expires = lease_expires - (updated_at - :now), updated_at = :now"
+    " WHERE state IN ('ready', 'leased') AND updated_at > :now + :slack"
+)
 
 
 def _delete_in(db: sqlite3.Connection, table: str, column: str, values: Sequence[Any]) -> None:
@@ -381,8 +403,11 @@ class SQLiteQueue:
     # --- study assembly ----------------------------------------------------------------
 
     def complete_due_studies(self, now: float) -> list[str]:
-        """Mark studies whose quiet period has passed complete and queue them for routing."""
+        """Mark studies whose quiet period has passed complete and queue them for routing.
+        First, open studies written after *now* (the clock stepped back) have their quiet
+        periods moved back by the step (:data:`REBASE_STUDIES`)."""
         with self._tx() as db:
+            db.execute(REBASE_STUDIES, {"now": now, "slack": CLOCK_SLACK})
             rows = db.execute(
                 "SELECT study_key, generation, reopened FROM studies"
                 " WHERE state = 'open' AND complete_due <= ? ORDER BY complete_due",
@@ -614,16 +639,20 @@ class SQLiteQueue:
             return moved
 
     def sweep_expired(self, now: float) -> int:
-        """Return jobs whose lease expired (a crashed or stuck worker) to the ready state."""
+        """Return jobs whose lease expired (a crashed or stuck worker) to the ready state,
+        to run now.  First, waiting and leased jobs written after *now* (the clock stepped
+        back) are moved back by the step (:data:`REBASE_JOBS`)."""
         with self._tx() as db:
+            db.execute(REBASE_JOBS, {"now": now, "slack": CLOCK_SLACK})
             rows = db.execute(
                 "SELECT id FROM jobs WHERE state = 'leased' AND lease_expires < ?", (now,)
             ).fetchall()
             moved, superseded = self._make_ready(
                 db,
                 [r["id"] for r in rows],
-                "worker = NULL, last_error = COALESCE(last_error, 'lease expired')",
-                (),
+                "worker = NULL, run_at = MIN(run_at, ?),"
+                " last_error = COALESCE(last_error, 'lease expired')",
+                (now,),
                 now,
             )
             return moved + superseded
@@ -638,8 +667,10 @@ class SQLiteQueue:
             moved, superseded = self._make_ready(
                 db,
                 dead,
-                "worker = NULL, last_error = COALESCE(last_error, 'worker died')",
-                (),
+                # it was due when it was leased: now, even if the clock stepped back since
+                "worker = NULL, run_at = MIN(run_at, ?),"
+                " last_error = COALESCE(last_error, 'worker died')",
+                (now,),
                 now,
             )
             return moved + superseded

@@ -126,9 +126,13 @@ def serve_receivers(folder: Path, dicom_port: int, hl7_port: int, results_port: 
     """The DICOM receiver and the two MLLP sinks, until SIGTERM; what they receive goes to
     ``dicom.txt`` (SOP Instance UID|time a line, written before the 0x0000 goes back),
     ``hl7.txt`` and ``results.txt`` (MSH-10|OBR-2|time a line, written within 0.2 s)."""
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.uid import (
+        CTImageStorage,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        MRImageStorage,
+    )
     from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
     from tests.mllpsink import MLLPSink
 
@@ -155,6 +159,7 @@ def serve_receivers(folder: Path, dicom_port: int, hl7_port: int, results_port: 
         ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     server = ae.start_server(("127.0.0.1", dicom_port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None  # block=False returns the server
     sinks = {"hl7.txt": MLLPSink(port=hl7_port).start(),
              "results.txt": MLLPSink(port=results_port).start()}
     written = dict.fromkeys(sinks, 0)
@@ -267,9 +272,8 @@ def new_study(folder: Path, rng: random.Random, tag: str) -> list[Instance]:
 def dicom_sender(index: int, port: int, ledger: Ledger, stop: threading.Event,
                  workdir: Path, pause: float, resend: int, seed: int) -> None:
     """One study per association, in a loop; unacknowledged instances go again first."""
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
     rng = random.Random(seed)
     ae = AE(ae_title=CALLING_AE)

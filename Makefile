@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/gateway.yaml
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run test lint bench soak system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.tls
 	$(BIN)/python -m bench.scaleout
 	$(BIN)/python -m bench.workers
+
+# About 20 minutes plus the drain (docs/reliability.md, "Soak"); not part of `make test`.
+# matplotlib (the plot) comes from the `soak` extra, installed on first use.
+soak: $(STAMP)
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install --quiet -e '.[soak]'
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -159,6 +159,8 @@ class GatewayProcess:
 
     cfg: GatewayConfig
     proc: subprocess.Popen[bytes] | None = None
+    #: start it in its own session and process group (``os.killpg`` kills every process)
+    new_session: bool = False
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +177,7 @@ class GatewayProcess:
                 [*gateway_command(), "run", "-c", str(self.cfg.path)],
                 cwd=REPO, stdout=logf, stderr=subprocess.STDOUT,
                 env=dict(dcmtk_env(), PYTHONUNBUFFERED="1"),
+                start_new_session=self.new_session,
             )
         deadline = time.monotonic() + timeout
         readyz_missing = False

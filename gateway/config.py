@@ -469,44 +469,99 @@ def _did_you_mean(name: str, choices: Any) -> str:
 
 LineMap = dict[tuple[str, ...], int]
 
+MAX_VALUES = 100_000  # a real config holds hundreds; more means aliases expanding
+_MERGE = "tag:yaml.org,2002:merge"
 
-def _construct(node: yaml.Node, path: tuple[str, ...], lines: LineMap) -> Any:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
+
+class _Builder:
+    """The plain values of composed YAML nodes, and the line of each key path: what
+    ``yaml.safe_load`` builds, with PyYAML's safe constructor, node by node.  Whatever
+    cannot be built (an unknown tag, a date that is none, a key that is a list, an alias
+    inside itself, aliases expanding past :data:`MAX_VALUES`) is a ``ConfigError`` line
+    ``line N: path: message``."""
+
+    def __init__(self) -> None:
+        self.lines: LineMap = {}
+        self.constructor = yaml.constructor.SafeConstructor()
+        self.values = 0
+        self.building: set[int] = set()  # the collections being built (an alias to one loops)
+
+    def value(self, node: yaml.Node, path: tuple[str, ...]) -> Any:
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise _node_error(node, path, f"more than {MAX_VALUES} values (aliases expanding?)")
+        self.lines[path] = node.start_mark.line + 1
+        if not isinstance(node, yaml.CollectionNode):
+            return self.scalar(node, path)
+        if id(node) in self.building:
+            raise _node_error(node, path, "an alias refers to a collection that holds it")
+        self.building.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self.mapping(node, path)
+            return [self.value(item, (*path, str(i))) for i, item in enumerate(node.value)]
+        finally:
+            self.building.discard(id(node))
+
+    def mapping(self, node: yaml.MappingNode, path: tuple[str, ...]) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node))
-            if key in out:
-                raise ConfigError(
-                    [
-                        f"line {key_node.start_mark.line + 1}: {'.'.join((*path, str(key)))}: "
-                        "duplicate key"
-                    ]
+            if key_node.tag == _MERGE:
+                raise _node_error(
+                    key_node, path, "YAML merge keys (<<) are not supported: write the keys out"
                 )
-            lines[(*path, str(key))] = key_node.start_mark.line + 1
-            out[key] = _construct(value_node, (*path, str(key)), lines)
-            lines[(*path, str(key))] = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.CollectionNode):
+                raise _node_error(
+                    key_node, path, "a key must be a single value, not a list or mapping"
+                )
+            key = self.scalar(key_node, path)
+            if key in out:
+                raise _node_error(key_node, (*path, str(key)), "duplicate key")
+            self.lines[(*path, str(key))] = key_node.start_mark.line + 1
+            out[key] = self.value(value_node, (*path, str(key)))
+            self.lines[(*path, str(key))] = key_node.start_mark.line + 1
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*path, str(i)), lines) for i, item in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+
+    def scalar(self, node: yaml.Node, path: tuple[str, ...]) -> Any:
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError as exc:  # e.g. an unknown tag (!!python/object)
+            raise _node_error(node, path, str(exc.problem or exc)) from None
+        except Exception as exc:
+            # PyYAML's constructors fail in many ways on a value they cannot read: ValueError
+            # (2026-13-45, 0b_), IndexError (an empty !!int), KeyError (an empty !!bool),
+            # AttributeError (!!timestamp x)
+            reason = f"{exc}" if isinstance(exc, ValueError) else type(exc).__name__
+            raise _node_error(node, path, f"{node.value!r} cannot be read: {reason}") from None
+
+
+def _node_error(node: yaml.Node, path: tuple[str, ...], message: str) -> ConfigError:
+    return ConfigError([f"line {node.start_mark.line + 1}: {'.'.join(path) or '(top)'}: {message}"])
 
 
 def parse_yaml(text: str, filename: str) -> tuple[Any, LineMap]:
     """Parse YAML text into plain values plus a map from key path to line number."""
-    lines: LineMap = {}
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark else 0
         raise ConfigError([f"{filename}:{line}: {exc.problem or exc}"]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+        line = text.count("\n", 0, exc.position) + 1
+        reason = f"character #x{exc.character:04x} is not allowed in YAML ({exc.reason})"
+        raise ConfigError([f"{filename}:{line}: {reason}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{filename}:0: lists or mappings are nested too deeply"]) from None
     if node is None:
-        return {}, lines
+        return {}, {}
+    builder = _Builder()
     try:
-        return _construct(node, (), lines), lines
+        return builder.value(node, ()), builder.lines
     except ConfigError as exc:
         raise ConfigError([f"{filename}:{e.removeprefix('line ')}" for e in exc.errors]) from None
+    except RecursionError:
+        raise ConfigError([f"{filename}:0: lists or mappings are nested too deeply"]) from None
 
 
 def _line_for(loc: tuple[str, ...], lines: LineMap) -> int:
@@ -597,9 +652,16 @@ def read_config(path: Path | str) -> Config:
     path = Path(path)
     filename = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{filename}:0: cannot read the config file: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            [f"{filename}:{line}: the file is not UTF-8 text (byte 0x{raw[exc.start]:02X})"]
+        ) from None
     data, lines = parse_yaml(text, filename)
     if not isinstance(data, dict):
         raise ConfigError([f"{filename}:1: (top): the config file must be a mapping of sections"])

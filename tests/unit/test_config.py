@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import MAX_VALUES
 from gateway.errors import ConfigError
 from gateway.preflight import load_config
 
@@ -353,6 +354,67 @@ def test_yaml_syntax_error_reports_the_line(tmp_path: Path) -> None:
 def test_unclosed_flow_mapping_reports_the_end_of_file_line(tmp_path: Path) -> None:
     path = write(tmp_path, "dicom:\n  allowed_callers:\n    - {ae_title: PACS\n")
     assert errors_of(path) == [f"{path}:4: expected ',' or '}}', but got '<stream end>'"]
+
+
+# Found by fuzzing (tests/fuzz/corpus/config/regress-*): each of these raised something
+# other than ConfigError (a traceback from `gateway check-config`), or hung.
+
+
+def test_a_file_that_is_not_utf_8_is_an_error_at_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
+    assert errors_of(path) == [f"{path}:7: the file is not UTF-8 text (byte 0xE9)"]
+
+
+def test_a_control_character_is_an_error_at_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "gateway: {data_dir: \x01}\n")
+    assert errors_of(path) == [
+        f"{path}:7: character #x0001 is not allowed in YAML (special characters are not allowed)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tail", "line", "message"),
+    [
+        ("gateway: {data_dir: !!python/object:os.system x}\n", 7,
+         "gateway.data_dir: could not determine a constructor for the tag "
+         "'tag:yaml.org,2002:python/object:os.system'"),
+        ("gateway: {retention_days: 2026-13-45}\n", 7,
+         "gateway.retention_days: '2026-13-45' cannot be read: month must be in 1..12"),
+        ("gateway: {retention_days: !!int }\n", 7,  # PyYAML's own IndexError
+         "gateway.retention_days: '' cannot be read: IndexError"),
+        ("gateway:\n  ? [a, b]\n  : 1\n", 8,
+         "gateway: a key must be a single value, not a list or mapping"),
+        ("base: &b {ae_title: X}\nx: {<<: *b}\n", 8,
+         "x: YAML merge keys (<<) are not supported: write the keys out"),
+        ("x: &a [1, *a]\n", 7, "x.1: an alias refers to a collection that holds it"),
+    ],
+)
+def test_values_that_cannot_be_built_are_errors_at_their_line(
+    tmp_path: Path, tail: str, line: int, message: str
+) -> None:
+    path = write(tmp_path, MINIMAL + tail)
+    assert errors_of(path) == [f"{path}:{line}: {message}"]
+
+
+def test_a_flow_key_without_a_value_reads_as_yaml_does(tmp_path: Path) -> None:
+    # the loader built each value by serializing its node and parsing that again, which
+    # failed for this node (a ParserError); a key without a value is null, as in PyYAML
+    path = write(tmp_path, MINIMAL.replace("{ae_title: PACS,", "{ae_title: PACS, facility:,"))
+    assert errors_of(path) == [f"{path}:3: dicom.allowed_callers.0.facility: unknown key"]
+
+
+def test_aliases_expanding_past_the_value_limit_are_refused(tmp_path: Path) -> None:
+    levels = ["l0: &l0 [" + ", ".join(["x"] * 10) + "]"]
+    levels += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    path = write(tmp_path, "\n".join(levels) + "\n")  # 10**9 values: it hung
+    (error,) = errors_of(path)
+    assert error.endswith(f"more than {MAX_VALUES} values (aliases expanding?)")
+
+
+def test_lists_nested_too_deeply_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "dicom: " + "[" * 600 + "]" * 600 + "\n")
+    assert errors_of(path) == [f"{path}:0: lists or mappings are nested too deeply"]
 
 
 def test_tls_file_that_does_not_exist_is_reported_with_its_resolved_path(

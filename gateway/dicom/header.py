@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset as read_encoded_dataset
@@ -51,7 +51,7 @@ from gateway.dicom.part10 import (
 )
 from gateway.errors import MalformedInput
 
-__all__ = ["InstanceHeader", "Source", "read_dataset", "read_header"]
+__all__ = ["SEQUENCE_TAGS", "InstanceHeader", "Source", "read_dataset", "read_header"]
 
 Source = bytes | memoryview | Path
 """A Part 10 instance (preamble, file meta, data set): its bytes, a view of them, or a file."""
@@ -62,6 +62,11 @@ _STUDY_INSTANCE_UID = 0x0020000D
 # The header ends before (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data
 # and (7FE0,0010) Pixel Data, as pydicom's ``stop_before_pixels`` does.
 _LAST_HEADER_TAG = 0x7FE00007
+
+SEQUENCE_TAGS = frozenset(tag for tag in keyword_dict.values() if dictionary_VR(tag) == "SQ")
+"""The tags whose VR is SQ in pydicom's data dictionary: what the structural check
+(:func:`~gateway.dicom.part10.check_dataset`) walks as a sequence where the data set names
+no VR (implicit VR, or UN)."""
 
 # What pydicom raises on data it cannot decode.
 _DECODE_ERRORS = (

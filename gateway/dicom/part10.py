@@ -11,8 +11,11 @@ skipped, never decoded).
   is acknowledged.  pydicom reads tolerantly: a value cut short is returned shorter,
   trailing garbage becomes an odd element.  For an archive that is the right choice; for
   a gateway that answers "stored" it is not, so every element header is walked and any
-  length that runs past its container is a :class:`MalformedInput`; and the pixel data
-  must be able to hold the image its attributes describe (:class:`PixelDataMismatch`).
+  length that runs past its container is a :class:`MalformedInput`, as are an explicit VR
+  that is not one of DICOM's and an element twice in one data set (where the data set
+  names no VR, implicit VR or UN, the tags the caller gives as sequences, the data
+  dictionary's, are walked as sequences too); and the pixel data must be able to hold the
+  image its attributes describe (:class:`PixelDataMismatch`).
 - :func:`header_end`: where the top-level elements up to a given tag end (the tolerant
   walk the header reader uses: it stops at the first element cut short).
 - :func:`mapped`: a file as a read-only memoryview (a memory map: nothing is copied).
@@ -27,7 +30,7 @@ import contextlib
 import mmap
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -65,6 +68,11 @@ PREAMBLE = 128  # bytes before "DICM"
 META_START = PREAMBLE + 4  # the first file meta element
 
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+# The VRs of PS3.5 Table 6.2-1: an explicit VR that is none of these cannot be read (how
+# long is its length field?), and pydicom refuses its value.
+_VRS = _LONG_VRS | frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split()
+)
 UNDEFINED = 0xFFFFFFFF
 ITEM = 0xFFFEE000
 ITEM_END = 0xFFFEE00D
@@ -135,10 +143,17 @@ _BIG_ENDIAN = _formats(">")
 
 class _Walker:
     def __init__(
-        self, data: Buffer, *, implicit: bool, big_endian: bool, native: bool = False
+        self,
+        data: Buffer,
+        *,
+        implicit: bool,
+        big_endian: bool,
+        native: bool = False,
+        sequences: Container[int] = frozenset(),
     ) -> None:
         self.data = data
         self.implicit = implicit
+        self.sequences = sequences
         # strict about pixel data: native syntaxes have no encapsulated (undefined length) one
         self.native = native
         formats = _BIG_ENDIAN if big_endian else _LITTLE_ENDIAN
@@ -170,6 +185,7 @@ class _Walker:
         gets the offset of each element of :data:`_IMAGE_TAGS` met on the way."""
         if depth > MAX_DEPTH:
             raise self._fail(pos, "sequences nested too deeply")
+        seen: set[int] = set()
         while pos < end:
             tag = self._tag(pos, end)
             if tag == ITEM_END:
@@ -178,6 +194,9 @@ class _Walker:
                 return pos + 8
             if tag in (ITEM, SEQ_END):
                 raise self._fail(pos, f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+            if tag in seen:  # two values of one attribute: readers differ on which counts
+                raise self._fail(pos, f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) occurs twice")
+            seen.add(tag)
             if tag in _IMAGE_TAGS and found is not None:
                 found[tag] = pos
             pos = self.element(pos, end, tag, depth)
@@ -189,7 +208,8 @@ class _Walker:
         length: int
         if self.implicit:
             length = self.u32.unpack_from(self.data, pos + 4)[0]
-            vr = b"SQ" if length == UNDEFINED else b""
+            # the VR is the data dictionary's: a sequence is walked, whatever its length
+            vr = b"SQ" if length == UNDEFINED or tag in self.sequences else b""
             pos += 8
         else:
             vr = bytes(self.data[pos + 4 : pos + 6])
@@ -199,7 +219,7 @@ class _Walker:
                 length = self.u32.unpack_from(self.data, pos + 8)[0]
                 pos += 12
             else:
-                if not (vr.isalpha() and vr.isupper()):
+                if vr not in _VRS:
                     raise self._fail(pos, f"invalid VR {vr!r}")
                 length = self.u16.unpack_from(self.data, pos + 6)[0]
                 pos += 8
@@ -212,6 +232,8 @@ class _Walker:
                 )
             if vr == b"SQ":
                 self.sequence(pos, pos + length, depth, defined=True)
+            elif vr == b"UN" and tag in self.sequences:  # PS3.5 6.2.2: implicit VR LE items
+                self._implicit().sequence(pos, pos + length, depth, defined=True)
             return pos + length
         if tag in _PIXEL_TAGS and (self.native or tag != PIXEL_DATA):
             # only (7FE0,0010) of an encapsulated syntax has fragments (PS3.5 A.4)
@@ -222,10 +244,17 @@ class _Walker:
         if vr == b"SQ":
             return self.sequence(pos, end, depth, defined=False)
         if vr == b"UN":  # PS3.5 6.2.2: its items are encoded in implicit VR little endian
-            return _Walker(self.data, implicit=True, big_endian=False).sequence(
-                pos, end, depth, defined=False
-            )
+            return self._implicit().sequence(pos, end, depth, defined=False)
         raise self._fail(pos, f"undefined length on VR {vr.decode(errors='replace')}")
+
+    def _implicit(self) -> _Walker:
+        return _Walker(
+            self.data,
+            implicit=True,
+            big_endian=False,
+            native=self.native,
+            sequences=self.sequences,
+        )
 
     def value(self, pos: int) -> tuple[bytes, int, int]:
         """(VR, or b"" in implicit VR; value offset; length) of the element at *pos*, whose
@@ -282,12 +311,15 @@ def inflate(data: Buffer) -> bytes:
         raise MalformedInput(f"deflated data set does not inflate: {exc}") from None
 
 
-def check_dataset(data: Buffer, transfer_syntax: str) -> None:
+def check_dataset(
+    data: Buffer, transfer_syntax: str, *, sequences: Container[int] = frozenset()
+) -> None:
     """Raise :class:`MalformedInput` unless *data* (a data set without file meta) is a
     well-formed sequence of elements in *transfer_syntax* whose pixel data can hold the
     image it claims to be.
 
     The walk refuses an element that runs past its container, a broken sequence or item,
+    an explicit VR that is not one of DICOM's, an element twice in one data set or item,
     and pixel data of undefined length where it cannot have one: (7FE0,0010) in a native
     syntax (:data:`NATIVE`), Float and Double Float Pixel Data in any.  Then, for the
     top-level pixel data, :class:`PixelDataMismatch` (a :class:`MalformedInput`) when:
@@ -308,11 +340,16 @@ def check_dataset(data: Buffer, transfer_syntax: str) -> None:
       the codestream is not decoded, and Pixel Data of defined length in an encapsulated
       syntax is not measured.
 
+    *sequences*: the tags whose VR is SQ in the data dictionary (:data:`gateway.dicom.
+    header.SEQUENCE_TAGS`).  Where the data names no VR (implicit VR, and the VR UN), only
+    these, and values of undefined length, are walked as sequences; any other value is
+    opaque bytes.
+
     A deflated data set is inflated whole first, as the header reader does.  Nothing is
     copied: the values read are a few short ones of the Image Pixel module."""
     if transfer_syntax in DEFLATED:
         data = inflate(data)
-    walker = _walker(data, transfer_syntax, native=transfer_syntax in NATIVE)
+    walker = _walker(data, transfer_syntax, native=transfer_syntax in NATIVE, sequences=sequences)
     found: dict[int, int] = {}
     try:
         walker.dataset(0, len(data), 0, until_item_end=False, found=found)
@@ -430,12 +467,19 @@ def has_explicit_vr(data: Buffer, offset: int = 0) -> bool:
     return len(vr) == 2 and vr.isalpha() and vr.isupper()
 
 
-def _walker(data: Buffer, transfer_syntax: str, *, native: bool = False) -> _Walker:
+def _walker(
+    data: Buffer,
+    transfer_syntax: str,
+    *,
+    native: bool = False,
+    sequences: Container[int] = frozenset(),
+) -> _Walker:
     return _Walker(
         data,
         implicit=transfer_syntax == IMPLICIT_LE,
         big_endian=transfer_syntax == EXPLICIT_BE,
         native=native,
+        sequences=sequences,
     )
 
 

@@ -39,7 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.config import AllowedCaller, DicomSection, parse_subject
 from gateway.dicom import reactor
-from gateway.dicom.header import read_header
+from gateway.dicom.header import SEQUENCE_TAGS, read_header
 from gateway.dicom.network import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -260,7 +260,7 @@ def _check(body: Buffer, syntax: str) -> None:
     cannot be the image it claims to be is 0xC213 (:data:`PIXEL_DATA_MISMATCH`, where the
     network module says why that code), the attributes it was measured against logged."""
     try:
-        check_dataset(body, syntax)
+        check_dataset(body, syntax, sequences=SEQUENCE_TAGS)
     except PixelDataMismatch as exc:
         raise _refusal(PIXEL_DATA_MISMATCH, exc.message, exc.detail) from None
 

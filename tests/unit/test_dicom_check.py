@@ -21,6 +21,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from gateway.dicom.header import SEQUENCE_TAGS
 from gateway.dicom.part10 import PixelDataMismatch, check_dataset
 from gateway.errors import MalformedInput
 from tests.dicomgen import SeriesSpec, dataset_bytes, make_ct_series, make_study
@@ -349,3 +350,62 @@ def test_the_detail_names_a_subsampled_photometric_interpretation() -> None:
         check_dataset(ybr, ExplicitVRLittleEndian)
     detail = "Rows 4, Columns 4, 1 frame(s), 3 sample(s) of 8 bits, YBR_FULL_422"
     assert caught.value.detail == detail
+
+
+# --- found by fuzzing (tests/fuzz/corpus/dicom_*/regress-*): each was answered 0x0000 --------
+
+
+def test_an_explicit_vr_that_is_no_dicom_vr_is_malformed() -> None:
+    data = encode(sample(), ExplicitVRLittleEndian)
+    at = data.index(b"PN")  # (0010,0010) PatientName
+    with pytest.raises(MalformedInput, match="invalid VR b'PQ'"):
+        check_dataset(data[:at] + b"PQ" + data[at + 2 :], ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_an_element_twice_in_one_data_set_is_malformed(ts: str) -> None:
+    # two values of one attribute: the header read may take the first, a full read the last
+    ds = Dataset()
+    ds.SOPInstanceUID = "1.2.3.4"
+    one = encode(ds, ts)
+    with pytest.raises(MalformedInput, match=r"\(0008,0018\) occurs twice"):
+        check_dataset(one + one, ts)
+
+
+def test_an_element_twice_in_one_item_is_malformed() -> None:
+    code = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2) + b"1 "  # (0008,0100) CodeValue
+    for body in (code, code + code):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+        data = struct.pack("<HH2sHI", 0x0008, 0x1032, b"SQ", 0, len(item)) + item
+        if body == code:
+            check_dataset(data, ExplicitVRLittleEndian)
+    with pytest.raises(MalformedInput, match=r"\(0008,0100\) occurs twice"):
+        check_dataset(data, ExplicitVRLittleEndian)
+
+
+def implicit_sequence(code_length: int = 6) -> bytes:
+    """(0008,1032) Procedure Code Sequence in implicit VR, defined lengths, one item whose
+    (0008,0100) says it is *code_length* bytes long (it is 6)."""
+    code = struct.pack("<HHI", 0x0008, 0x0100, code_length) + b"71250 "
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(code)) + code
+    return struct.pack("<HHI", 0x0008, 0x1032, len(item)) + item
+
+
+def test_an_implicit_vr_sequence_of_defined_length_is_walked() -> None:
+    check_dataset(implicit_sequence(), ImplicitVRLittleEndian, sequences=SEQUENCE_TAGS)
+    broken = implicit_sequence(0x60006)  # runs past its item
+    check_dataset(broken, ImplicitVRLittleEndian)  # without the dictionary: opaque bytes
+    with pytest.raises(MalformedInput, match=r"\(0008,0100\) needs 393222 bytes"):
+        check_dataset(broken, ImplicitVRLittleEndian, sequences=SEQUENCE_TAGS)
+
+
+def test_un_of_defined_length_on_a_sequence_tag_holds_implicit_vr_items() -> None:
+    def as_un(implicit: bytes) -> bytes:  # (0008,1032) with VR UN: its items, as they are
+        items = implicit[8:]
+        return struct.pack("<HH2sHI", 0x0008, 0x1032, b"UN", 0, len(items)) + items
+
+    check_dataset(as_un(implicit_sequence()), ExplicitVRLittleEndian, sequences=SEQUENCE_TAGS)
+    with pytest.raises(MalformedInput, match="needs 393222 bytes"):
+        check_dataset(
+            as_un(implicit_sequence(0x60006)), ExplicitVRLittleEndian, sequences=SEQUENCE_TAGS
+        )

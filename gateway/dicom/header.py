@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import io
 import struct
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_dataset as read_encoded_dataset
 
 from gateway.dicom.part10 import (
@@ -71,6 +72,8 @@ no VR (implicit VR, or UN)."""
 # What pydicom raises on data it cannot decode.
 _DECODE_ERRORS = (
     InvalidDicomError,
+    BytesLengthException,  # a binary value whose length is not a multiple of its size
+    zlib.error,  # a deflated data set that does not inflate
     EOFError,
     ValueError,
     TypeError,

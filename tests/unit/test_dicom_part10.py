@@ -170,3 +170,31 @@ def test_a_failure_inside_a_mapped_file_releases_the_map(tmp_path: Path) -> None
         assert read_header(view, KEYWORDS).study_instance_uid == "1.2.3"
         with view[meta.offset :] as body:
             check_dataset(body, ExplicitVRLittleEndian)
+
+
+# --- found by fuzzing (tests/fuzz/corpus/dicom_*/regress-*) ---------------------------------
+
+
+def test_a_binary_value_of_a_wrong_length_is_malformed_input() -> None:
+    # US (0028,0010) Rows of 3 bytes: pydicom's BytesLengthException went through the SCP
+    # as an internal error (0xC212, logged as a bug) instead of a refusal
+    data = instance()
+    rows = b"\x28\x00\x10\x00US\x02\x00\x02\x00"
+    assert rows in data
+    broken = data.replace(rows, b"\x28\x00\x10\x00US\x03\x00\x02\x00\x00")
+    with pytest.raises(MalformedInput, match="BytesLengthException"):
+        read_header(broken, ("Rows",))
+    assert read_header(broken, KEYWORDS).sop_instance_uid == "1.2.3.4.5"  # not asked for
+    # dcmread decodes the file meta as it reads: a group length of 3 bytes
+    assert data[132:144] == b"\x02\x00\x00\x00UL\x04\x00" + data[140:144]
+    short = data[:132] + b"\x02\x00\x00\x00UL\x03\x00\x00\x00\x00" + data[144:]
+    with pytest.raises(MalformedInput, match="BytesLengthException"):
+        read_dataset(short)
+
+
+def test_a_deflated_data_set_that_does_not_inflate_is_malformed_input() -> None:
+    data = instance(DeflatedExplicitVRLittleEndian)
+    meta = read_file_meta(data)
+    broken = data[: meta.offset] + b"\xff" * 16 + data[meta.offset + 16 :]
+    with pytest.raises(MalformedInput, match="error"):
+        read_dataset(broken)

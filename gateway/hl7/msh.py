@@ -128,7 +128,9 @@ def parse_header(data: bytes) -> Header:
     """Read the MSH segment of one HL7 v2 message.
 
     Raises :class:`HeaderError` when the message does not start with MSH, the separators
-    are unusable, MSH-9 / MSH-10 / MSH-12 is missing, or the version is not supported.
+    are unusable, the MSH segment runs on past its line (the next line does not start a
+    segment: the reader would take it as the continuation of MSH, other readers as a broken
+    segment), MSH-9 / MSH-10 / MSH-12 is missing, or the version is not supported.
     """
     text = strip_framing(data).decode("latin-1")
     if not text.startswith("MSH"):
@@ -143,7 +145,8 @@ def parse_header(data: bytes) -> Header:
     except MalformedInput as exc:
         raise HeaderError(exc.message, code=ERR_DATA_TYPE, location=("MSH", 1, 2)) from None
     segments = split_segments(text, seps.field)
-    parts = segment_fields(segments[0], seps)
+    msh, _, continued = segments[0].partition("\n")
+    parts = segment_fields(msh, seps)  # MSH-1 and MSH-2 are read from this line too
 
     def field(number: int) -> str:
         return parts[number] if number < len(parts) else ""
@@ -173,6 +176,14 @@ def parse_header(data: bytes) -> Header:
         charset=first(field(18).split(seps.repetition, 1)[0]),
         segment_ids=tuple(segment[:3] for segment in segments),
     )
+    if continued:
+        raise HeaderError(
+            "the line after MSH does not start a segment, so it would continue the MSH "
+            "segment: segments end with a carriage return",
+            code=ERR_SEGMENT_SEQUENCE,
+            location=("MSH", 1, 0),
+            partial=header,
+        )
     if not header.message_code:
         raise HeaderError(
             "MSH-9 (message type) is missing",

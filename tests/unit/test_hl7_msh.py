@@ -157,3 +157,28 @@ def test_message_type_without_trigger() -> None:
 def test_repeated_message_type_uses_the_first_repetition() -> None:
     h = parse_header(b"MSH|^~\\&|EHR|HOSP|||2024||ORU^R01~ORU^R30|C1|P|2.5\r")
     assert h.message_type == "ORU^R01"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # MSH-12 only on the next line: read as the continuation of MSH, it was accepted
+        b"MSH|^~\\&|EHR|HOSP|GW|AI|20260101||ORU^R01|C1|P\n|2.5\rPID|1\r",
+        b"MSH|^~\\&|EHR|HOSP|GW|AI|20260101||ORU^R01|C1|P\nQOBP|2.5\rPID|1\r",
+        # a whole MSH, then a line that is no segment: MSH-12 read as "2.5\nX"
+        b"MSH|^~\\&|EHR|HOSP|GW|AI|20260101||ORU^R01|C1|P|2.5\nX\rPID|1\r",
+    ],
+)
+def test_an_msh_segment_running_on_past_its_line_is_refused(data: bytes) -> None:
+    # found by fuzzing (tests/fuzz/corpus/hl7_ack/regress-msh-continuation*): MSH-1 and
+    # MSH-2 were read from the first line, the other fields across the lines after it
+    with pytest.raises(HeaderError) as info:
+        parse_header(data)
+    assert info.value.code == 100
+    assert info.value.location == ("MSH", 1, 0)
+    assert info.value.partial is not None and info.value.partial.control_id == "C1"
+
+
+def test_a_line_that_starts_a_segment_after_msh_is_fine() -> None:
+    h = parse_header(b"MSH|^~\\&|EHR|HOSP|||2024||ADT^A01|C1|P|2.5\nEVN\nPID|1\n")
+    assert h.segment_ids == ("MSH", "EVN", "PID")

@@ -108,12 +108,12 @@ def build_ack(
         e(h.receiving_facility),
         e(h.sending_application),
         e(h.sending_facility),
-        _timestamp(now),
+        e(_timestamp(now)),  # "+" / "-" of the time zone can be a message's separators
         "",
         msg_type,
         e(control_id[:MAX_CONTROL_ID]),
         e(h.processing_id or "P"),
-        version,
+        e(version),  # "." can be a message's component separator
     ]
     if h.charset:
         msh += ["", "", "", "", "", e(h.charset)]

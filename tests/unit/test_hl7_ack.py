@@ -192,3 +192,24 @@ def test_every_ack_parses_with_hl7apy(version: str, code: str) -> None:
     assert m.msh.msh_12.to_er7() == version
     assert [s.name for s in m.children] == (["MSH", "MSA"] if code in ("AA", "CA") else
                                              ["MSH", "MSA", "ERR"])
+
+
+def test_the_version_is_escaped_when_a_separator_is_a_dot() -> None:
+    # found by fuzzing (tests/fuzz/corpus/hl7_ack/regress-dot-component-separator): with "."
+    # as the component separator, MSH-12 "2.5" was read back as "2"
+    header = parse_header(b"MSH#.!?;#EHR#HOSP#GW#AI#2024##ADT.A01#C1#P#2?S?5\r")
+    assert header.version == "2.5"
+    ack = build_ack(header, "AA", control_id="x", now=NOW)
+    assert ack.split(b"\r")[0].split(b"#")[11] == b"2?S?5"
+    assert parse_header(ack).version == "2.5"
+    with pytest.raises(HeaderError) as info:  # no MSH-9: answered AR in the fallback version
+        parse_header(b"MSH#.!?;#")
+    refusal = build_ack(info.value.partial, "AR", control_id="x", now=NOW)
+    assert parse_header(refusal).version == "2.5"
+
+
+def test_the_timestamp_is_escaped_when_a_separator_is_its_sign() -> None:
+    # regress-plus-separator: "+" as the subcomponent separator split MSH-7's time zone off
+    header = parse_header(b"MSH|^~\\+|EHR|HOSP|GW|AI|2024||ADT^A01|C1|P|2.5\r")
+    msh = segments(build_ack(header, "AA", control_id="x", now=NOW))[0]
+    assert msh[6] == "20240501123045\\T\\0000"

@@ -45,6 +45,9 @@ _LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
 _HEX = re.compile(r"[0-9A-Fa-f]*")
 _LOCAL_ESCAPE = re.compile(r"[ZCM][0-9A-Za-z]*")  # locally defined, character set switches
+MAX_COUNT = 100
+"""The most line breaks or spaces one ``\\.sp n\\`` / ``\\.sk n\\`` stands for: a few bytes
+must not become megabytes of text."""
 
 # MSH-18 values (HL7 table 0211) and the Python codecs they name.
 _CHARSETS = {
@@ -195,7 +198,8 @@ def unescape(
     Always the separator escapes ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``, and ``\\P\\`` when MSH-2
     declares a truncation character.  With *formatting*: also the formatted-text commands
     ``\\.br\\`` (line break), ``\\.sp n\\`` (n line breaks), ``\\.ce\\`` (a new line),
-    ``\\.sk n\\`` (n spaces); ``\\Xhh…\\`` (bytes in *charset*, see :func:`decode`);
+    ``\\.sk n\\`` (n spaces; n at most :data:`MAX_COUNT`); ``\\Xhh…\\`` (bytes in *charset*,
+    see :func:`decode`);
     highlighting (``\\H\\ \\N\\``), indentation and fill commands, local (``\\Z…\\``) and
     character-set (``\\C…\\ \\M…\\``) escapes are dropped.  Without *formatting* (the ACK
     path, routing) those stay as written.  A sequence that is none of these, and a lone
@@ -302,5 +306,7 @@ def _escape(body: str, seps: Separators, charset: str, formatting: bool) -> str 
 
 
 def _count(text: str) -> int:
+    """The *n* of a formatting command: ASCII digits (``str.isdigit`` also takes "¹"),
+    1 when there are none, at most :data:`MAX_COUNT`."""
     text = text.lstrip("+")
-    return int(text) if text.isdigit() else 1
+    return min(int(text), MAX_COUNT) if text.isascii() and text.isdigit() else 1

@@ -6,6 +6,7 @@ import pytest
 
 from gateway.errors import MalformedInput
 from gateway.hl7.message import (
+    MAX_COUNT,
     Message,
     Separators,
     decode,
@@ -133,6 +134,15 @@ def test_hex_escapes_in_the_message_character_set() -> None:
     assert unescape(r"caf\XC3A9\.", seps, "utf-8") == "caf\u00e9."
     assert unescape(r"caf\XE9\.", seps, "latin-1") == "caf\u00e9."
     assert unescape(r"caf\XE9\.", seps) == "caf\u00e9."  # not UTF-8: Latin-1
+
+
+def test_line_break_and_space_counts_are_ascii_digits_and_bounded() -> None:
+    # found by fuzzing (tests/fuzz/corpus/hl7_message/regress-superscript-count): "¹" is a
+    # digit to str.isdigit, not to int(); and 15 bytes must not become 100 MB of text
+    seps = Separators()
+    assert unescape("\\.sp \u00b9\\x", seps) == "\nx"
+    assert unescape(r"a\.sp 99999999\b", seps) == "a" + "\n" * MAX_COUNT + "b"
+    assert unescape(r"a\.sk 99999999\b", seps) == "a" + " " * MAX_COUNT + "b"
 
 
 def test_truncation_escape_only_when_msh_2_declares_one() -> None:

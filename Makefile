@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/gateway.yaml
 
-.PHONY: run test lint bench soak system-deps clean
+.PHONY: run test lint bench soak fuzz system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check gateway tests bench || true
 	$(BIN)/mypy
 	$(BIN)/lint-imports  # the import layers (docs/architecture.md); also run by make test
+
+# Coverage-guided fuzzing (tests/fuzz/, docs/reliability.md): each target under atheris for
+# FUZZ_SECONDS, one at a time; figures printed, new reproducers in tests/fuzz/crashes/.
+# Not part of `make test`, which replays the corpus.  E.g. make fuzz FUZZ_SECONDS=60 FUZZ_TARGETS=mllp
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?=
+fuzz: $(STAMP)
+	@$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/pip install --quiet -e '.[fuzz]'
+	$(BIN)/python -m tests.fuzz run --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.ingest

@@ -568,7 +568,11 @@ def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
 
 
 def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
+    # A C-STORE request's UIDs need not be conformant (pynetdicom checks their length only)
+    # and are decoded as pydicom decodes a UI value, one byte to one Latin-1 character:
+    # encoded back the same way, as pydicom does; a character Latin-1 lacks (none comes off
+    # the wire) becomes "?" rather than an error on the acknowledgement path.
+    raw = uid.encode("latin-1", errors="replace")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 

@@ -44,3 +44,25 @@ def test_the_same_bytes_as_pynetdicom(
         syntax,
     )
     assert meta.offset == 132 + len(ours)
+
+
+def test_a_request_uid_that_is_not_ascii_is_written_as_pynetdicom_writes_it() -> None:
+    # found by fuzzing (tests/fuzz/corpus/dicom_dataset/regress-latin-1-uid): pynetdicom
+    # decodes a request's UIDs as Latin-1 and does not require them to be conformant; the
+    # file meta encoded them as ASCII, and the SCP answered 0xC212, an internal error
+    uid = "1.2.3.\xdc"
+    theirs = pynetdicom_encode(
+        create_file_meta(
+            sop_class_uid=CTImageStorage,
+            sop_instance_uid=uid,
+            transfer_syntax=ExplicitVRLittleEndian,
+        )
+    )
+    ours = encode_file_meta(
+        CTImageStorage,
+        uid,
+        ExplicitVRLittleEndian,
+        PYNETDICOM_IMPLEMENTATION_UID,
+        PYNETDICOM_IMPLEMENTATION_VERSION,
+    )
+    assert ours == theirs

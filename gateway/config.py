@@ -469,7 +469,8 @@ def _did_you_mean(name: str, choices: Any) -> str:
 
 LineMap = dict[tuple[str, ...], int]
 
-MAX_VALUES = 100_000  # a real config holds hundreds; more means aliases expanding
+MAX_VALUES = 10_000  # a real config holds hundreds; more means aliases expanding
+MAX_DEPTH = 64  # mappings and lists inside each other, the file's own mapping the first
 _MERGE = "tag:yaml.org,2002:merge"
 
 
@@ -539,10 +540,30 @@ def _node_error(node: yaml.Node, path: tuple[str, ...], message: str) -> ConfigE
     return ConfigError([f"line {node.start_mark.line + 1}: {'.'.join(path) or '(top)'}: {message}"])
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting past :data:`MAX_DEPTH` as it composes (its
+    composer recurses once per level: a few kilobytes of brackets would otherwise run into
+    the recursion limit, slowly)."""
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise ConfigError(
+                    [f"line {mark.line + 1}: lists or mappings nested more than {MAX_DEPTH} deep"]
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
 def parse_yaml(text: str, filename: str) -> tuple[Any, LineMap]:
     """Parse YAML text into plain values plus a map from key path to line number."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark else 0
@@ -551,8 +572,8 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, LineMap]:
         line = text.count("\n", 0, exc.position) + 1
         reason = f"character #x{exc.character:04x} is not allowed in YAML ({exc.reason})"
         raise ConfigError([f"{filename}:{line}: {reason}"]) from None
-    except RecursionError:
-        raise ConfigError([f"{filename}:0: lists or mappings are nested too deeply"]) from None
+    except ConfigError as exc:
+        raise ConfigError([f"{filename}:{e.removeprefix('line ')}" for e in exc.errors]) from None
     if node is None:
         return {}, {}
     builder = _Builder()
@@ -560,7 +581,7 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, LineMap]:
         return builder.value(node, ()), builder.lines
     except ConfigError as exc:
         raise ConfigError([f"{filename}:{e.removeprefix('line ')}" for e in exc.errors]) from None
-    except RecursionError:
+    except RecursionError:  # aliases nesting collections inside each other
         raise ConfigError([f"{filename}:0: lists or mappings are nested too deeply"]) from None
 
 

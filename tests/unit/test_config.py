@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import MAX_VALUES
+from gateway.config import MAX_DEPTH, MAX_VALUES
 from gateway.errors import ConfigError
 from gateway.preflight import load_config
 
@@ -413,8 +413,11 @@ def test_aliases_expanding_past_the_value_limit_are_refused(tmp_path: Path) -> N
 
 
 def test_lists_nested_too_deeply_are_refused(tmp_path: Path) -> None:
-    path = write(tmp_path, "dicom: " + "[" * 600 + "]" * 600 + "\n")
-    assert errors_of(path) == [f"{path}:0: lists or mappings are nested too deeply"]
+    path = write(tmp_path, MINIMAL + "x:\n  " + "[" * 600 + "]" * 600 + "\n")  # recursed
+    assert errors_of(path) == [f"{path}:8: lists or mappings nested more than {MAX_DEPTH} deep"]
+    depth = MAX_DEPTH - 1  # inside the file's mapping
+    path = write(tmp_path, MINIMAL + "x: " + "[" * depth + "]" * depth + "\n")
+    assert errors_of(path) == [f"{path}:7: x: unknown key"]
 
 
 def test_tls_file_that_does_not_exist_is_reported_with_its_resolved_path(

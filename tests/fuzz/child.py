@@ -81,11 +81,13 @@ class Stats:
 
 def _signature(kind: str, exc: BaseException) -> str:
     """Kind, exception type, the innermost frame of the gateway (else the innermost one),
-    and the message with its numbers and quoted values taken out."""
+    and for an oracle's finding its message, with numbers and quoted values taken out."""
     frames = traceback.extract_tb(exc.__traceback__)
     ours = [f for f in frames if "/gateway/" in f.filename] or frames
     where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
-    gist = _NUMBERS.sub("_", str(exc).split("\n", 1)[0])[:80]
+    if not isinstance(exc, AssertionError):  # the code's own exception: where it was raised
+        return f"{kind} {type(exc).__name__} at {where}"
+    gist = _NUMBERS.sub("_", str(exc).split("\n", 1)[0])[:80]  # an oracle's: what it says
     return f"{kind} {type(exc).__name__} at {where}: {gist}"
 
 

@@ -85,6 +85,8 @@ def _same_end_as_pydicom(whole: bytes, meta: FileMeta) -> None:
         return  # pydicom reads a data set whose first VR is no VR as implicit VR
     if len(whole) - meta.offset < 8:
         return  # less than an element header follows: pydicom's reader stops at the end
+    if whole[meta.offset : meta.offset + 2] == b"\xfe\xff":
+        return  # an item tag follows: pydicom's reader stops after it (it ends an item)
     if not _vrs_valid(whole, meta.offset):
         return  # pydicom reads an element whose VR is no VR as implicit VR, the gateway not
     fp = io.BytesIO(whole)

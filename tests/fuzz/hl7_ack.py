@@ -162,7 +162,7 @@ def _check_ack(ack: bytes, header: Header | None, code: str) -> None:
     assert read.sending_facility == _flat(h.receiving_facility)
     assert read.receiving_application == _flat(h.sending_application)
     assert read.receiving_facility == _flat(h.sending_facility)
-    message = Message.parse(ack)
+    message = Message.parse(text)  # as the edge reads: one byte, one character
     msh = segment_fields(message.segments[0], message.separators)
     seps = message.separators
     stamp = msh[7].split(seps.repetition)[0].split(seps.component)[0].split(seps.subcomponent)[0]

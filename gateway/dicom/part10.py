@@ -239,7 +239,9 @@ class _Walker:
             # only (7FE0,0010) of an encapsulated syntax has fragments (PS3.5 A.4)
             where = " in a native transfer syntax" if tag == PIXEL_DATA else ""
             raise MalformedInput(f"{_PIXEL_TAGS[tag][0]} has undefined length{where}")
-        if tag == PIXEL_DATA or vr in (b"OB", b"OW"):
+        # encapsulated pixel data: by its VR, or by its tag where the data set names no VR
+        # (an explicit SQ or UN is what it says it is, as any reader takes it)
+        if vr in (b"OB", b"OW") or (self.implicit and tag == PIXEL_DATA):
             return self.fragments(pos, end)
         if vr == b"SQ":
             return self.sequence(pos, end, depth, defined=False)

@@ -409,3 +409,21 @@ def test_un_of_defined_length_on_a_sequence_tag_holds_implicit_vr_items() -> Non
         check_dataset(
             as_un(implicit_sequence(0x60006)), ExplicitVRLittleEndian, sequences=SEQUENCE_TAGS
         )
+
+
+@pytest.mark.parametrize("vr", [b"SQ", b"UN"])
+def test_pixel_data_of_undefined_length_is_fragments_only_as_ob_or_ow(vr: bytes) -> None:
+    # found by fuzzing (tests/fuzz/corpus/dicom_dataset/regress-pixel-data-sq): (7FE0,0010)
+    # with VR SQ was walked as fragments by its tag, and pydicom, reading a sequence,
+    # could not read the data set that had been answered 0x0000
+    fragments = (
+        struct.pack("<HHI", 0xFFFE, 0xE000, 0)  # the basic offset table
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 4) + b"\x01\x02\x03\x04"
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    )  # fmt: skip
+    for ok in (b"OB", b"OW"):
+        head = struct.pack("<HH2sHI", 0x7FE0, 0x0010, ok, 0, 0xFFFFFFFF)
+        check_dataset(head + fragments, RLELossless, sequences=SEQUENCE_TAGS)
+    head = struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr, 0, 0xFFFFFFFF)
+    with pytest.raises(MalformedInput):
+        check_dataset(head + fragments, RLELossless, sequences=SEQUENCE_TAGS)

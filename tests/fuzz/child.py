@@ -6,8 +6,10 @@
 The target runs inside a wrapper that counts the inputs and keeps going after a finding:
 an input whose target raises :class:`~tests.fuzz.AcceptedInvalid` is a success response to
 invalid input, any other exception a crash.  The first input of each kind of finding (its
-signature: kind, exception type, where it was raised, the gist of its message) is written
-to ``FINDINGS_DIR/TARGET-KIND-SHA1``, and its traceback to ``FINDINGS_DIR/TARGET.log``.
+signature: kind, exception type, where it was raised, an oracle's message) is written to
+``FINDINGS_DIR/TARGET-KIND-SHA1``, its traceback to ``FINDINGS_DIR/TARGET.log``, and the
+signature to ``FINDINGS_DIR/TARGET.signatures.json`` (so that the processes that follow a
+hang do not write it again).
 Hangs (an input running past libFuzzer's ``-timeout``) and native crashes end the process;
 libFuzzer writes those inputs (``-artifact_prefix``) and the runner starts another one.
 ``STATS_FILE`` (JSON) is rewritten every second and after each finding.
@@ -53,13 +55,27 @@ class Stats:
         if seen is not None:
             seen["count"] += 1
             return
-        name = f"{self.target}-{kind}-{hashlib.sha1(data).hexdigest()[:12]}"
-        (self.findings / name).write_bytes(data)
-        with (self.findings / f"{self.target}.log").open("a") as log:
-            log.write(f"=== {name}: {signature}\n")
-            log.write("".join(traceback.format_exception(exc)))
+        known = self._known()  # found by an earlier process of this run: its reproducer
+        name = known.get(signature) or f"{self.target}-{kind}-{hashlib.sha1(data).hexdigest()[:12]}"
+        if signature not in known:
+            (self.findings / name).write_bytes(data)
+            with (self.findings / f"{self.target}.log").open("a") as log:
+                log.write(f"=== {name}: {signature}\n")
+                log.write("".join(traceback.format_exception(exc)))
+            known[signature] = name
+            (self.findings / f"{self.target}.signatures.json").write_text(json.dumps(known))
         self.signatures[signature] = {"kind": kind, "count": 1, "file": name}
         self.flush()
+
+    def _known(self) -> dict[str, str]:
+        """Signature -> reproducer of the findings already written to FINDINGS_DIR."""
+        try:
+            known: dict[str, str] = json.loads(
+                (self.findings / f"{self.target}.signatures.json").read_text()
+            )
+        except (OSError, ValueError):
+            return {}
+        return known
 
     def flush(self) -> None:
         self._flushed = time.monotonic()

@@ -36,6 +36,7 @@ _EXECUTED = re.compile(r"stat::number_of_executed_units:\s*(\d+)")
 _COVERAGE = re.compile(r"cov: (\d+) ft: (\d+)")
 _SHA1 = re.compile(r"[0-9a-f]{40}")  # libFuzzer's artifacts: PREFIX + kind + "-" + SHA1
 _ARTIFACTS = {"timeout": "hang", "oom": "oom", "crash": "crash", "leak": "crash"}
+_LIBFUZZER_KINDS = ("hang", "oom")  # libFuzzer's native crashes share "crash" with ours
 
 
 @dataclass
@@ -162,11 +163,16 @@ def _rename_artifacts(findings: Path, target: str) -> set[str]:
 
 
 def _copy_new(findings: Path, target: str) -> list[str]:
-    """Copy reproducers not yet in ``tests/fuzz/crashes``; their names."""
+    """Copy reproducers not yet in ``tests/fuzz/crashes``; their names.  libFuzzer's
+    (hangs, running out of memory, native crashes) have no signature: a few of each kind
+    are enough to start from."""
     CRASHES.mkdir(exist_ok=True)
-    copied = []
-    for path in sorted(findings.iterdir()):
+    copied: list[str] = []
+    for path in sorted(findings.iterdir(), key=lambda p: p.stat().st_mtime):
         if not path.name.startswith(f"{target}-") or path.suffix == ".log":
+            continue
+        kind = path.name[len(target) + 1 :].split("-", 1)[0]
+        if kind in _LIBFUZZER_KINDS and sum(f"-{kind}-" in n for n in copied) >= 3:
             continue
         if not (CRASHES / path.name).exists():
             shutil.copyfile(path, CRASHES / path.name)

@@ -461,7 +461,8 @@ def reference_problems(routes: Any, models: Any, destinations: Any) -> list[str]
 
 
 def _did_you_mean(name: str, choices: Any) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
+    # the names as written: in a file that fails validation a key may be a number
+    close = difflib.get_close_matches(name, [str(c) for c in choices], n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

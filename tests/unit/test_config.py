@@ -404,6 +404,16 @@ def test_a_flow_key_without_a_value_reads_as_yaml_does(tmp_path: Path) -> None:
     assert errors_of(path) == [f"{path}:3: dicom.allowed_callers.0.facility: unknown key"]
 
 
+def test_a_route_naming_a_model_beside_models_named_by_numbers(tmp_path: Path) -> None:
+    # seen reading the loader (tests/fuzz/corpus/config/regress-number-keys): "did you
+    # mean" compared the name with the keys as YAML read them, and a number has no len()
+    path = write(tmp_path, MINIMAL + "models: {1: {bundle: x}}\nroutes:\n"
+                 "  - {name: r, when: {hl7: {a: 1}}, run: [x]}\n")  # fmt: skip
+    errors = errors_of(path)
+    assert f"{path}:7: models.1.[key]: Input should be a valid string" in errors
+    assert f"{path}:9: routes.0.run.0: unknown model 'x'" in errors
+
+
 def test_aliases_expanding_past_the_value_limit_are_refused(tmp_path: Path) -> None:
     levels = ["l0: &l0 [" + ", ".join(["x"] * 10) + "]"]
     levels += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 9)]

@@ -59,7 +59,20 @@ def worker_alive(identity: str) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(int(pid))
+
+
+def _zombie(pid: int) -> bool:
+    """Whether *pid* has exited and waits to be reaped.  A gateway killed with ``kill -9``
+    leaves its worker children to init, which may reap them late (seen in the test VM):
+    until then ``kill(pid, 0)`` succeeds, and their leases were held until they expired."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False  # no /proc (not Linux): trust kill(pid, 0)
+    # "pid (comm) state ...": comm may hold spaces and parentheses; state follows the last ")"
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
 class LeaseKeeper:

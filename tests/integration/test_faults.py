@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import socket
 import sqlite3
 import struct
@@ -396,7 +397,13 @@ SHORT_RETRY = {"initial": 0.3, "max": 1, "give_up_after": 10}
 @pytest.mark.parametrize(
     ("answer", "error"),
     [
-        pytest.param(reset, "no C-STORE response: the connection closed", id="reset-mid-c-store"),
+        # pynetdicom sees the reset either as the connection closing or, when its DUL
+        # thread got there first, as an abort: both say what happened, neither a timeout
+        pytest.param(
+            reset,
+            r"no C-STORE response: the (connection closed|association was aborted) after",
+            id="reset-mid-c-store",
+        ),
         pytest.param(out_of_resources, "status 0xA700", id="a700-for-ever"),
     ],
 )
@@ -438,7 +445,7 @@ def test_a_failing_destination_is_retried_then_dead_lettered_and_blocks_no_other
         assert letter["stage"] == "deliver" and letter["subject"].startswith("bad|")
         assert letter["attempts"] >= 3, letter
         assert letter["last_error"].startswith("gave up after"), letter
-        assert error in letter["last_error"], letter
+        assert re.search(error, letter["last_error"]), letter
     retries = [e for e in log_events(gw, "job.retry") if e.get("lane") == "bad"]
     assert len(retries) >= 4
     # with backoff: the waits grow (0.3 s doubling, capped at 1 s, with jitter)

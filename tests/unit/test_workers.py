@@ -233,6 +233,29 @@ def test_a_restarted_gateway_resumes_jobs_of_its_dead_predecessor_at_once(
     assert queue.counts()["jobs:route"] == {"ready": 1, "leased": 2}
 
 
+def test_a_worker_whose_process_exited_but_is_not_reaped_is_dead() -> None:
+    """kill -9 of a gateway leaves its worker children to init, which may reap them late:
+    a zombie answers kill(pid, 0), but its leases must be released at once."""
+    import socket
+    import subprocess
+    import time
+
+    from gateway.workers import worker_alive
+
+    child = subprocess.Popen(["true"])  # exits at once; not waited for: a zombie
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{child.pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                break
+        time.sleep(0.01)
+    try:
+        assert not worker_alive(f"{socket.gethostname()}:{child.pid}:deliver-ehr")
+        assert worker_alive(f"{socket.gethostname()}:1:deliver-ehr")  # pid 1 lives
+    finally:
+        child.wait()
+
+
 def test_a_job_enqueued_on_another_node_wakes_idle_workers_at_once(
     pg_dsn: Callable[[], str],
 ) -> None:

@@ -118,10 +118,12 @@ def test_association_beyond_max_associations_is_rejected_transient_local_limit(
     try:
         # once one is released, there is room again (its thread may take a moment to end)
         deadline = time.monotonic() + 10
+        retries = 0
         while True:
             fourth = associate(gateway)
             if fourth.is_established or time.monotonic() > deadline:
                 break
+            retries += 1
             time.sleep(0.2)
         assert fourth.is_established
         assert fourth.send_c_echo().Status == 0x0000
@@ -129,12 +131,16 @@ def test_association_beyond_max_associations_is_rejected_transient_local_limit(
     finally:
         held[1].release()
 
+    # the third, and any retry above that came before the released association's thread
+    # had ended (the loop's reason to exist)
     rejected = events(gateway, "association rejected")
-    assert len(rejected) == 1, rejected
+    assert 1 <= len(rejected) == 1 + retries, rejected
     assert rejected[0]["calling_ae"] == "PACS"
     assert rejected[0]["peer"] == "127.0.0.1"
     assert rejected[0]["level"] == "warning"
-    assert metric(gateway, "gateway_dicom_associations_total", '{outcome="rejected"}') == 1
+    assert metric(gateway, "gateway_dicom_associations_total", '{outcome="rejected"}') == len(
+        rejected
+    )
 
 
 def test_connections_closed_before_a_request_do_not_hold_association_slots(

@@ -66,6 +66,7 @@ from gateway.security.audit import records
 from gateway.security.tls import server_context
 from gateway.services.certwatch import CertWatch
 from gateway.store.store import Store
+from gateway.workers import process_alive
 
 log = structlog.get_logger(__name__)
 
@@ -526,22 +527,13 @@ def metrics_dir(data_dir: Path) -> str:
     root = data_dir / "metrics"
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     for old in root.iterdir():
-        if old.name.isdigit() and not _alive(int(old.name)):
+        if old.name.isdigit() and not process_alive(int(old.name)):
             shutil.rmtree(old, ignore_errors=True)
     mine = root / str(os.getpid())
     shutil.rmtree(mine, ignore_errors=True)  # a pid reused after a reboot
     mine.mkdir(mode=0o700)
     return str(mine)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -53,13 +53,19 @@ def worker_alive(identity: str) -> bool:
         return True
     if int(pid) == os.getpid():
         return False  # this process has just started: no worker of it holds a lease yet
+    return process_alive(int(pid))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process *pid* of this host still runs: it exists (or belongs to another
+    user) and has not exited waiting to be reaped."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return not _zombie(int(pid))
+    return not _zombie(pid)
 
 
 def _zombie(pid: int) -> bool:

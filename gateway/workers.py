@@ -81,6 +81,15 @@ def _zombie(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
+def renewal_due(since: float, since_mono: float, now: float, mono: float, period: float) -> bool:
+    """Whether a lease renewed at *since* (wall clock) / *since_mono* (monotonic) is due
+    again at *now* / *mono*: the longer of the two clocks' intervals has reached *period*.
+    A wall clock stepped back an hour must not stop renewals for an hour (the lease would
+    expire under a working job), and one stepped forwards renews at once (into the new
+    time, before a sweep takes the lease back)."""
+    return max(now - since, mono - since_mono) >= period
+
+
 class LeaseKeeper:
     """Renews the lease of the job a worker has in hand, every tenth of the lease, from its
     own thread, for as long as the handler runs.
@@ -126,9 +135,7 @@ class LeaseKeeper:
             with self._lock:
                 job, renewed_at, renewed_mono = self._job, self._renewed_at, self._renewed_mono
             now, mono = self.clock(), time.monotonic()
-            # the longer of the two clocks' intervals, as the handler's beat does: a wall
-            # clock stepped back must not stop renewals for the size of the step
-            if job is None or max(now - renewed_at, mono - renewed_mono) < self.period:
+            if job is None or not renewal_due(renewed_at, renewed_mono, now, mono, self.period):
                 continue
             try:
                 self.queue.heartbeat(job, self.lease_seconds, now)
@@ -241,14 +248,10 @@ class Worker:
         last_beat_mono = time.monotonic()
 
         def beat() -> None:
-            # renew the lease, at most ten times per lease period (each renewal is a commit).
-            # The time since the last renewal is the longer of the wall clock's and the
-            # monotonic clock's: a wall clock stepped back an hour must not stop renewals
-            # for an hour (the lease would expire under a working job), and one stepped
-            # forwards renews at once (into the new time, before a sweep takes it back)
+            # renew the lease, at most ten times per lease period (each renewal is a commit)
             nonlocal held, last_beat, last_beat_mono
             now, mono = self.clock(), time.monotonic()
-            if max(now - last_beat, mono - last_beat_mono) >= self.lease_seconds / 10:
+            if renewal_due(last_beat, last_beat_mono, now, mono, self.lease_seconds / 10):
                 held = self.queue.heartbeat(held, self.lease_seconds, now)
                 last_beat, last_beat_mono = now, mono
                 if self._keeping:

@@ -306,7 +306,8 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The direct children of process *pid* (from /proc), [] when it is gone."""
     kids: list[int] = []
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -324,7 +325,7 @@ def tree_rss_kib(pid: int) -> int:
             continue
         seen.add(p)
         total += rss_kib(p)
-        todo += _children(p)
+        todo += child_pids(p)
     return total
 
 

@@ -73,6 +73,7 @@ from bench import (
     REPO,
     GatewayProcess,
     cached_data,
+    child_pids,
     log,
     machine,
     median,
@@ -132,15 +133,6 @@ def cached_studies(count: int, slices: int) -> list[list[Path]]:
 # --- processes and their CPU time --------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                kids += [int(c) for c in (task / "children").read_text().split()]
-    return kids
-
-
 def _cpu_seconds(pid: int) -> float | None:
     """utime + stime of one process (its threads included), in seconds."""
     try:
@@ -178,7 +170,7 @@ def gateway_cpu(root: int) -> dict[str, float]:
         cpu = _cpu_seconds(pid)
         if cpu is not None:
             found[role] = found.get(role, 0.0) + cpu
-        todo += [(kid, role) for kid in _children(pid)]
+        todo += [(kid, role) for kid in child_pids(pid)]
     return found
 
 

@@ -50,7 +50,7 @@ from gateway.config import DicomDestination
 from gateway.deliver import DeliveryRefused, DeliveryRetry, Outcome
 from gateway.dicom.header import read_dataset, read_header
 from gateway.dicom.network import DUL_POLL_SECONDS, SUCCESS
-from gateway.dicom.part10 import has_explicit_vr
+from gateway.dicom.part10 import DEFLATED, has_explicit_vr
 from gateway.errors import MalformedInput
 
 __all__ = [
@@ -519,7 +519,7 @@ def _needs_pad(data: bytes | Path, item: _Item) -> bool:
     stream received without it is sent with it, as the one byte a forward adds: a peer may
     refuse an odd-length P-DATA fragment and abort (dcmtk: "Odd Fragment Length"), and
     inflating ignores what follows the end of the deflated stream."""
-    if not item.transfer_syntax.is_deflated:
+    if item.transfer_syntax not in DEFLATED:
         return False
     try:
         size = len(data) if isinstance(data, bytes) else data.stat().st_size
@@ -549,7 +549,7 @@ def _encoded_prefix(head: bytes, offset: int, ts: UID) -> bytes:
     the first element), else b""."""
     if len(head) < offset + 6:
         return b""
-    if not ts.is_deflated and has_explicit_vr(head, offset) == ts.is_implicit_VR:
+    if ts not in DEFLATED and has_explicit_vr(head, offset) == ts.is_implicit_VR:
         return b""
     return head[:offset]
 

@@ -42,6 +42,7 @@ __all__ = [
     "EXPLICIT_BE",
     "EXPLICIT_LE",
     "IMPLICIT_LE",
+    "INFLATED_MAX_BYTES",
     "NATIVE",
     "Buffer",
     "FileMeta",
@@ -59,7 +60,13 @@ __all__ = [
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
-DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")  # deflated explicit / image
+# The transfer syntaxes whose data set is deflated (PS3.5 A.5): Deflated Explicit VR Little
+# Endian and JPIP Referenced Deflate.  (Deflated Image Frame Compression, 1.2.840.10008.
+# 1.2.8.1, deflates each frame of encapsulated pixel data, not the data set.)
+DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")
+# A deflated data set is inflated in memory to be checked and read; past this size it is
+# refused rather than inflated (a "deflate bomb": 1 MB of deflate inflates to about 1 GB).
+INFLATED_MAX_BYTES = 256 * 1024 * 1024
 # The transfer syntaxes whose pixel data is native (uncompressed, defined length); in all
 # the others that pynetdicom accepts, (7FE0,0010) is encapsulated (PS3.5 A.4).
 NATIVE = (IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE, DEFLATED[0])
@@ -305,12 +312,22 @@ class _Walker:
         raise self._fail(pos, "encapsulated pixel data without its delimiter")
 
 
-def inflate(data: Buffer) -> bytes:
-    """A deflated data set (PS3.5 A.5), inflated whole: deflate is rare."""
+def inflate(data: Buffer, limit: int = INFLATED_MAX_BYTES) -> bytes:
+    """A deflated data set (PS3.5 A.5), inflated whole (deflate is rare), or
+    :class:`MalformedInput` when it does not inflate, is cut short, or would inflate to
+    more than *limit* bytes: inflating stops there, so a small stream that claims
+    gigabytes costs *limit* bytes of memory, not the gigabytes.  What follows the end of
+    the stream (the pad byte of PS3.5 A.5) is ignored."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        return zlib.decompress(data, -zlib.MAX_WBITS)
+        out = inflater.decompress(data, limit)
     except zlib.error as exc:
         raise MalformedInput(f"deflated data set does not inflate: {exc}") from None
+    if inflater.eof:
+        return out
+    if inflater.unconsumed_tail or len(out) == limit:
+        raise MalformedInput(f"deflated data set inflates past {limit} bytes")
+    raise MalformedInput("deflated data set does not inflate: the stream is cut short")
 
 
 def check_dataset(

@@ -7,6 +7,7 @@ import json
 import struct
 import subprocess
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
+from gateway.dicom.part10 import DEFLATED, INFLATED_MAX_BYTES, encode_file_meta
 from gateway.store.store import Store
 from tests.dicomgen import SeriesSpec, dataset_bytes, dcmtk_env, make_study, storescu_args
 from tests.gatewayproc import GatewayProcess, write_config
@@ -279,3 +281,56 @@ def test_a_caller_allowed_by_host_name_is_accepted(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
     finally:
         gw.stop()
+
+
+def _deflate_bomb(good: Path, out: Path, padding: int) -> Path:
+    """*good*'s data set followed by Data Set Trailing Padding (FFFC,FFFC) of *padding*
+    zero bytes, deflated (Deflated Explicit VR Little Endian): about a thousandth of
+    *padding* on the wire."""
+    raw = good.read_bytes()
+    body = dataset_bytes(raw)
+    ds = dcmread(good, stop_before_pixels=True)
+    meta = encode_file_meta(
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), DEFLATED[0], "1.2.3.4", "BOMB"
+    )
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [deflater.compress(body + struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, padding))]
+    chunk = bytes(16 * 1024 * 1024)
+    for _ in range(padding // len(chunk)):
+        parts.append(deflater.compress(chunk))
+    parts.append(deflater.flush())
+    stream = b"".join(parts)
+    out.write_bytes(bytes(128) + b"DICM" + meta + stream + b"\x00" * (len(stream) % 2))
+    return out
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it_and_the_next_instance_stored(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    """A deflated data set of about 1 MB that inflates to 1 GiB (a "deflate bomb") gets
+    0xC210 with the reason; the receiving process never holds the gigabyte (its peak RSS
+    stays far below it), keeps serving, and the next instance on the association is
+    stored."""
+    ct = make_study(tmp_path / "s", series=[SeriesSpec("CT", count=2, rows=64, cols=64)])
+    bomb = _deflate_bomb(ct[0], tmp_path / "bomb.dcm", padding=1024 * 1024 * 1024)
+    assert bomb.stat().st_size < 2 * 1024 * 1024
+    comment = f"deflated data set inflates past {INFLATED_MAX_BYTES} bytes"
+    assert _send_raw_each(gateway.dicom_port, [bomb, ct[1]]) == [
+        (0xC210, comment),
+        (0x0000, ""),
+    ]
+    status = json.loads(gateway.cli("queue", "status", "--json").stdout)
+    assert status["received"]["dicom"] == 1
+    refused = [e for e in gateway.log_events() if e.get("event") == "dicom.instance.refused"]
+    assert [e["reason"] for e in refused] == [comment]
+    pids = [p["pid"] for p in gateway.processes() if p["role"] == "ingest"]
+    assert pids
+    for pid in pids:  # two inflations of at most 256 MiB each, one after the other
+        assert _peak_rss_bytes(pid) < 700 * 1024 * 1024

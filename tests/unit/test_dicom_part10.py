@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import zlib
 from io import BytesIO
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from pydicom.uid import (
 
 from gateway.dicom.header import read_dataset, read_header
 from gateway.dicom.part10 import (
+    DEFLATED,
     check_dataset,
     header_end,
+    inflate,
     is_part10,
     mapped,
     read_file_meta,
@@ -198,3 +201,35 @@ def test_a_deflated_data_set_that_does_not_inflate_is_malformed_input() -> None:
     broken = data[: meta.offset] + b"\xff" * 16 + data[meta.offset + 16 :]
     with pytest.raises(MalformedInput, match="error"):
         read_dataset(broken)
+
+
+def _deflate(data: bytes) -> bytes:
+    deflater = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return deflater.compress(data) + deflater.flush()
+
+
+def test_inflate_reads_a_stream_up_to_the_limit_and_ignores_the_pad_byte() -> None:
+    plain = b"\x08\x00\x16\x00UI" + bytes(1000)
+    assert inflate(_deflate(plain) + b"\x00", limit=len(plain)) == plain
+
+
+def test_a_deflate_bomb_is_refused_after_limit_bytes_not_inflated_whole() -> None:
+    """1 MiB of zeros deflates to about 1 KB; with a 64 KiB limit it is refused, and the
+    inflater never holds more than the limit."""
+    bomb = _deflate(bytes(1024 * 1024))
+    assert len(bomb) < 2048
+    with pytest.raises(MalformedInput, match="inflates past 65536 bytes"):
+        inflate(bomb, limit=64 * 1024)
+
+
+def test_a_deflated_stream_cut_short_is_malformed_input() -> None:
+    stream = _deflate(bytes(range(256)) * 64)
+    with pytest.raises(MalformedInput, match="cut short"):
+        inflate(stream[: len(stream) // 2])
+
+
+def test_jpip_referenced_deflate_has_a_deflated_data_set_and_deflated_frames_do_not() -> None:
+    """PS3.5 A.5 / A.6.2: JPIP Referenced Deflate deflates the data set; Deflated Image
+    Frame Compression (1.2.840.10008.1.2.8.1) deflates frames of encapsulated pixel data."""
+    assert "1.2.840.10008.1.2.4.95" in DEFLATED
+    assert "1.2.840.10008.1.2.8.1" not in DEFLATED

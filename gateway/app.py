@@ -43,7 +43,7 @@ from gateway.services.certwatch import CertWatch
 from gateway.services.retention import RetentionService
 from gateway.store.queue import JobNotifications
 from gateway.store.store import Store
-from gateway.workers import Beat, JobWaker, Worker, worker_alive
+from gateway.workers import Beat, Completion, Handler, JobWaker, Worker, worker_alive
 
 log = structlog.get_logger(__name__)
 
@@ -295,9 +295,7 @@ class Parts:
 
 
 class Gateway:
-    def __init__(
-        self, cfg: Config, parts: Parts | None = None, ports: Ports | None = None
-    ) -> None:
+    def __init__(self, cfg: Config, parts: Parts | None = None, ports: Ports | None = None) -> None:
         self.parts = parts = parts or Parts()
         self.ports = ports
         self.cfg = cfg = with_ports(cfg, ports)
@@ -364,6 +362,7 @@ class Gateway:
                 cfg.gateway.retention_days,  # a restart-only setting
                 metrics=self.metrics,
                 audit=self.audit,
+                findings_days=cfg.findings.retention_days,
             )
         self.http: HealthServer | None = None
         if parts.http:
@@ -386,8 +385,8 @@ class Gateway:
         p = self.pipeline
         assert p is not None and self.work_store is not None
 
-        def handler(job: Job, beat: Beat) -> Sequence[NextJob]:
-            stage = {
+        def handler(job: Job, beat: Beat) -> Sequence[NextJob] | Completion:
+            stage: dict[Stage, Handler] = {
                 Stage.ROUTE: p.route,
                 Stage.INFER: p.infer,
                 Stage.BUILD: p.build,

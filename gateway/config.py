@@ -72,6 +72,14 @@ class IngestSection(_Strict):
     processes: int = Field(default=1, ge=1, le=64)
 
 
+class FindingsSection(_Strict):
+    """The findings store (every model finding as a row, gateway/store/findings.py)."""
+
+    # days a model run's rows are kept; apart from gateway.retention_days, since the
+    # statistics (prevalence, drift, concordance) outlive the images. null: kept for ever
+    retention_days: float | None = Field(default=365.0, gt=0)
+
+
 class WorkersSection(_Strict):
     """The worker processes: each routes, runs models, builds results and delivers."""
 
@@ -369,6 +377,7 @@ class Config(_Strict):
     hl7: HL7Section
     ingest: IngestSection = IngestSection()
     workers: WorkersSection = WorkersSection()
+    findings: FindingsSection = FindingsSection()
     destinations: dict[str, Destination] = {}
     models: dict[str, ModelConfig] = {}
     routes: list[Route] = []

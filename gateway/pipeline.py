@@ -29,22 +29,25 @@ from gateway.envelope import (
     PayloadError,
     RoutePayload,
     Stage,
+    new_id,
 )
 from gateway.errors import Permanent, Transient
+from gateway.findings.records import model_run
 from gateway.hl7.msh import parse_header
 from gateway.infer.masks import decode_mask, encode_mask
 from gateway.infer.runner import Limits, ModelRunner
 from gateway.infer.runtime import InputError, SpoolInput, TextInput
 from gateway.infer.text import identifiers_from_hl7, report_text_from_hl7
 from gateway.observability.metrics import Metrics
-from gateway.results.build import ResultBuilder
+from gateway.results.build import ResultBuilder, report_status, report_study_ids
 from gateway.route.attributes import calling_ae_of, from_hl7, from_stored_dicom, hl7_keys
 from gateway.route.rules import Attributes, decide
 from gateway.security.audit import NO_AUDIT, Auditor, records
 from gateway.security.deid import deidentify_text, reidentify
 from gateway.security.tls import client_context
+from gateway.store.findings import ModelRun
 from gateway.store.store import Store
-from gateway.workers import Beat
+from gateway.workers import Beat, Completion
 
 log = structlog.get_logger(__name__)
 
@@ -154,7 +157,7 @@ class Pipeline:
 
     # --- infer -----------------------------------------------------------------------
 
-    def infer(self, job: Job, beat: Beat) -> Sequence[NextJob]:
+    def infer(self, job: Job, beat: Beat) -> Completion:
         """Run one model on one study or message (in a runner process); store the result
         encrypted in the spool and hand it to the result-building stage."""
         payload = _typed(job, InferPayload)
@@ -170,7 +173,9 @@ class Pipeline:
                 "no model runner: install the models extra (pip install -e '.[models]')"
             )
         result = self._run_model(name, kind, target, model, beat)
-        result["made_at"] = self._now()  # the results' content time, stable across rebuilds
+        inferred_at = self._now()
+        result["made_at"] = inferred_at  # the results' content time, stable across rebuilds
+        run = self._findings_run(payload, result, inferred_at)  # stored with the job's end
         mask = result.pop("mask", None)
         crosswalk = result.pop("crosswalk", None)
         log.info(
@@ -185,7 +190,8 @@ class Pipeline:
         )
         send = payload.send
         if not send:
-            return []  # nothing goes anywhere: nothing is kept (the log line says what it found)
+            # nothing goes anywhere: only the findings are kept (and the log line)
+            return Completion(run=run)
         spool = self.store.spool
         # the result as the model made it (pseudonymous UIDs when it saw de-identified
         # input) and, apart from it, the crosswalk back to the originals
@@ -194,22 +200,63 @@ class Pipeline:
         crosswalk_key = spool.put(json.dumps(crosswalk).encode()) if crosswalk else None
         # results are built (SR/SEG for DICOM destinations, ORU for HL7 ones) by the
         # build stage, from the stored result
-        return [
-            NextJob(
-                Stage.BUILD,
-                f"{name}|{target}",
-                BuildPayload(
-                    model=name,
-                    kind=kind,
-                    target=target,
-                    result=result_key,
-                    send=send,
-                    route=payload.route,
-                    mask=mask_key,
-                    crosswalk=crosswalk_key,
-                ),
-            )
-        ]
+        build = NextJob(
+            Stage.BUILD,
+            f"{name}|{target}",
+            BuildPayload(
+                model=name,
+                kind=kind,
+                target=target,
+                result=result_key,
+                send=send,
+                route=payload.route,
+                mask=mask_key,
+                crosswalk=crosswalk_key,
+            ),
+        )
+        return Completion([build], run=run)
+
+    def _findings_run(
+        self, payload: InferPayload, result: dict[str, Any], inferred_at: float
+    ) -> ModelRun:
+        """The findings-store rows of a model result: the study (or the study a report
+        names, by accession number or ZDS-1) by its key, never by UID; its modality and
+        body part; the report's result status; and when it was received and complete."""
+        target, queue = payload.target, self.store.queue
+        study_key: str | None
+        report = ""
+        accession = ""
+        if payload.kind is Kind.DICOM:
+            study_key = target
+            envelopes = queue.study_envelopes(target)
+            received = min((e.received_at for e in envelopes), default=None)
+            study = queue.study(target)
+            complete = study.complete_due if study is not None else None
+        else:
+            env, raw = self.store.read(target)
+            accession, study_uid = report_study_ids(raw)
+            report = report_status(raw)
+            study_key = self.store.find_study(accession=accession, study_uid=study_uid)
+            received = complete = env.received_at
+            envelopes = queue.study_envelopes(study_key) if study_key else []
+        attrs = self.store.attrs(envelopes[0].id) if envelopes else {}
+        accession = accession or _first_value(attrs.get("AccessionNumber"))
+        return model_run(
+            result,
+            run_id=new_id(),
+            kind="dicom" if payload.kind is Kind.DICOM else "hl7",
+            subject=target,
+            model=payload.model,
+            inferred_at=inferred_at,
+            study_key=study_key,
+            accession_ref=self.store.accession_ref(accession) if accession else None,
+            modality=_first_value(attrs.get("Modality")),
+            body_part=_first_value(attrs.get("BodyPartExamined")),
+            route=payload.route or "",
+            report_status=report,
+            received_at=received,
+            complete_at=complete,
+        )
 
     def _run_model(
         self, name: str, kind: Kind, target: str, model: ModelConfig, beat: Beat
@@ -310,7 +357,7 @@ class Pipeline:
             raise DestinationGone(f"destination '{name}' is no longer configured")
         return dest
 
-    def deliver(self, job: Job, beat: Beat) -> Sequence[NextJob]:
+    def deliver(self, job: Job, beat: Beat) -> Sequence[NextJob] | Completion:
         payload = _typed(job, DeliverPayload)
         name, target, objects = payload.destination, payload.target, payload.objects
         dest = self._destination(name)
@@ -331,6 +378,9 @@ class Pipeline:
             self.metrics.deliveries.labels(destination=name, outcome="refused").inc()
             raise
         self.metrics.deliveries.labels(destination=name, outcome="delivered").inc()
+        if payload.mode == "result":  # the model run's result reached a destination
+            model, _, subject = target.partition("|")
+            return Completion(delivered=(model, subject))
         return []
 
     def _deliver_study(self, name: str, dest: Destination, study_key: str, beat: Beat) -> None:
@@ -483,6 +533,13 @@ class Pipeline:
     def close(self) -> None:
         for _, sender, _ in self._hl7.values():
             sender.close()
+
+
+def _first_value(value: Any) -> str:
+    """A routing attribute as one string (a multi-valued one: its first value)."""
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    return str(value or "")
 
 
 def _control_id(raw: bytes) -> str:

@@ -1,6 +1,7 @@
 """Workers: take a job by stage (and lane), do one step, persist the outcome.
 
-A stage handler is a plain function ``(job, beat) -> next jobs``.  The worker owns the
+A stage handler is a plain function ``(job, beat) -> next jobs`` (or a :class:`Completion`:
+the next jobs and what goes into the findings store with them).  The worker owns the
 rest, in one place: ``complete`` with the next jobs in the same transaction on success;
 :class:`~gateway.errors.Transient` -> retry at the time the job's retry policy gives, or
 dead letter once it gives up; :class:`~gateway.errors.Permanent` -> dead letter at once,
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
@@ -22,6 +24,7 @@ import structlog
 from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import Permanent, QueueUnavailable, Transient
 from gateway.observability.logging import exception_fields
+from gateway.store.findings import ModelRun
 from gateway.store.queue import JobNotifications, LeaseLost, Queue
 
 log = structlog.get_logger(__name__)
@@ -29,8 +32,19 @@ log = structlog.get_logger(__name__)
 Beat = Callable[[], None]
 
 
+@dataclass(frozen=True)
+class Completion:
+    """What a handler hands back beyond its next jobs, committed with the job's completion:
+    a model *run* for the findings store, or the (model, subject) whose result was
+    *delivered*."""
+
+    then: Sequence[NextJob] = ()
+    run: ModelRun | None = None
+    delivered: tuple[str, str] | None = None
+
+
 class Handler(Protocol):
-    def __call__(self, job: Job, beat: Beat) -> Sequence[NextJob]: ...
+    def __call__(self, job: Job, beat: Beat) -> Sequence[NextJob] | Completion: ...
 
 
 class RetryDecider(Protocol):
@@ -269,10 +283,14 @@ class Worker:
             self.keeper.hold(job, last_beat)
         try:
             try:
-                then = self.handler(job, beat)
+                outcome = self.handler(job, beat)
             finally:
                 self.keeper.release()
-            self.queue.complete(held, self.clock(), then=then)
+            done = outcome if isinstance(outcome, Completion) else Completion(outcome)
+            then = done.then
+            self.queue.complete(
+                held, self.clock(), then=then, run=done.run, delivered=done.delivered
+            )
         except LeaseLost:
             log.warning("job.lease_lost", **fields)
             return

@@ -10,7 +10,7 @@ from gateway.commands.base import Subparsers, needs_config
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.security.audit import AuditLog, records, trail_path
-from gateway.services.retention import audit_entry, purge
+from gateway.services.retention import audit_entry, purge, purge_findings
 from gateway.store.backend import database_label, database_password, queue_exists
 from gateway.store.store import Store
 
@@ -25,7 +25,7 @@ def register(sub: Subparsers) -> None:
             "object uses any more. Anything with a waiting, running or dead job is kept. "
             "The running gateway does this every hour when gateway.retention_days is set; "
             "this command does one pass now (safe beside a running gateway) and records it "
-            "in the audit trail.",
+            "in the audit trail. The findings store's rows go after findings.retention_days.",
         ),
         purge_command,
     )
@@ -55,6 +55,10 @@ def purge_command(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
     store = Store.for_config(cfg, create=False)
     try:
         report = purge(store, days, dry_run=args.dry_run)
+        if cfg.findings.retention_days is not None:  # the findings store's own retention
+            report.findings_runs = purge_findings(
+                store, cfg.findings.retention_days, dry_run=args.dry_run
+            )
     finally:
         store.close()
     if not args.dry_run:
@@ -74,6 +78,12 @@ def purge_command(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         + ("" if args.dry_run else f", {len(d['keys_destroyed'])} data keys destroyed"),
         file=out,
     )
+    if cfg.findings.retention_days is not None:
+        print(
+            f"findings store: {verb} {report.findings_runs} model runs inferred more than "
+            f"{cfg.findings.retention_days:g} days ago (findings.retention_days)",
+            file=out,
+        )
     if report.kept:
         print(
             f"kept: {report.kept} old enough but with a job waiting, running or dead "

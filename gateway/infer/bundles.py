@@ -63,6 +63,36 @@ class ModelInfo:
     description: str = ""
 
     @property
+    def concepts(self) -> dict[str, str]:
+        """What each finding is compared by with other models' findings (AI against the
+        report): the finding's ``concept`` in the metadata, else its code as
+        ``SCHEME:VALUE``; keyed by finding name (and, for image labels, code value)."""
+        out: dict[str, str] = {}
+        if self.input == "image":
+            labels = self.outputs.get("labels") or {}
+            for label in labels.values() if isinstance(labels, dict) else ():
+                if not isinstance(label, dict):
+                    continue
+                given = label.get("code")
+                code: dict[str, Any] = given if isinstance(given, dict) else {}
+                value = str(code.get("value") or "")
+                concept = str(
+                    label.get("concept")
+                    or (f"{code.get('system', 'SCT')}:{value}" if value else "")
+                    or label.get("finding", "")
+                )
+                if label.get("finding"):
+                    out[str(label["finding"])] = concept
+                if value:
+                    out[value] = concept
+        else:
+            for name, entry in self.findings.items():
+                entry = entry if isinstance(entry, dict) else {}
+                snomed = str(entry.get("snomed") or "")
+                out[str(name)] = str(entry.get("concept") or (f"SCT:{snomed}" if snomed else name))
+        return out
+
+    @property
     def identity(self) -> dict[str, str]:
         """Recorded with every result: which model, which version, which weights."""
         return {

@@ -148,6 +148,11 @@ class LoadedModel:
                     "code": concept.get("code"),
                     **result["classification"],
                 }
+        concepts = self.info.concepts
+        for f in result["findings"]:
+            if isinstance(f, dict) and "concept" not in f:
+                f["concept"] = concepts.get(str(f.get("finding")), "")
+        result["concepts"] = sorted(set(concepts.values()))  # what the model looks for
         result["model"] = self.info.identity
         result["device"] = self.device
         result["seconds"] = round(time.monotonic() - started, 3)

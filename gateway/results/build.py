@@ -149,6 +149,23 @@ class ResultBuilder:
             raise ResultInvalid(f"cannot build a valid ORU^R01: {exc}") from None
 
 
+def report_status(message: bytes) -> str:
+    """The result status of a report: OBR-25 of the first OBR that has one (F final, C
+    corrected, P preliminary...), else OBX-11 of the first OBX; "" when neither is given."""
+    try:
+        msg = Message.parse(message)
+    except MalformedInput:
+        return ""
+    seps = msg.separators
+    for segment_id, number in (("OBR", 25), ("OBX", 11)):
+        for segment in msg.segments:
+            if segment.startswith(segment_id + seps.field):
+                value = field_at(segment_fields(segment, seps), number).strip()
+                if value:
+                    return value.split(seps.component, 1)[0][:2].upper()
+    return ""
+
+
 def report_study_ids(message: bytes) -> tuple[str, str]:
     """(accession number, Study Instance UID) a report names: the accession from OBR-3
     (filler order number), else OBR-2 or ORC-3; the study UID from ZDS-1 (IHE).  The first

@@ -23,6 +23,7 @@ pass that deleted something in the audit trail (``data-deleted``).
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +46,7 @@ __all__ = [
     "RetentionService",
     "audit_entry",
     "purge",
+    "purge_findings",
 ]
 
 log = structlog.get_logger(__name__)
@@ -66,9 +68,11 @@ class PurgeReport:
     bytes: int = 0
     keys_destroyed: list[str] = field(default_factory=list)
     study_uids: list[str] = field(default_factory=list)
+    findings_runs: int = 0  # model runs deleted from the findings store (their own cutoff)
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "findings_runs": self.findings_runs,
             "cutoff": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.cutoff)),
             "dry_run": self.dry_run,
             "studies": self.studies,
@@ -137,6 +141,15 @@ def _purge(
     return report
 
 
+def purge_findings(
+    store: Store, older_than_days: float, *, now: float | None = None, dry_run: bool = False
+) -> int:
+    """Delete the findings store's model runs inferred more than *older_than_days* ago
+    (``findings.retention_days``); how many runs (a dry run counts them)."""
+    now = time.time() if now is None else now
+    return store.queue.purge_findings(now - older_than_days * DAY, dry_run=dry_run)
+
+
 def _study_uid(store: Store, envelope_id: str, sealed: bytes) -> str:
     """The Study Instance UID kept in an instance's routing attributes (for the audit)."""
     if not envelope_id or not sealed:
@@ -179,18 +192,22 @@ class RetentionService:
         *,
         metrics: Metrics,
         audit: Auditor,
+        findings_days: float | None = None,
     ) -> None:
         """*open_store* opens the store a pass works on (its own connection, not durable
-        per commit: a lost deletion is done again by the next pass)."""
+        per commit: a lost deletion is done again by the next pass).  *findings_days*:
+        ``findings.retention_days``, the findings store's own retention."""
         self.open_store, self.days = open_store, days
+        self.findings_days = findings_days
         self.metrics = metrics
         self.audit = audit
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self.days is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._loop, args=(self.days,), name="retention")
+        shortest = min(d for d in (self.days, self.findings_days, math.inf) if d is not None)
+        if shortest < math.inf and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, args=(shortest,), name="retention")
             self._thread.start()
 
     def request_stop(self) -> None:
@@ -208,23 +225,32 @@ class RetentionService:
         while not self._stopping.wait(wait):
             wait = every
             try:
-                self.run_once(days)
+                self.run_once(self.days)
             except Exception as exc:  # the next pass tries again
                 log.error("retention.failed", error=type(exc).__name__, detail=str(exc)[:200])
 
-    def run_once(self, days: float) -> PurgeReport:
-        """One pass now: deletes, counts it in the metrics and, when it deleted something,
-        records it in the audit trail and the log."""
+    def run_once(self, days: float | None) -> PurgeReport:
+        """One pass now (studies and messages after *days*, when given; the findings store
+        after its own retention): deletes, counts it in the metrics and, when it deleted
+        something, records it in the audit trail and the log."""
         store = self.open_store()
         try:
-            report = purge(store, days)
+            report = (
+                purge(store, days)
+                if days is not None
+                else PurgeReport(cutoff=time.time(), dry_run=False)
+            )
+            if self.findings_days is not None:
+                report.findings_runs = purge_findings(store, self.findings_days)
         except RetentionBusy:
             log.info("retention.skipped", reason="another process or node is running a pass")
-            return PurgeReport(cutoff=time.time() - days * DAY, dry_run=False)
+            return PurgeReport(cutoff=time.time() - (days or 0) * DAY, dry_run=False)
         finally:
             store.close()
         self.metrics.purged.labels(kind="study").inc(report.studies)
         self.metrics.purged.labels(kind="message").inc(report.messages)
+        if report.findings_runs:
+            log.info("retention.findings", runs=report.findings_runs)
         if report.studies or report.messages or report.files or report.keys_destroyed:
             self.audit(audit_entry(report, records.gateway_process()))
             log.info("retention.done", **report.as_dict())

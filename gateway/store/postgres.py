@@ -54,6 +54,8 @@ from gateway.envelope import (
     payload_json,
 )
 from gateway.errors import QueueUnavailable
+from gateway.store import findings
+from gateway.store.findings import ModelRun, RunFilter
 from gateway.store.queue import (
     CLOCK_SLACK,
     SUPERSEDED,
@@ -214,9 +216,21 @@ END
 $$""",
         ),
     ),
+    Migration(
+        3,
+        "the findings store: ai_runs, ai_findings (gateway/store/findings.py)",
+        tuple(findings.schema(postgres=True)),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+@functools.cache
+def _pg(sql: str) -> str:
+    """A findings statement (written with ``:name`` parameters) in psycopg's style."""
+    return findings.pg(sql)
+
 
 # --- every statement the engine runs, by name ------------------------------------------
 
@@ -822,18 +836,53 @@ class PostgresQueue:
 
         return self._write(body, single=True)
 
-    def complete(self, job: Job, now: float, then: Sequence[NextJob] = ()) -> None:
+    def complete(
+        self,
+        job: Job,
+        now: float,
+        then: Sequence[NextJob] = (),
+        *,
+        run: ModelRun | None = None,
+        delivered: tuple[str, str] | None = None,
+    ) -> None:
         """Mark the job done and enqueue the jobs that follow from it, in one transaction:
         a crash leaves either both or neither.  The guarded update comes first, so the
-        job's row is held until the commit."""
+        job's row is held until the commit.  With them, a model *run* is written to the
+        findings store, or a run's result marked *delivered* ((model, subject))."""
 
         def body(cur: Cursor) -> None:
             if cur.execute(SQL["complete"], (now, job.id, job.lease_token)).fetchone() is None:
                 raise _lease_lost(job)
             for nxt in then:
                 _enqueue(cur, nxt.stage, nxt.subject, nxt.run_at or now, nxt.payload, now, nxt.lane)
+            if run is not None:
+                findings.insert_run(lambda sql, params: cur.execute(_pg(sql), params), run)
+            if delivered is not None:
+                model, subject = delivered
+                cur.execute(
+                    _pg(findings.MARK_DELIVERED), {"now": now, "model": model, "subject": subject}
+                )
 
-        self._write(body, single=not then)
+        self._write(body, single=not then and run is None and delivered is None)
+
+    # --- the findings store ---------------------------------------------------------------
+
+    def findings_runs(self, flt: RunFilter) -> list[ModelRun]:
+        sql, params = findings.select_runs(flt)
+        with self._read() as cur:
+            rows = cur.execute(_pg(sql), params).fetchall()
+        return list(findings.runs_from_rows(rows))
+
+    def purge_findings(self, cutoff: float, *, dry_run: bool = False) -> int:
+        if dry_run:
+            with self._read() as cur:
+                row = cur.execute(_pg(findings.COUNT_PURGE), {"cutoff": cutoff}).fetchone()
+            return int(row["n"]) if row is not None else 0
+
+        def body(cur: Cursor) -> int:
+            return cur.execute(_pg(findings.PURGE_RUNS), {"cutoff": cutoff}).rowcount
+
+        return self._write(body, single=True)  # the findings go with their run (CASCADE)
 
     def fail(self, job: Job, error: str, retry_at: float, now: float) -> None:
         """Back to 'ready' at *retry_at* with *error* kept (or superseded, see

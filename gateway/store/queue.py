@@ -25,6 +25,8 @@ What every engine guarantees:
   enqueues what follows in one transaction: a crash leaves both or neither.
 - **Singletons.** ``exclusive(name)`` holds a lock that one process of the whole site
   has at a time (every node sharing the database): a retention pass runs on one node.
+- **Findings with their job.** A model run's findings (:mod:`gateway.store.findings`)
+  are written in the transaction that completes its infer job.
 - **Deliveries recorded.** What reached a destination is a row, so a retry skips it:
   delivery is at least once, with stable identities (deterministic result UIDs).
 - **Wall-clock steps backwards.** Times are wall-clock seconds, and a clock that steps
@@ -48,6 +50,7 @@ from typing import Protocol, runtime_checkable
 
 from gateway.envelope import Envelope, Job, Kind, NextJob, Payload, Stage
 from gateway.errors import QueueUnavailable
+from gateway.store.findings import ModelRun, RunFilter
 from gateway.store.spool import SPOOL_KEY
 
 SUPERSEDED = "superseded: a newer job for the same subject is waiting"
@@ -227,7 +230,19 @@ class Queue(Protocol):
 
     def heartbeat(self, job: Job, seconds: float, now: float) -> Job: ...
 
-    def complete(self, job: Job, now: float, then: Sequence[NextJob] = ()) -> None: ...
+    def complete(
+        self,
+        job: Job,
+        now: float,
+        then: Sequence[NextJob] = (),
+        *,
+        run: ModelRun | None = None,
+        delivered: tuple[str, str] | None = None,
+    ) -> None:
+        """Done, with the jobs that follow, in one transaction; and there too, a model
+        *run* written to the findings store, or the newest run of *delivered* ((model,
+        subject)) marked delivered unless it was already."""
+        ...
 
     def fail(self, job: Job, error: str, retry_at: float, now: float) -> None:
         """Back to ready at *retry_at*, the error kept (at most 2,000 characters)."""
@@ -295,6 +310,17 @@ class Queue(Protocol):
 
     def sealed_blobs(self) -> Iterator[bytes]:
         """The first bytes of every sealed value kept in rows (which data keys are used)."""
+        ...
+
+    # --- the findings store (gateway/store/findings.py) ----------------------------------
+
+    def findings_runs(self, flt: RunFilter) -> list[ModelRun]:
+        """The model runs *flt* selects, oldest first, each with its findings."""
+        ...
+
+    def purge_findings(self, cutoff: float, *, dry_run: bool = False) -> int:
+        """Delete the runs inferred before *cutoff* with their findings; how many runs
+        (a dry run counts them)."""
         ...
 
     # --- coordination -------------------------------------------------------------------

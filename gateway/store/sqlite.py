@@ -31,6 +31,8 @@ from gateway.envelope import (
     payload_json,
 )
 from gateway.errors import QueueUnavailable
+from gateway.store import findings
+from gateway.store.findings import ModelRun, RunFilter
 from gateway.store.queue import (
     CLOCK_SLACK,
     SUPERSEDED,
@@ -42,7 +44,7 @@ from gateway.store.queue import (
 )
 from gateway.store.spool import SPOOL_KEY
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -118,6 +120,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE jobs ADD COLUMN first_failed_at REAL",
     ],
     3: [],  # study_refs: a new table, created by SCHEMA
+    4: [],  # ai_runs, ai_findings: new tables (gateway/store/findings.py), created with SCHEMA
 }
 
 
@@ -243,6 +246,8 @@ class SQLiteQueue:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            for statement in findings.schema(postgres=False):
+                db.execute(statement)
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema', ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -559,9 +564,18 @@ class SQLiteQueue:
             )
         )
 
-    def complete(self, job: Job, now: float, then: Sequence[NextJob] = ()) -> None:
+    def complete(
+        self,
+        job: Job,
+        now: float,
+        then: Sequence[NextJob] = (),
+        *,
+        run: ModelRun | None = None,
+        delivered: tuple[str, str] | None = None,
+    ) -> None:
         """Mark the job done and enqueue the jobs that follow from it, in one transaction:
-        a crash leaves either both or neither."""
+        a crash leaves either both or neither.  With them, a model *run* is written to the
+        findings store, or a run's result marked *delivered* ((model, subject))."""
         with self._tx() as db:
             self._check_lease(db, job)
             db.execute(
@@ -572,6 +586,30 @@ class SQLiteQueue:
                 self._enqueue(
                     db, nxt.stage, nxt.subject, nxt.run_at or now, nxt.payload, now, nxt.lane
                 )
+            if run is not None:
+                findings.insert_run(db.execute, run)
+            if delivered is not None:
+                model, subject = delivered
+                db.execute(
+                    findings.MARK_DELIVERED, {"now": now, "model": model, "subject": subject}
+                )
+
+    # --- the findings store ---------------------------------------------------------------
+
+    def findings_runs(self, flt: RunFilter) -> list[ModelRun]:
+        sql, params = findings.select_runs(flt)
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return list(findings.runs_from_rows(rows))
+
+    def purge_findings(self, cutoff: float, *, dry_run: bool = False) -> int:
+        if dry_run:
+            with self._lock:
+                row = self._db.execute(findings.COUNT_PURGE, {"cutoff": cutoff}).fetchone()
+            return int(row["n"])
+        with self._tx() as db:
+            db.execute(findings.PURGE_FINDINGS, {"cutoff": cutoff})
+            return db.execute(findings.PURGE_RUNS, {"cutoff": cutoff}).rowcount
 
     def _make_ready(
         self,

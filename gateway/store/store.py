@@ -236,6 +236,10 @@ class Store:
         if accession:
             self.queue.record_study_refs(study_key, [self.keys.index("accession", accession)])
 
+    def accession_ref(self, accession: str) -> str:
+        """The keyed hash an accession number is stored as (never the number itself)."""
+        return self.keys.index("accession", accession)
+
     def find_study(self, *, accession: str = "", study_uid: str = "") -> str | None:
         """The study key of a stored study, by Study Instance UID or accession number."""
         if study_uid:

@@ -198,6 +198,7 @@ def test_config_schema_prints_a_strict_json_schema_of_the_sections(
         "hl7",
         "ingest",
         "workers",
+        "findings",
         "destinations",
         "models",
         "routes",

@@ -68,7 +68,10 @@ def test_an_empty_database_is_migrated_to_the_current_schema(dsn: str) -> None:
         r[0]
         for r in _sql(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
     }
-    assert tables == {"meta", "envelopes", "studies", "jobs", "study_refs", "deliveries"}
+    assert tables == {
+        *("meta", "envelopes", "studies", "jobs", "study_refs", "deliveries"),
+        *("ai_runs", "ai_findings"),  # the findings store
+    }
 
 
 def test_opening_a_queue_migrates_an_empty_database(dsn: str) -> None:

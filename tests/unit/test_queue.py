@@ -19,6 +19,7 @@ from gateway.envelope import (
     DeliverPayload,
     Envelope,
     InferPayload,
+    Job,
     JobState,
     Kind,
     NextJob,
@@ -28,6 +29,7 @@ from gateway.envelope import (
     new_id,
     payload_json,
 )
+from gateway.store.findings import FindingRecord, Measurement, ModelRun, RunFilter
 from gateway.store.queue import LeaseLost, Queue
 from tests.queues import BACKENDS, any_payload, open_test_queue, reopen_test_queue
 
@@ -727,3 +729,125 @@ def test_purge_deletes_old_finished_work_with_its_spool_keys_and_keeps_what_is_b
     assert [attrs for _, attrs in done.study_attrs] == [b"attrs-old"]
     assert queue.study("old") is None and queue.find("hl7:M1") is None
     assert queue.study("busy") is not None and queue.find("dicom:2") is not None
+
+
+# --- the findings store -----------------------------------------------------------------
+
+
+def _run(
+    run_id: str,
+    *,
+    model: str = "lung-nodules",
+    version: str = "0.2.0",
+    subject: str = "study-1",
+    at: float = 1_000.0,
+    findings: tuple[FindingRecord, ...] = (),
+) -> ModelRun:
+    return ModelRun(
+        id=run_id,
+        kind="dicom",
+        subject=subject,
+        study_key=subject,
+        accession_ref="acc-ref",
+        modality="CT",
+        body_part="CHEST",
+        model=model,
+        model_version=version,
+        weights_sha256="ab" * 32,
+        route="chest-ct",
+        report_status="",
+        received_at=at - 60,
+        complete_at=at - 30,
+        inferred_at=at,
+        concepts=("lung-nodule",),
+        findings=findings,
+    )
+
+
+NODULE = FindingRecord(
+    finding="lung nodule",
+    concept="lung-nodule",
+    code_scheme="SCT",
+    code_value="786838002",
+    code_meaning="Nodule of lung",
+    status="present",
+    probability=0.91,
+    measurements=(Measurement("diameter_mm", 8.5, "mm"), Measurement("volume_mm3", 321.0, "mm3")),
+)
+
+
+def _infer_job(queue: Queue, subject: str = "study-1") -> Job:
+    queue.enqueue(Stage.INFER, f"lung-nodules|{subject}", 1.0, any_payload(Stage.INFER))
+    job = queue.lease([Stage.INFER], "w", 30, now=10.0)
+    assert job is not None
+    return job
+
+
+def test_a_model_run_is_stored_with_the_completion_of_its_job(queue: Queue) -> None:
+    run = _run("r1", findings=(NODULE, replace(NODULE, probability=0.4, measurements=())))
+    queue.complete(_infer_job(queue), now=11.0, run=run)
+    (stored,) = queue.findings_runs(RunFilter())
+    assert stored == run
+    assert stored.positive
+
+
+def test_a_run_is_not_stored_when_its_job_was_lost(queue: Queue) -> None:
+    job = _infer_job(queue)
+    queue.sweep_expired(now=100.0)  # the lease expired: another worker may take the job
+    taken = queue.lease([Stage.INFER], "w2", 30, now=101.0)
+    assert taken is not None
+    with pytest.raises(LeaseLost):
+        queue.complete(job, now=102.0, run=_run("r1", findings=(NODULE,)))
+    assert queue.findings_runs(RunFilter()) == []
+
+
+def test_findings_filters_select_runs_by_model_version_finding_and_time(queue: Queue) -> None:
+    absent = replace(NODULE, status="absent", probability=None)
+    runs = [
+        _run("a", at=1_000.0, findings=(NODULE,)),
+        _run("b", at=2_000.0, version="0.3.0", subject="study-2"),
+        _run("c", at=3_000.0, model="other", subject="study-3", findings=(absent,)),
+    ]
+    for run in runs:
+        queue.complete(_infer_job(queue, run.subject), now=11.0, run=run)
+
+    def ids(**kw: object) -> list[str]:
+        return [r.id for r in queue.findings_runs(RunFilter(**kw))]  # type: ignore[arg-type]
+
+    assert ids() == ["a", "b", "c"]
+    assert ids(model="lung-nodules") == ["a", "b"]
+    assert ids(model="lung-nodules", version="0.3.0") == ["b"]
+    assert ids(code="786838002") == ["a", "c"]
+    assert ids(code="lung-nodule", status="present") == ["a"]
+    assert ids(status="absent") == ["c"]
+    assert ids(since=2_000.0) == ["b", "c"]
+    assert ids(until=2_000.0) == ["a"]
+    assert ids(modality="MR") == []
+
+
+def test_a_delivery_marks_the_newest_run_of_its_subject_once(queue: Queue) -> None:
+    queue.complete(_infer_job(queue), now=11.0, run=_run("old", at=1_000.0))
+    queue.complete(_infer_job(queue), now=12.0, run=_run("new", at=2_000.0))
+    for now in (2_100.0, 2_200.0):  # a second destination's delivery keeps the first time
+        queue.enqueue(
+            Stage.DELIVER, f"pacs|lung-nodules|study-1|{now}", 1.0, any_payload(Stage.DELIVER)
+        )
+        job = queue.lease([Stage.DELIVER], "w", 30, now=10.0)
+        assert job is not None
+        queue.complete(job, now=now, delivered=("lung-nodules", "study-1"))
+    delivered = {r.id: r.delivered_at for r in queue.findings_runs(RunFilter())}
+    assert delivered == {"old": None, "new": 2_100.0}
+
+
+def test_findings_are_purged_by_their_own_cutoff(queue: Queue) -> None:
+    for run_id, at in (("a", 1_000.0), ("b", 2_000.0), ("c", 3_000.0)):
+        queue.complete(
+            _infer_job(queue, run_id),
+            now=11.0,
+            run=_run(run_id, subject=run_id, at=at, findings=(NODULE,)),
+        )
+    assert queue.purge_findings(2_500.0, dry_run=True) == 2
+    assert len(queue.findings_runs(RunFilter())) == 3
+    assert queue.purge_findings(2_500.0) == 2
+    assert [r.id for r in queue.findings_runs(RunFilter())] == ["c"]
+    assert queue.findings_runs(RunFilter(code="lung-nodule"))[0].findings == (NODULE,)

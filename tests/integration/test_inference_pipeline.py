@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 
 pytest.importorskip("torch")
@@ -243,3 +244,64 @@ def test_a_failing_model_is_retried_once_then_dead_while_the_gateway_keeps_recei
     listing = gateway.cli("queue", "dead")
     assert "this model always fails on real data" in listing.stdout
     assert gateway.get("/healthz")[0] == 200
+
+
+def test_the_findings_store_compares_the_ct_result_with_its_final_report(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    """A CT study, then the radiologist's final report naming the same accession: both
+    model runs are rows of the findings store (the study by its key, no patient data), and
+    ``gateway findings stats`` counts the study as AI and report agreeing on a nodule."""
+    case = make_case(np.random.default_rng(23), spacing=SPACING, nodules_mm=NODULES[:1])
+    paths = write_ct_series(
+        case.volume,
+        case.spacing,
+        tmp_path / "ct",
+        patient_name=PATIENT,
+        patient_id=PATIENT_ID,
+        accession="ACCCONC1",
+    )
+    storescu(gateway, paths)
+
+    def runs(model: str) -> list[dict[str, Any]]:
+        out = gateway.cli("findings", "query", "--model", model, "--json").stdout
+        return [json.loads(line) for line in out.splitlines()]
+
+    before = {r["run_id"] for r in runs("lung-nodules")}
+    mine = wait_for(
+        "the CT's model run in the findings store",
+        lambda: [r for r in runs("lung-nodules") if r["run_id"] not in before] or None,
+    )
+    study_key = mine[0]["study_key"]
+    assert mine[0]["accession_ref"] and mine[0]["body_part"] == "CHEST"
+    assert mine[0]["modality"] == "CT" and mine[0]["model_version"]
+    assert len(mine[0]["weights_sha256"]) == 64
+    assert mine[0]["status"] == "present" and mine[0]["concept"] == "lung-nodule"
+    assert mine[0]["measurements"]["diameter_mm"][1] == "mm"
+    assert mine[0]["received_at"] <= mine[0]["complete_at"] <= mine[0]["inferred_at"]
+
+    report = (
+        "FINDINGS: A 14 mm solid nodule in the right upper lobe. No pleural effusion.\n"
+        "IMPRESSION: Right upper lobe pulmonary nodule."
+    )
+    (ack,) = send_mllp(
+        gateway.hl7_port,
+        [oru_r01(control_id="CONC0001", text=report, accession="ACCCONC1", mrn=PATIENT_ID)],
+    )
+    assert b"MSA|AA|CONC0001" in ack
+    said = wait_for(
+        "the report's model run",
+        lambda: [r for r in runs("report-findings") if r["study_key"] == study_key] or None,
+    )
+    assert {r["report_status"] for r in said} == {"F"}  # OBX-11 F: a final report
+    assert {(r["concept"], r["status"]) for r in said} >= {("lung-nodule", "present")}
+
+    stats = json.loads(gateway.cli("findings", "stats", "--json").stdout)
+    (nodules,) = [c for c in stats["concordance"] if c["image_model"] == "lung-nodules"]
+    assert nodules["concept"] == "lung-nodule"
+    assert nodules["true_positive"] >= 1 and nodules["false_negative"] == 0
+
+    everything = gateway.cli("findings", "export", "--format", "csv", "-").stdout
+    study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    for phi in (PATIENT_ID, "ACCCONC1", "NODULE", study_uid):
+        assert phi not in everything

@@ -5,8 +5,10 @@ Which runs are compared (:func:`compare`):
 
 - per study, the newest run of each image model (a study re-run after a late instance
   replaces its earlier result), and the newest *final* report run of each note model on
-  that study: OBR-25 ``F`` (final) or ``C`` (corrected final); preliminary reports are
-  not the radiologist's last word and are left out;
+  that study (the study the report named when it was read, or, for a report read before
+  its study arrived, the study with its accession number): OBR-25 ``F`` (final) or
+  ``C`` (corrected final); preliminary reports are not the radiologist's last word and
+  are left out;
 - each concept the image model looks for (its ``concepts``), when the note model reads it
   too (a note model that cannot say "pneumothorax" is no judge of a pneumothorax model).
 
@@ -114,13 +116,19 @@ def outcome(ai: Status, report: Status) -> Outcome:
     return "ai-only" if ai == "present" else "report-only"
 
 
-def _newest(runs: Iterable[ModelRun]) -> dict[tuple[str, str], ModelRun]:
-    """The newest run per (study key, model)."""
+def _newest(
+    runs: Iterable[ModelRun], by_accession: dict[str, str] | None = None
+) -> dict[tuple[str, str], ModelRun]:
+    """The newest run per (study key, model).  A run without a study key (a report that
+    arrived before its study) takes the study of its accession in *by_accession*."""
     newest: dict[tuple[str, str], ModelRun] = {}
     for run in runs:
-        if run.study_key is None:
+        study = run.study_key
+        if study is None and by_accession and run.accession_ref:
+            study = by_accession.get(run.accession_ref)
+        if study is None:
             continue
-        key = (run.study_key, run.model)
+        key = (study, run.model)
         held = newest.get(key)
         if held is None or (run.inferred_at, run.id) > (held.inferred_at, held.id):
             newest[key] = run
@@ -131,7 +139,12 @@ def compare(runs: Sequence[ModelRun]) -> list[Comparison]:
     """Every (study, concept, image model, note model) comparison *runs* allow, by study
     and concept (see the module docstring for which runs count)."""
     images = _newest(r for r in runs if r.kind == "dicom")
-    reports = _newest(r for r in runs if r.kind == "hl7" and r.report_status in FINAL)
+    by_accession = {
+        run.accession_ref: study for (study, _), run in images.items() if run.accession_ref
+    }
+    reports = _newest(
+        (r for r in runs if r.kind == "hl7" and r.report_status in FINAL), by_accession
+    )
     by_study: dict[str, list[ModelRun]] = {}
     for (study, _), report in reports.items():
         by_study.setdefault(study, []).append(report)

@@ -226,6 +226,14 @@ def test_the_newest_image_run_and_the_newest_final_report_count() -> None:
     assert (c.ai, c.report, c.outcome) == ("present", "present", "agree")
 
 
+def test_a_report_read_before_its_study_arrived_is_matched_by_accession() -> None:
+    image = replace(_image("s1", True), accession_ref="acc-1")
+    early = replace(_report(None, "present", at=50.0), accession_ref="acc-1")
+    other = replace(_report(None, "absent", at=60.0), accession_ref="acc-2")
+    (c,) = compare([early, other, image])
+    assert (c.study_key, c.outcome) == ("s1", "agree")
+
+
 def test_each_model_version_has_its_own_concordance() -> None:
     runs = [
         *(_image("a", True, version="0.1.0"), _report("a", "absent")),

@@ -294,6 +294,17 @@ def test_readme_tour_end_to_end(tour: Tour) -> None:
     for line, pattern in zip(got, want, strict=True):
         assert re.fullmatch(re.escape(pattern).replace("…", r"[0-9.]+"), line), (line, pattern)
 
+    # 7. See what the models found: the README's command, its header and count lines
+    (findings_cmd,) = [ln for ln in command("gateway findings query").splitlines() if ln.strip()]
+    r = tour.sh(findings_cmd, "-c", str(tour.config))
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = r.stdout.rstrip("\n").splitlines()
+    want = expected_output("gateway findings query")
+    assert (got[0], got[-1]) == (want[0], want[-1]), r.stdout
+    assert {line.split()[3] for line in got[1:-1]} == {"lung-nodules", "report-findings"}
+    for phi in ("DOE", "PID12345", "MSG0001"):
+        assert phi not in r.stdout, phi
+
     # curl -s 127.0.0.1:8080/metrics shows the counters; /healthz and /readyz the state
     curl = inline_curl()
     assert curl == "curl -s 127.0.0.1:8080/metrics"

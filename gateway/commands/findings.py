@@ -21,8 +21,10 @@ from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.findings.concordance import Interval, compare, discordant
 from gateway.findings.stats import stats
+from gateway.security.audit import AuditLog, records, trail_path
 from gateway.store.backend import database_label, database_password, open_queue, queue_exists
 from gateway.store.findings import STATUSES, ModelRun, RunFilter
+from gateway.store.store import Store
 
 #: the columns of ``query --json`` and ``export``: one row per finding (a run without
 #: findings is one row with empty finding columns: the model looked and found nothing)
@@ -98,6 +100,25 @@ def register(sub: Subparsers) -> None:
         help="list the N newest discordant studies for review (default 10)",
     )
 
+    reidentify = needs_config(
+        fsub.add_parser(
+            "reidentify",
+            help="the Study Instance UID and accession number of a study key, audited",
+            description="Turn a study key of the findings store (as query and stats show it: "
+            "its first 12 characters are enough) back into the study's Study Instance UID "
+            "and accession number, to find it in the PACS for quality review. Each use is "
+            "a re-identification record in the audit trail, with the reason given. The "
+            "identifiers are kept only while the study is (gateway.retention_days): after "
+            "that the key cannot be turned back.",
+        ),
+        findings_command,
+    )
+    reidentify.add_argument("study_key", metavar="STUDY_KEY", help="a study key, or its start")
+    reidentify.add_argument(
+        "--reason", required=True, help="why (recorded in the audit trail), e.g. 'QA review'"
+    )
+    reidentify.add_argument("--json", action="store_true", help="machine-readable output")
+
 
 def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name, as in the config")
@@ -105,6 +126,7 @@ def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--code", help="finding code value, concept or finding name")
     p.add_argument("--status", choices=STATUSES, help="finding status")
     p.add_argument("--modality", help="DICOM modality of the study (CT, MR...)")
+    p.add_argument("--study", metavar="KEY", help="a study key, or its first characters")
     p.add_argument("--since", type=_date, metavar="DATE", help="inferred on or after (UTC)")
     p.add_argument("--until", type=_date, metavar="DATE", help="inferred before (UTC)")
 
@@ -128,12 +150,15 @@ def findings_command(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         where = database_label(database, cfg.data_dir)
         print(f"no queue yet at {where} (the gateway has not run with this config)", file=out)
         return 0
+    if args.findings_command == "reidentify":
+        return _reidentify(cfg, args, out)
     flt = RunFilter(
         model=args.model,
         version=args.version,
         code=args.code,
         status=args.status,
         modality=args.modality,
+        study=args.study,
         since=args.since,
         until=args.until,
     )
@@ -412,3 +437,53 @@ def _summary_json(s: Any) -> dict[str, Any]:
     for name in ("sensitivity", "ppv", "agreement"):
         out[name] = dict(vars(out[name]))
     return out
+
+
+def _reidentify(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
+    prefix = args.study_key.strip().lower()
+    if len(prefix) < 8 or not prefix.isalnum():
+        raise GatewayError("give the study key, or at least its first 8 characters")
+    reason = " ".join(args.reason.split())
+    if not reason:
+        raise GatewayError("--reason must say why (it goes into the audit trail)")
+    store = Store.for_config(cfg, create=False)
+    try:
+        runs = store.queue.findings_runs(RunFilter(study=prefix))
+        keys = sorted({r.study_key for r in runs if r.study_key})
+        if not keys:
+            raise GatewayError(f"no study key in the findings store starts with {prefix!r}")
+        if len(keys) > 1:
+            raise GatewayError(
+                f"{len(keys)} study keys start with {prefix!r}: give more characters"
+            )
+        (key,) = keys
+        envelopes = store.queue.study_envelopes(key)
+        if not envelopes:
+            raise GatewayError(
+                f"study {key[:12]} is no longer stored (deleted after gateway.retention_days): "
+                "its identifiers are gone, by design"
+            )
+        attrs = store.attrs(envelopes[0].id)
+    finally:
+        store.close()
+    uid, accession = _one(attrs.get("StudyInstanceUID")), _one(attrs.get("AccessionNumber"))
+    entry = records.reidentified(
+        records.cli_user(), study_key=key, study_uid=uid, accession=accession, reason=reason
+    )
+    with AuditLog.open(trail_path(cfg.data_dir)) as trail:  # before anything is shown
+        trail.write(entry)
+    if args.json:
+        json.dump({"study_key": key, "study_uid": uid, "accession": accession}, out)
+        out.write("\n")
+    else:
+        print(f"study key   {key}", file=out)
+        print(f"study UID   {uid or '(not given)'}", file=out)
+        print(f"accession   {accession or '(not given)'}", file=out)
+        print("(recorded in the audit trail: re-identification)", file=out)
+    return 0
+
+
+def _one(value: Any) -> str:
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    return str(value or "")

@@ -87,6 +87,7 @@ class RunFilter:
     since: float | None = None  # inferred at or after
     until: float | None = None  # inferred before
     kind: str | None = None
+    study: str | None = None  # a study key, or its first characters (as tables show it)
 
 
 # --- schema --------------------------------------------------------------------------
@@ -246,6 +247,9 @@ def _where(flt: RunFilter) -> tuple[str, dict[str, Any]]:
             name = column.split(".")[1]
             clauses.append(f"{column} = :{name}")
             params[name] = value
+    if flt.study is not None:
+        clauses.append("substr(r.study_key, 1, :study_len) = :study")
+        params["study"], params["study_len"] = flt.study, len(flt.study)
     if flt.since is not None:
         clauses.append("r.inferred_at >= :since")
         params["since"] = flt.since

@@ -305,3 +305,14 @@ def test_the_findings_store_compares_the_ct_result_with_its_final_report(
     study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
     for phi in (PATIENT_ID, "ACCCONC1", "NODULE", study_uid):
         assert phi not in everything
+
+    # quality review: the study key back to the study, for the reason given, audited
+    assert gateway.cli("findings", "reidentify", study_key[:12]).returncode != 0  # no reason
+    shown = gateway.cli("findings", "reidentify", study_key[:12], "--reason", "QA review")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert study_uid in shown.stdout and "ACCCONC1" in shown.stdout
+    (record,) = gateway.audit_records("re-identification")
+    assert "QA review" in record["detail"] and study_key[:16] in record["detail"]
+    assert {"type": "study", "id": study_uid} in record["objects"]
+    narrowed = gateway.cli("findings", "query", "--study", study_key[:12], "--json").stdout
+    assert {json.loads(line)["study_key"] for line in narrowed.splitlines()} == {study_key}

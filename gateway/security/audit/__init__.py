@@ -19,6 +19,8 @@ event                      when
 ``key-rotation``           a new at-rest data key was made current
 ``data-deleted``           retention deleted studies and messages (and data keys)
 ``application-activity``   the gateway started or stopped
+``re-identification``      a study key of the findings store was turned back into the
+                           study's identifiers (``gateway findings reidentify``)
 =========================  ==========================================================
 
 Each record::

@@ -35,6 +35,7 @@ AuditEvent = Literal[
     "key-rotation",
     "data-deleted",
     "application-activity",
+    "re-identification",
 ]
 # DICOM PS3.15 A.5 EventOutcomeIndicator, in words (0, 4, 8, 12); not a delivery outcome
 EventOutcome = Literal["success", "minor-failure", "serious-failure", "major-failure"]
@@ -459,6 +460,22 @@ def data_deleted(
             f"{kept} kept for pending or dead jobs; "
             f"{len(keys_destroyed)} data keys destroyed"
         ),
+    )
+
+
+def reidentified(
+    actor: Mapping[str, Any], *, study_key: str, study_uid: str, accession: str, reason: str
+) -> AuditEntry:
+    """Someone turned a pseudonymous study key (from the findings store) back into the
+    study's identifiers, for the reason they gave."""
+    objects: list[dict[str, Any]] = [{"type": "study", "id": study_uid}] if study_uid else []
+    if accession:
+        objects.append({"type": "accession", "id": accession})
+    return AuditEntry(
+        "re-identification",
+        actor=actor,
+        objects=tuple(objects),
+        detail=f"study key {study_key[:16]} re-identified; reason: {reason}",
     )
 
 

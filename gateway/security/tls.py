@@ -40,9 +40,13 @@ def server_context(tls: ServerTLS, resolve: Resolve) -> ssl.SSLContext:
 
 
 def client_context(tls: ClientTLS, resolve: Resolve) -> ssl.SSLContext:
-    """A client context that verifies the peer against ``ca`` and presents ``cert``."""
+    """A client context that verifies the peer against ``ca`` and presents ``cert``;
+    TLS 1.2+ with the BCP 195 suites only (:data:`SERVER_CIPHERS`)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(resolve(tls.ca)))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # the same suites as the listeners offer: Python's default list still has CBC suites
+    ctx.set_ciphers(SERVER_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     if tls.cert is not None and tls.key is not None:
         ctx.load_cert_chain(resolve(tls.cert), resolve(tls.key))
     return ctx

@@ -238,3 +238,14 @@ def test_bad_arguments_are_refused_before_writing(
     with pytest.raises(ValueError, match=message):
         make_dev_pki(tmp_path / "pki", **kwargs)  # type: ignore[arg-type]
     assert not (tmp_path / "pki").exists()
+
+
+def test_outgoing_tls_offers_only_the_bcp_195_suites(pki: DevPKI) -> None:
+    """The client side (to PACS and EHR) offers what the listeners accept: TLS 1.2 suites
+    with ECDHE/DHE and AES-GCM or ChaCha20-Poly1305 only (Python's default list has CBC)."""
+    ctx = client_context(ClientTLS(ca=pki.ca_cert), same)
+    tls12 = [c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert tls12
+    assert all(("GCM" in n or "CHACHA20" in n) and "DHE" in n for n in tls12), tls12
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.options & ssl.OP_NO_COMPRESSION

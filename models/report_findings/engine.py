@@ -136,9 +136,9 @@ class RuleEngine:
         rules_sha256: str = "",
     ) -> None:
         self.rules = rules
-        self.rules_sha256 = rules_sha256 or hashlib.sha256(
-            json.dumps(rules, sort_keys=True).encode()
-        ).hexdigest()
+        self.rules_sha256 = (
+            rules_sha256 or hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()
+        )
         self.codes = dict(codes or {})
         self.scope_window = int(rules.get("scope_window", 8))
         self.post_scope_window = int(rules.get("post_scope_window", 6))
@@ -168,7 +168,9 @@ class RuleEngine:
                     if cat != category:
                         continue
                     self.triggers[phrase] = (
-                        cat, pre or direction == "pre", post or direction == "post"
+                        cat,
+                        pre or direction == "pre",
+                        post or direction == "post",
                     )
         for category, key in ((PSEUDO, "pseudo"), (TERMINATION, "termination")):
             for text in triggers[key]:
@@ -211,9 +213,7 @@ class RuleEngine:
         return {(m.finding, m.status) for m in self.mentions(text)}
 
     def _sentence(self, text: str, start: int, end: int, index: int) -> list[Mention]:
-        tokens = [
-            Token(t.text, t.start + start, t.end + start) for t in tokenize(text[start:end])
-        ]
+        tokens = [Token(t.text, t.start + start, t.end + start) for t in tokenize(text[start:end])]
         words = [t.text for t in tokens]
         matches: list[tuple[str, int, int, int]] = []  # finding, first, last, kind
         for finding, by_word in self._by_first_word.items():

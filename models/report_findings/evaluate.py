@@ -124,9 +124,7 @@ def evaluate(engine: RuleEngine, items: Iterable[dict[str, Any]]) -> Report:
             e = {x for x in expected if x[1] == status}
             report.by_status.setdefault(status, Counts()).add(p, e)
         if predicted != expected:
-            report.errors.append(
-                (item["id"], item["text"], sorted(expected), sorted(predicted))
-            )
+            report.errors.append((item["id"], item["text"], sorted(expected), sorted(predicted)))
     return report
 
 

@@ -564,17 +564,21 @@ def _header_patterns(spec: Mapping[str, Sequence[str]]) -> _HeaderPatterns:
     if not kinds:
         never = re.compile(r"(?!)")
         return never, never, never, kinds
-    alternatives = _alternatives(kinds, str.lower)
     number = r"(?:[ \t]*(?:#[ \t]*)?\d{1,2})?"
-    name = rf"(?P<name>(?:{alternatives}){number})"
+    name = rf"(?P<name>(?:{_alternatives(kinds, str.lower)}){number})"
     line_start = re.compile(
         rf"^[ \t]*(?:[-*#\u2022]+[ \t]*)?{name}[ \t]*(?:(?::|[ \t]-[ \t])[ \t]*|$)",
         re.IGNORECASE | re.MULTILINE,
     )
+    # in the middle of a line, only names that are not also common words of a sentence
+    # ("… Exam: limited by motion." is not the start of a section)
+    weak = {_header_key(n) for n in spec.get("line_start_only", ())}
+    strong = [k for k in kinds if k not in weak]
+    name = rf"(?P<name>(?:{_alternatives(strong, str.lower)}){number})"
     in_line = re.compile(rf"(?<=[.!?])[ \t]+{name}[ \t]*:[ \t]*", re.IGNORECASE)
     # all capitals with a colon, anywhere after a space: ``… no effusion IMPRESSION: …``
     capitals = re.compile(
-        rf"(?<=\s)(?P<name>(?:{_alternatives(kinds, str.upper)}){number})[ \t]*:[ \t]*"
+        rf"(?<=\s)(?P<name>(?:{_alternatives(strong, str.upper)}){number})[ \t]*:[ \t]*"
     )
     return line_start, in_line, capitals, kinds
 
@@ -600,9 +604,11 @@ def find_sections(text: str, patterns: _HeaderPatterns) -> list[Section]:
     """The sections of a report, in order, covering the whole text.
 
     Headers are recognised at the start of a line (with a colon, or alone on the line)
-    or, with a colon, after the end of a sentence; the names and their kinds are the
-    rules' ``sections``.  A line like ``Lungs: clear`` is not a header (organ
-    subheadings are not in the rules), so it stays in its section.
+    or, with a colon, after the end of a sentence or in capitals after a space; the
+    names and their kinds are the rules' ``sections`` (those in its ``line_start_only``,
+    words like ``exam`` or ``study``, only at the start of a line).  A line like
+    ``Lungs: clear`` is not a header (organ subheadings are not in the rules), so it
+    stays in its section.
 
     - A report without headers is all body.
     - The text before the first header (an exam title, an indication) is context when

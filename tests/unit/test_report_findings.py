@@ -505,6 +505,11 @@ def test_organ_subheadings_are_not_sections(engine: RuleEngine) -> None:
             [("context", "reason for exam"), ("impression", "final impression"),
              ("addendum", "addendum")],
         ),
+        (  # in mid-line, words like "exam" or "prior" are not headers
+            "FINDINGS: Limited. Exam: limited by motion. No pneumothorax. Prior: none.\n"
+            "IMPRESSION: Normal.",
+            [("body", "findings"), ("impression", "impression")],
+        ),
         (  # before the first header: the title, context when a body header follows
             "CT HEAD\nHistory: Fall.\nFindings: No bleed.",
             [("context", ""), ("context", "history"), ("body", "findings")],

@@ -136,11 +136,11 @@ def build(sections: str, context: str = "default") -> Any:
     sectionizer = nlp.get_pipe("medspacy_sectionizer")
     if sections == "engine-headers":
         nlp.remove_pipe("medspacy_sectionizer")
-        sectionizer = nlp.add_pipe(
-            "medspacy_sectionizer", config={"rules": None}, last=True
-        )
+        sectionizer = nlp.add_pipe("medspacy_sectionizer", config={"rules": None}, last=True)
         rules = []
         for kind, names in RULES["sections"].items():
+            if kind == "line_start_only":
+                continue
             for name in names:
                 for spelling in {name, name.title(), name.upper()}:
                     rules.append(SectionRule(f"{spelling}:", kind))
@@ -207,8 +207,10 @@ def main() -> int:
         )
         print(format_table(scores, "reports"))
         for ident, _, expected, predicted in scores.errors:
-            print(f"  {ident}: missing {sorted(set(expected) - set(predicted))}, "
-                  f"extra {sorted(set(predicted) - set(expected))}")
+            print(
+                f"  {ident}: missing {sorted(set(expected) - set(predicted))}, "
+                f"extra {sorted(set(predicted) - set(expected))}"
+            )
         print()
     for context in ("default", "engine"):
         nlp = build("engine-headers", context)

@@ -567,7 +567,7 @@ def _header_patterns(spec: Mapping[str, Sequence[str]]) -> _HeaderPatterns:
     number = r"(?:[ \t]*(?:#[ \t]*)?\d{1,2})?"
     name = rf"(?P<name>(?:{_alternatives(kinds, str.lower)}){number})"
     line_start = re.compile(
-        rf"^[ \t]*(?:[-*#\u2022]+[ \t]*)?{name}[ \t]*(?:(?::|[ \t]-[ \t])[ \t]*|$)",
+        rf"^[ \t]*(?:[-*#\u2022]+[ \t]*)?{name}[ \t]*(?:(?::|[ \t]-[ \t])[ \t]*|\r?$)",
         re.IGNORECASE | re.MULTILINE,
     )
     # in the middle of a line, only names that are not also common words of a sentence
@@ -651,8 +651,8 @@ def find_sections(text: str, patterns: _HeaderPatterns) -> list[Section]:
     return out
 
 
-_BLANK_LINE = re.compile(r"\n[ \t]*\n")
-_SENTENCE_AT_LINE_END = re.compile(r"[.!?][ \t]*\n")
+_BLANK_LINE = re.compile(r"\n[ \t\r]*\n")
+_SENTENCE_AT_LINE_END = re.compile(r"[.!?][ \t\r]*\n")
 
 
 def _context_end(text: str, content: int, end: int) -> int:

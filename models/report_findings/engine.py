@@ -652,14 +652,19 @@ def find_sections(text: str, patterns: _HeaderPatterns) -> list[Section]:
 
 
 _BLANK_LINE = re.compile(r"\n[ \t\r]*\n")
-_SENTENCE_AT_LINE_END = re.compile(r"[.!?][ \t\r]*\n")
+# a line that ends a statement: it ends with . ! ? or, not ending with , ; : / & - or
+# "and"/"or"/"with" (a line wrapped in mid-sentence), it is followed by a capital or digit
+_STATEMENT_AT_LINE_END = re.compile(
+    r"(?:[.!?][ \t\r]*\n"
+    r"|(?<=[^\s,;:/&\-])(?<!\band)(?<!\bor)(?<!\bwith)[ \t\r]*\n(?=[ \t]*[A-Z0-9]))"
+)
 
 
 def _context_end(text: str, content: int, end: int) -> int:
     """Where a context section ends in a report without a body header: at the first
     blank line after its text; and, when the header has text on its own line
-    (``Indication: cough.``), at the first line that ends a sentence (a line wrapped in
-    mid-sentence goes on)."""
+    (``Indication: cough.``, ``Clinical: ?PE``), at the first line that ends a statement
+    (see ``_STATEMENT_AT_LINE_END``: a line wrapped in mid-sentence goes on)."""
     stop = end
     blank = _BLANK_LINE.search(text, content, end)
     while blank is not None and not text[content : blank.start()].strip():
@@ -668,9 +673,9 @@ def _context_end(text: str, content: int, end: int) -> int:
         stop = blank.start()
     line_end = text.find("\n", content, end)
     if text[content : line_end if line_end >= 0 else end].strip():
-        m = _SENTENCE_AT_LINE_END.search(text, content, stop)
+        m = _STATEMENT_AT_LINE_END.search(text, content, stop)
         if m is not None:
-            stop = m.end() - 1
+            stop = text.index("\n", m.start())
     return stop
 
 

@@ -522,6 +522,15 @@ def test_organ_subheadings_are_not_sections(engine: RuleEngine) -> None:
             "Indication: pain, ?fracture.\nNo fracture.\nImpression: Normal.",
             [("context", "indication"), ("body", ""), ("impression", "impression")],
         ),
+        (  # ... also without a full stop when the next line starts a statement
+            "Clinical: ?PE\nCTPA: No pulmonary embolism.\nConclusion: No PE.",
+            [("context", "clinical"), ("body", ""), ("impression", "conclusion")],
+        ),
+        (  # ... but a line wrapped in mid-sentence goes on
+            "History: 65M with cough and fever,\nRule out pneumothorax.\nNo pneumothorax.\n"
+            "Impression: Normal.",
+            [("context", "history"), ("body", ""), ("impression", "impression")],
+        ),
         (  # ... and a multi-line one at the blank line
             "Reason for exam:\nFall.\nRule out fracture.\n\nNo fracture.\n\nImpression: Normal.",
             [("context", "reason for exam"), ("body", ""), ("impression", "impression")],

@@ -1,12 +1,23 @@
-"""Measure the rule model on a labelled sentence set and print a table.
+"""Measure the rule model on a labelled sentence set or a set of whole reports.
 
-    python -m models.report_findings.evaluate                 # the held-out set
-    python -m models.report_findings.evaluate eval/dev.jsonl  # the development set
+    python -m models.report_findings.evaluate                 # the held-out sentences
+    python -m models.report_findings.evaluate eval/dev.jsonl  # the development sentences
     python -m models.report_findings.evaluate --errors        # also list the mistakes
+    python -m models.report_findings.evaluate --reports eval/dev_reports.jsonl
+    python -m models.report_findings.evaluate --reports PATH --per-mention   # the old way
 
-Each line of the set is ``{"id", "text", "labels": [[finding, status], ...]}``.  Per
-sentence the model's distinct (finding, status) pairs are compared with the labels as
-sets.  Reported:
+A sentence set has lines ``{"id", "text", "labels": [[finding, status], ...]}``; per
+sentence the distinct (finding, status) pairs of the model's mentions are compared with
+the labels as sets.
+
+A report set has lines ``{"id", "style", "text", "labels": [{"finding", "status"}, ...]}``
+with the report's gold findings, one per concept (the impression's status where the
+impression names it; concepts named only in the history / indication / comparison left
+out).  Per report the model's report-level findings (:meth:`RuleEngine.report`) are
+compared with the labels as sets; ``--per-mention`` scores instead the distinct pairs of
+all its mentions, whatever their section (what the gateway sent before rules 1.1.0).
+
+Reported:
 
 - (finding, status) micro precision / recall / F1 over all sentences: the headline;
 - per finding: detection (the finding mentioned, whatever its status) and
@@ -33,6 +44,7 @@ from models.report_findings.engine import STATUSES, RuleEngine, load
 HERE = Path(__file__).resolve().parent
 HELD_OUT = HERE / "eval" / "sentences.jsonl"
 DEV = HERE / "eval" / "dev.jsonl"
+DEV_REPORTS = HERE / "eval" / "dev_reports.jsonl"
 
 Pair = tuple[str, str]
 
@@ -68,12 +80,13 @@ class Counts:
 
 @dataclass
 class Report:
-    sentences: int = 0
+    sentences: int = 0  # items scored: sentences, or reports with --reports
     overall: Counts = field(default_factory=Counts)
     detection: Counts = field(default_factory=Counts)
     by_finding: dict[str, Counts] = field(default_factory=dict)
     detection_by_finding: dict[str, Counts] = field(default_factory=dict)
     by_status: dict[str, Counts] = field(default_factory=dict)
+    by_style: dict[str, Counts] = field(default_factory=dict)  # report sets only
     errors: list[tuple[str, str, list[Pair], list[Pair]]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,6 +107,7 @@ class Report:
                 k: row(v) for k, v in sorted(self.detection_by_finding.items())
             },
             "by_status": {k: row(self.by_status[k]) for k in STATUSES if k in self.by_status},
+            "by_style": {k: row(v) for k, v in sorted(self.by_style.items())},
         }
 
 
@@ -102,36 +116,64 @@ def read_set(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def labels_of(item: dict[str, Any]) -> set[Pair]:
+    """An item's gold (finding, status) pairs: ``[f, s]`` lists or ``{"finding", "status"}``."""
+    out: set[Pair] = set()
+    for label in item["labels"]:
+        if isinstance(label, dict):
+            out.add((label["finding"], label["status"]))
+        else:
+            finding, status = label
+            out.add((finding, status))
+    return out
+
+
 def evaluate(engine: RuleEngine, items: Iterable[dict[str, Any]]) -> Report:
+    """Sentence-level: every mention counts, whatever its section."""
     report = Report()
-    findings = set(engine.findings)
     for item in items:
-        expected: set[Pair] = {(f, s) for f, s in item["labels"]}
-        predicted = engine.statuses(item["text"])
-        report.sentences += 1
-        report.overall.add(predicted, expected)
-        report.detection.add({f for f, _ in predicted}, {f for f, _ in expected})
-        for name in findings:
-            p = {x for x in predicted if x[0] == name}
-            e = {x for x in expected if x[0] == name}
-            if p or e:
-                report.by_finding.setdefault(name, Counts()).add(p, e)
-                report.detection_by_finding.setdefault(name, Counts()).add(
-                    {name} if p else set(), {name} if e else set()
-                )
-        for status in STATUSES:
-            p = {x for x in predicted if x[1] == status}
-            e = {x for x in expected if x[1] == status}
-            report.by_status.setdefault(status, Counts()).add(p, e)
-        if predicted != expected:
-            report.errors.append(
-                (item["id"], item["text"], sorted(expected), sorted(predicted))
-            )
+        _score(report, engine, item, engine.statuses(item["text"]))
     return report
 
 
-def format_table(report: Report) -> str:
-    lines = [f"{report.sentences} sentences", ""]
+def evaluate_reports(
+    engine: RuleEngine, items: Iterable[dict[str, Any]], *, per_mention: bool = False
+) -> Report:
+    """Report-level: each concept once per report (:meth:`RuleEngine.report`)."""
+    report = Report()
+    for item in items:
+        text = item["text"]
+        predicted = engine.statuses(text) if per_mention else engine.report(text).statuses()
+        _score(report, engine, item, predicted)
+        expected = labels_of(item)
+        report.by_style.setdefault(str(item.get("style", "")), Counts()).add(predicted, expected)
+    return report
+
+
+def _score(report: Report, engine: RuleEngine, item: dict[str, Any], predicted: set[Pair]) -> None:
+    findings = set(engine.findings)
+    expected = labels_of(item)
+    report.sentences += 1
+    report.overall.add(predicted, expected)
+    report.detection.add({f for f, _ in predicted}, {f for f, _ in expected})
+    for name in findings:
+        p = {x for x in predicted if x[0] == name}
+        e = {x for x in expected if x[0] == name}
+        if p or e:
+            report.by_finding.setdefault(name, Counts()).add(p, e)
+            report.detection_by_finding.setdefault(name, Counts()).add(
+                {name} if p else set(), {name} if e else set()
+            )
+    for status in STATUSES:
+        p = {x for x in predicted if x[1] == status}
+        e = {x for x in expected if x[1] == status}
+        report.by_status.setdefault(status, Counts()).add(p, e)
+    if predicted != expected:
+        report.errors.append((item["id"], item["text"], sorted(expected), sorted(predicted)))
+
+
+def format_table(report: Report, what: str = "sentences") -> str:
+    lines = [f"{report.sentences} {what}", ""]
     header = f"{'':<22}{'P':>7}{'R':>7}{'F1':>7}{'n':>6}"
     rule = "-" * len(header)
 
@@ -146,6 +188,9 @@ def format_table(report: Report) -> str:
     lines += ["", "by finding: detection (status ignored)", header, rule]
     lines += [row(k, v) for k, v in sorted(report.detection_by_finding.items())]
     lines += [row("all", report.detection)]
+    if report.by_style:
+        lines += ["", "by report style: (finding, status)", header, rule]
+        lines += [row(k, v) for k, v in sorted(report.by_style.items())]
     return "\n".join(lines)
 
 
@@ -155,16 +200,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", default=str(HERE), help="the bundle folder")
     parser.add_argument("--errors", action="store_true", help="list the sentences it gets wrong")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
+    parser.add_argument(
+        "--reports", metavar="PATH", help="score a .jsonl set of whole reports instead"
+    )
+    parser.add_argument(
+        "--per-mention",
+        action="store_true",
+        help="with --reports: score every mention's pair, sections ignored (the old output)",
+    )
     args = parser.parse_args(argv)
     engine = load(args.bundle)
-    report = evaluate(engine, read_set(args.set))
+    what = "reports" if args.reports else "sentences"
+    if args.reports:
+        report = evaluate_reports(engine, read_set(args.reports), per_mention=args.per_mention)
+    else:
+        report = evaluate(engine, read_set(args.set))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(f"rules sha256 {engine.rules_sha256}")
-        print(format_table(report))
+        print(format_table(report, what))
     if args.errors:
-        print(f"\n{len(report.errors)} sentences with a difference:")
+        print(f"\n{len(report.errors)} {what} with a difference:")
         for ident, text, expected, predicted in report.errors:
             print(f"{ident}: {text}\n    expected  {expected}\n    predicted {predicted}")
     return 0

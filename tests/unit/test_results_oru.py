@@ -372,6 +372,24 @@ def test_text_findings_are_coded_present_absent_or_undetermined_in_snomed_ct() -
     ]
 
 
+def test_the_note_model_gives_one_obx_per_concept_of_a_sectioned_report() -> None:
+    from models.report_findings.engine import load
+
+    report = (
+        "CLINICAL HISTORY: Rule out pneumothorax. Evaluate for pulmonary embolism.\n"
+        "FINDINGS: Small right pleural effusion. No pneumothorax.\n"
+        "IMPRESSION: Small right pleural effusion. No pneumothorax."
+    )
+    message = oru(text_result(findings=load()(report)), source_message=SOURCE_ORU)
+    strict(message)
+    coded = [(r[3], r[4], r[5]) for r in obx(message) if r[2] == "CE"]
+    # once each, with the impression's status; nothing from the history
+    assert coded == [
+        ("60046008^Pleural effusion^SCT", "1", "52101004^Present^SCT"),
+        ("36118008^Pneumothorax^SCT", "2", "272519000^Absent^SCT"),
+    ]
+
+
 def test_image_findings_are_coded_with_their_measurements_in_ucum() -> None:
     rows = obx(oru())
     body = [(r[2], r[3], r[4], r[5], field(r, 6)) for r in rows[1:]]

@@ -274,6 +274,16 @@ def test_held_out_scores_do_not_regress(engine: RuleEngine) -> None:
     assert report.by_status["uncertain"].f1 >= REPORTED_UNCERTAINTY_F1 - 0.01
 
 
+def test_held_out_reports_meet_the_target_and_do_not_regress(engine: RuleEngine) -> None:
+    """163 whole reports written apart from the rules (eval/REPORTS.md): the issue's
+    target is P and R >= 0.95 on (finding, status); measured 0.993 / 0.989 with rules
+    1.1.0 (models/report_findings/README.md)."""
+    report = evaluate_reports(engine, read_set(HELD_OUT.parent / "reports.jsonl"))
+    assert report.overall.support == 441
+    assert report.overall.precision >= 0.993 - 0.01
+    assert report.overall.recall >= 0.989 - 0.01
+
+
 def test_dev_set_is_right(engine: RuleEngine) -> None:
     assert evaluate(engine, read_set(DEV)).errors == []
 

@@ -106,7 +106,12 @@ def test_pods_are_probed_limited_hardened_scraped_and_drain_in_time(
         assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         startup = c["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= START_TIMEOUT
-        assert spec["terminationGracePeriodSeconds"] > DRAIN_TIMEOUT
+        pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+        waits = int(pre_stop[1]) if pre_stop else 0
+        assert pre_stop in (None, ["sleep", str(waits)])
+        if component == "ingest":  # the endpoints follow the readiness with a delay
+            assert waits >= 5
+        assert spec["terminationGracePeriodSeconds"] > waits + DRAIN_TIMEOUT
         for kind in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(c["resources"][kind])
         assert spec["securityContext"]["runAsNonRoot"] is True

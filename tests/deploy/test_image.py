@@ -43,7 +43,7 @@ from pydicom import dcmread
 from gateway.security.certs import make_dev_pki
 from gateway.security.crypto import KeyStore
 from tests.deploy.tools import REPO
-from tests.dicomgen import free_port, storescu_args
+from tests.dicomgen import dcmtk_env, free_port, storescu_args
 from tests.gatewayproc import wait_until
 from tests.hl7msgs import oru_r01, send_mllp
 from tests.orthanc import Orthanc
@@ -75,8 +75,12 @@ RUN_OPTS = [
 ]  # fmt: skip
 
 
-def sh(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+def sh(
+    args: list[str], timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
 
 
 def ensure_base(podman: list[str]) -> None:
@@ -154,7 +158,11 @@ def built() -> Iterator[Built]:
         args = [*podman, "build", "--format", "docker", *RUN_OPTS, "--build-arg", f"BASE={BASE}"]
         wheel = local_torch_wheel()
         if wheel is not None:
-            os.link(wheel, context / "deploy/docker/wheels" / wheel.name)
+            target = context / "deploy/docker/wheels" / wheel.name
+            try:
+                os.link(wheel, target)
+            except OSError:  # another file system
+                shutil.copy(wheel, target)
             args += ["--build-arg", "TORCH_INDEX_URL="]
         ca = pip_setting("cert")
         if ca:
@@ -332,7 +340,7 @@ def test_a_study_sent_to_the_ingest_container_comes_back_from_the_worker(
     case = make_case(np.random.default_rng(5), spacing=(0.7, 0.7, 2.5), nodules_mm=nodules)
     paths = write_ct_series(case.volume, case.spacing, tmp_path / "ct", accession="ACCIMG1")
     study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-    sent = sh(storescu_args(paths, port=ports["dicom"], aet="STORESCU"), 300)
+    sent = sh(storescu_args(paths, port=ports["dicom"], aet="STORESCU"), 300, dcmtk_env())
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
     (ack,) = send_mllp(ports["hl7"], [oru_r01(control_id="IMGMSG1")])

@@ -46,12 +46,18 @@ if [ ! -s secrets/server.pem ]; then
     echo "secrets/server.pem, server.key, ca.pem, client.pem, client.key: DEVELOPMENT certificates"
 fi
 
-# The containers run as uid 10001 and read the secrets as that user.
+# The gateway's containers run as uid 10001 and read the secrets as that user.  The
+# PostgreSQL password is read by PostgreSQL's own user too (uid 999 in its image): that
+# file is readable by every user, and the secrets folder (0700) keeps it to its owner on
+# the host.
+chmod 0700 secrets
 if [ "$(id -u)" = 0 ]; then
     chown 10001:10001 secrets/*
     chmod 0400 secrets/*
+    chmod 0444 secrets/pg-password
 else
     chmod 0400 secrets/*
+    chmod 0444 secrets/pg-password
     echo "not root: give the files to uid 10001 as your container tool maps it, e.g." \
         "'sudo chown 10001:10001 secrets/*' (Docker) or" \
         "'podman unshare chown 10001:10001 secrets/*' (rootless Podman)"

@@ -106,7 +106,12 @@ def test_the_tour_reaches_the_gateway_and_the_results_reach_orthanc() -> None:
     is the Orthanc service, whose config knows the gateway."""
     cfg = gateway_config()
     doc = compose()
-    published = {p.split(":")[-1] for p in doc["services"]["ingest"]["ports"]}
+    # HOST:CONTAINER or ADDRESS:HOST:CONTAINER; the tour's clients use the same numbers
+    published = set()
+    for mapping in doc["services"]["ingest"]["ports"]:
+        host, container = mapping.split(":")[-2:]
+        assert host == container, f"{mapping}: published under another number"
+        published.add(container)
     wanted = {cfg.dicom.port, cfg.hl7.port, cfg.gateway.http.port}
     wanted |= {t.port for t in (cfg.dicom.tls, cfg.hl7.tls) if t is not None}
     assert {str(p) for p in wanted} <= published

@@ -12,8 +12,8 @@ from the PyTorch CPU index; everything else from PyPI (through pip's configured 
 to the build as a secret).  The Dockerfile's default base, python:3.11-slim-bookworm,
 is not built here.
 
-Skipped, saying why, where podman, runc or debootstrap are missing (``make test``
-installs them) or a container cannot run (not root; no privileges for namespaces).
+Skipped, saying why, where podman or debootstrap is missing (``make test`` installs
+them, and runc) or a container cannot run (not root; no privileges for namespaces).
 podman runs the containers with runc on the host network (crun refuses this machine's
 hybrid cgroup hierarchy; netavark's bridge needs what a container host gives), with
 lowered nofile/nproc limits (raising them needs CAP_SYS_RESOURCE).

@@ -42,7 +42,7 @@ fi
 
 if [ ! -s secrets/server.pem ]; then
     in_image 'gateway certs dev /tmp/pki --host 127.0.0.1 --host localhost --host ingest \
-        >/dev/null && tar -C /tmp/pki -cf - .' | tar -C secrets -xf -
+        >/dev/null && tar -C /tmp/pki -cf - .' | tar --no-same-owner --no-overwrite-dir -C secrets -xf -
     echo "secrets/server.pem, server.key, ca.pem, client.pem, client.key: DEVELOPMENT certificates"
 fi
 

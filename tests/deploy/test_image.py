@@ -380,3 +380,56 @@ def test_a_study_sent_to_the_ingest_container_comes_back_from_the_worker(
 def stat_of(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_uid, st.st_mode & 0o777
+
+
+def test_the_default_image_runs_all_roles_with_no_network(built: Built) -> None:
+    """``docker run IMAGE`` as it is: its own config (SQLite, the reference models), every
+    role in one container, the volumes the image declares, and no network at all (only
+    loopback): it starts, its models load, /readyz says ready, the HEALTHCHECK passes,
+    SIGTERM drains it to exit 0.  Nothing is fetched at run time."""
+    podman = podman_args()
+    name = f"gateway-test-all-{os.getpid()}"
+    opts = [o for o in RUN_OPTS if o not in ("--network", "host")]
+    sh([*podman, "rm", "-f", name])
+    started = sh(
+        [*podman, "run", "-d", "--name", name, "--network", "none", *opts, "--read-only",
+         "--cap-drop", "ALL", built.image]
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    ready = (
+        "import json, urllib.request; r = urllib.request.urlopen("
+        "'http://127.0.0.1:8080/readyz', timeout=5); print(json.load(r)['details']['role'])"
+    )
+    try:
+        role = wait_until(
+            "the container ready",
+            lambda: (
+                (p := sh([*podman, "exec", name, "python3", "-c", ready], 30)).returncode == 0
+                and p.stdout.strip()
+            ),
+            240,
+        )
+        assert role == "all"
+        health = sh([*podman, "healthcheck", "run", name], 60)
+        assert health.returncode == 0, health.stdout + health.stderr
+
+        def events() -> list[dict[str, Any]]:
+            out = sh([*podman, "logs", name]).stdout.splitlines()
+            return [json.loads(line) for line in out]
+
+        # both reference models load from the image, offline (after readiness: warm-up)
+        wait_until(
+            "both models loaded",
+            lambda: [e["event"] for e in events()].count("model.loaded") == 2,
+            180,
+        )
+        stop = sh([*podman, "stop", "-t", "90", name], 150)
+        assert stop.returncode == 0, stop.stderr
+        code = sh([*podman, "inspect", name, "--format", "{{.State.ExitCode}}"]).stdout.strip()
+        assert code == "0", sh([*podman, "logs", name]).stdout[-3000:]
+        seen = events()
+        assert "gateway.started" in [e["event"] for e in seen]
+        assert "gateway.stopped" in [e["event"] for e in seen]
+        assert {e["level"] for e in seen} == {"info"}, [e for e in seen if e["level"] != "info"]
+    finally:
+        sh([*podman, "rm", "-f", "-v", "-t", "5", name], 120)

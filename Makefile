@@ -22,6 +22,9 @@ run: $(STAMP)
 # dicom3tools: dciodvfy, the validator every generated SR and SEG must pass.
 # postgresql: initdb/pg_ctl for the server tests/pg.py starts (Debian puts them off PATH).
 # faketime: libfaketime, to step the wall clock under a gateway (tests/integration/test_clock.py).
+# podman, runc, debootstrap: tests/deploy/test_image.py builds the image on a Debian base made
+# here and runs it; systemd-analyze verifies deploy/systemd; kubectl renders deploy/kubernetes
+# (Debian 12's kubernetes-client is 1.20, whose kustomize is too old: the tests say so).
 system-deps:
 	@command -v storescu >/dev/null && command -v echoscu >/dev/null && command -v Orthanc >/dev/null \
 	  && command -v dciodvfy >/dev/null \
@@ -36,11 +39,20 @@ system-deps:
 	  || { echo "installing faketime (apt-get): libfaketime, for the clock-step drills"; \
 	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
 	       apt-get install -y -qq --no-install-recommends faketime >/dev/null; }
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+	  && command -v systemd-analyze >/dev/null \
+	  || { echo "installing podman, runc, debootstrap, systemd (apt-get): tests/deploy builds and runs the image"; \
+	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -qq --no-install-recommends podman runc debootstrap uidmap systemd >/dev/null; }
+	@command -v kubectl >/dev/null \
+	  || { echo "installing kubernetes-client (apt-get): kubectl kustomize renders deploy/kubernetes"; \
+	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null; }
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q  # tests/deploy: hadolint, kustomize + schemas, compose, systemd, the image
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench

@@ -140,6 +140,8 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         for key in keys or type(before).model_fields:
             if getattr(before, key) != getattr(after, key):
                 changed.append(f"{section}.{key}")
+    if old.dashboard != new.dashboard:  # its HTTPS server starts with the gateway
+        changed.append("dashboard")
     # the runner processes load the bundles at start; a model's limits apply at once
     for name in sorted(set(old.models) | set(new.models)):
         if name not in old.models or name not in new.models:
@@ -155,6 +157,7 @@ def keep_restart_only(old: Config, new: Config) -> Config:
         "gateway": old.gateway,
         "ingest": old.ingest,
         "workers": old.workers,
+        "dashboard": old.dashboard,
     }
     for section in ("dicom", "hl7"):
         keep = {key: getattr(getattr(old, section), key) for key in RESTART_ONLY[section] or ()}

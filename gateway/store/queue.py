@@ -228,12 +228,12 @@ def study_timelines(
     marks: dict[str, dict[str, list[float]]] = {}
     counts: dict[tuple[str, str], list[int]] = {}
     for stage, subject, state, updated_at in jobs:
-        key = (job_target(subject), stage)
-        row = counts.setdefault(key, [0, 0, 0])
+        target = job_target(subject)
+        row = counts.setdefault((target, stage), [0, 0, 0])
         row[0] += 1
         if state == "done":
             row[1] += 1
-            marks.setdefault(key[0], {}).setdefault(stage, []).append(updated_at)
+            marks.setdefault(target, {}).setdefault(stage, []).append(updated_at)
         elif state == "dead":
             row[2] += 1
     out = []

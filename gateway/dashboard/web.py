@@ -22,14 +22,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import structlog
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -149,7 +151,13 @@ def create_app(health: Health, dashboard: Sources | None = None, *, https: bool 
         body = json.dumps(answer).encode() + b"\n"
         return Response(body, status_code=200 if ok else 503, media_type="application/json")
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
     def metrics() -> Response:
         health.refresh()
         return Response(health.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -183,7 +191,14 @@ def _refuse(request: Request, who: Principal | None, status: int, reason: str) -
     return HTTPException(status, reason, headers=headers)
 
 
-def principal(request: Request) -> Principal:
+#: Documents the scheme in the OpenAPI schema; the header is read by :func:`principal`.
+BEARER = HTTPBearer(auto_error=False, description="a token of the dashboard's tokens file")
+
+
+def principal(
+    request: Request,
+    _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+) -> Principal:
     """Who asks: the holder of the bearer token, else of the verified client certificate;
     401 (audited) when neither is in the tokens file."""
     tokens = _sources(request).tokens
@@ -224,6 +239,16 @@ Src = Annotated[Sources, Depends(_sources)]
 NO_STORE = {"Cache-Control": "no-store"}
 
 
+class _Error(BaseModel):
+    error: str
+
+
+#: What every /api view may answer besides its view.
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    401: {"model": _Error, "description": "no valid token or client certificate"},
+}
+
+
 def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
     app.state.sources = sources
 
@@ -233,18 +258,27 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/api/whoami", tags=["dashboard"], summary="The caller's name and role")
+    @app.get(
+        "/api/whoami", tags=["dashboard"], responses=REFUSALS, summary="The caller's name and role"
+    )
     def whoami(who: Reader, response: Response) -> views.WhoAmI:
         response.headers.update(NO_STORE)
         return views.WhoAmI(name=who.name, role=who.role, via=who.via)
 
-    @app.get("/api/queue", tags=["dashboard"], summary="Queue depth by stage and lane")
+    @app.get(
+        "/api/queue",
+        tags=["dashboard"],
+        responses=REFUSALS,
+        summary="Queue depth by stage and lane",
+    )
     def queue(who: Reader, src: Src, response: Response) -> views.QueueView:
         response.headers.update(NO_STORE)
         now = src.clock()
         return views.queue_view(src.queue.counts(), src.queue.job_groups(), now)
 
-    @app.get("/api/studies", tags=["dashboard"], summary="Recent studies' timelines")
+    @app.get(
+        "/api/studies", tags=["dashboard"], responses=REFUSALS, summary="Recent studies' timelines"
+    )
     def studies(
         who: Reader,
         src: Src,
@@ -254,7 +288,12 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
         response.headers.update(NO_STORE)
         return views.studies_view(src.queue.study_timelines(limit), src.clock())
 
-    @app.get("/api/dead", tags=["dashboard"], summary="Dead letters with their last error")
+    @app.get(
+        "/api/dead",
+        tags=["dashboard"],
+        responses=REFUSALS,
+        summary="Dead letters with their last error",
+    )
     def dead(who: Reader, src: Src, response: Response) -> views.DeadView:
         response.headers.update(NO_STORE)
         return views.dead_view(src.queue.dead_jobs(), src.clock(), who.operator)
@@ -263,7 +302,11 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
         "/api/dead/{job_id}/replay",
         tags=["dashboard"],
         summary="Put one dead letter back in the queue (operators)",
-        responses={403: {"description": "not an operator"}, 404: {"description": "no such"}},
+        responses={
+            **REFUSALS,
+            403: {"model": _Error, "description": "not an operator"},
+            404: {"model": _Error, "description": "no dead letter with this id"},
+        },
     )
     def replay(
         request: Request, job_id: Annotated[int, PathParam(ge=1)], who: Operator, src: Src
@@ -281,6 +324,7 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
     @app.get(
         "/api/destinations",
         tags=["dashboard"],
+        responses=REFUSALS,
         summary="Per destination: last success, retries, oldest undelivered",
     )
     def destinations(who: Reader, src: Src, response: Response) -> views.DestinationsView:
@@ -288,7 +332,12 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
         now = src.clock()
         return views.destinations_view(src.destinations(), src.queue.job_groups(), now)
 
-    @app.get("/api/certificates", tags=["dashboard"], summary="Days left on each certificate")
+    @app.get(
+        "/api/certificates",
+        tags=["dashboard"],
+        responses=REFUSALS,
+        summary="Days left on each certificate",
+    )
     def certificates(who: Reader, src: Src, response: Response) -> views.CertificatesView:
         response.headers.update(NO_STORE)
         return views.certificates_view(src.certwatch.days_left(), CERT_WARN_DAYS, src.clock())
@@ -296,6 +345,7 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
     @app.get(
         "/api/findings",
         tags=["dashboard"],
+        responses=REFUSALS,
         summary="Findings statistics and concordance with the reports",
     )
     def findings(

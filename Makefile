@@ -22,6 +22,8 @@ run: $(STAMP)
 # dicom3tools: dciodvfy, the validator every generated SR and SEG must pass.
 # postgresql: initdb/pg_ctl for the server tests/pg.py starts (Debian puts them off PATH).
 # faketime: libfaketime, to step the wall clock under a gateway (tests/integration/test_clock.py).
+# chromium: the headless browser the dashboard's test drives with Playwright (no browser
+# download: tests/integration/test_dashboard_browser.py launches /usr/bin/chromium).
 system-deps:
 	@command -v storescu >/dev/null && command -v echoscu >/dev/null && command -v Orthanc >/dev/null \
 	  && command -v dciodvfy >/dev/null \
@@ -36,6 +38,10 @@ system-deps:
 	  || { echo "installing faketime (apt-get): libfaketime, for the clock-step drills"; \
 	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
 	       apt-get install -y -qq --no-install-recommends faketime >/dev/null; }
+	@test -x /usr/bin/chromium \
+	  || { echo "installing chromium (apt-get): the dashboard's browser test"; \
+	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check gateway tests bench

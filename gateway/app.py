@@ -634,7 +634,7 @@ class Gateway:
                     worker.start()
         self.certwatch.cfg = new
         if self.http is not None:
-            self.http.reload()  # the dashboard's tokens file
+            self.http.reload(new)  # the dashboard's tokens file and certificate
         self.reload_certificates()
         if self.parts.announce:
             report_reload(new, needs_restart, self.audit)

@@ -464,7 +464,7 @@ class Supervisor:
         self.cfg = new
         self.certwatch.cfg = new
         if self.http is not None:
-            self.http.reload()  # the dashboard's tokens file
+            self.http.reload(new)  # the dashboard's tokens file and certificate
         for child in self.children:
             child.reloaded = False
         self._signal_children(signal.SIGHUP)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+import structlog
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
@@ -36,6 +37,8 @@ from gateway.security.audit import Auditor
 from gateway.security.tls import peer_subject, server_context, subject_text
 from gateway.services.certwatch import CertWatch
 from gateway.store.queue import Queue
+
+log = structlog.get_logger(__name__)
 
 START_TIMEOUT = 10.0  # seconds for uvicorn to start serving the bound socket
 STOP_TIMEOUT = 5.0
@@ -59,16 +62,42 @@ class _ClientCertProtocol(H11Protocol):
         self.app = app
 
 
-def dashboard_context(cfg: Config) -> ssl.SSLContext | None:
-    """The HTTPS context of ``dashboard.tls`` (None without a dashboard): client
-    certificates asked for, not required (a browser with a token has none)."""
+def _server_tls(cfg: Config) -> ServerTLS | None:
     if cfg.dashboard is None:
         return None
     tls = cfg.dashboard.tls
-    return server_context(
-        ServerTLS(port=0, cert=tls.cert, key=tls.key, ca=tls.ca, require_client_cert=False),
-        cfg.path,
-    )
+    return ServerTLS(port=0, cert=tls.cert, key=tls.key, ca=tls.ca, require_client_cert=False)
+
+
+def dashboard_context(cfg: Config) -> ssl.SSLContext | None:
+    """The HTTPS context of ``dashboard.tls`` (None without a dashboard): client
+    certificates asked for, not required (a browser with a token has none)."""
+    tls = _server_tls(cfg)
+    return None if tls is None else server_context(tls, cfg.path)
+
+
+def reload_certificate(ctx: ssl.SSLContext, cfg: Config) -> bool:
+    """Load renewed ``dashboard.tls`` files (same paths) into the running context *ctx*,
+    for new connections; files that do not load together leave the running certificate
+    in place (``tls.reload_failed``)."""
+    tls = _server_tls(cfg)
+    if tls is None:
+        return False
+    try:
+        server_context(tls, cfg.path)  # all files load together, or none
+        ctx.load_cert_chain(cfg.path(tls.cert), cfg.path(tls.key))
+        if tls.ca is not None:
+            ctx.load_verify_locations(cafile=str(cfg.path(tls.ca)))
+    except Exception as exc:
+        log.error(
+            "tls.reload_failed",
+            listener="dashboard",
+            error=str(exc)[:300],
+            outcome="the running certificate is kept",
+        )
+        return False
+    log.info("tls.reloaded", listener="dashboard")
+    return True
 
 
 def dashboard_sources(
@@ -100,6 +129,7 @@ class HTTPServer:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.sources = sources
+        self.ssl_context = ssl_context
         self.app: FastAPI = create_app(health, sources, https=ssl_context is not None)
         family, _, _, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -147,10 +177,13 @@ class HTTPServer:
                 break
             time.sleep(0.01)
 
-    def reload(self) -> None:
-        """SIGHUP: read the tokens file again."""
+    def reload(self, cfg: Config) -> None:
+        """SIGHUP: read the tokens file again, and the certificate files of *cfg*'s
+        ``dashboard.tls`` (renewed in place)."""
         if self.sources is not None:
             self.sources.tokens.reload()
+        if self.ssl_context is not None:
+            reload_certificate(self.ssl_context, cfg)
 
     def stop(self) -> None:
         if self._thread.is_alive():

@@ -6,6 +6,9 @@ health endpoints answer as before (over HTTPS now, without a credential)."""
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
+from tests.certs import issue
 from tests.dashboardkit import DashboardKit, make_dashboard
 from tests.gatewayproc import GatewayProcess, wait_until, write_config
 from tests.hl7msgs import oru_r01, send_mllp
@@ -169,6 +174,34 @@ def test_a_changed_tokens_file_applies_without_a_restart(
         kit.tokens_file.write_text(original)
     assert api(gateway, "/api/whoami", "n" * 32)[0] == 401
     assert api(gateway, "/api/whoami", kit.viewer)[0] == 200
+
+
+def test_a_certificate_renewed_in_place_is_served_after_sighup(
+    gateway: GatewayProcess, kit: DashboardKit, tmp_path: Path
+) -> None:
+    def serial() -> int:
+        ctx = gateway.tls_context()
+        with (
+            socket.create_connection(("127.0.0.1", gateway.http_port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return int(x509.load_der_x509_certificate(der).serial_number)
+
+    before = serial()
+    renewed = issue(tmp_path, "server", kit.pki.ca, server=True)
+    shutil.copy(renewed.cert, kit.pki.server_cert)
+    shutil.copy(renewed.key, kit.pki.server_key)
+    assert gateway.proc is not None
+    gateway.proc.send_signal(signal.SIGHUP)
+    wait_until("the renewed certificate", lambda: serial() != before or None, 20)
+    assert serial() == renewed_serial(renewed.cert)
+    assert '"listener": "dashboard"' in gateway.log()
+
+
+def renewed_serial(path: Path) -> int:
+    return int(x509.load_pem_x509_certificate(path.read_bytes()).serial_number)
 
 
 def test_the_page_is_served_with_a_policy_that_allows_nothing_but_the_gateway(

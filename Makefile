@@ -25,6 +25,8 @@ run: $(STAMP)
 # podman, runc, debootstrap: tests/deploy/test_image.py builds the image on a Debian base made
 # here and runs it; systemd-analyze verifies deploy/systemd; kubectl renders deploy/kubernetes
 # (Debian 12's kubernetes-client is 1.20, whose kustomize is too old: the tests say so).
+# chromium: the headless browser the dashboard's test drives with Playwright (no browser
+# download: tests/integration/test_dashboard_browser.py launches /usr/bin/chromium).
 system-deps:
 	@command -v storescu >/dev/null && command -v echoscu >/dev/null && command -v Orthanc >/dev/null \
 	  && command -v dciodvfy >/dev/null \
@@ -48,6 +50,10 @@ system-deps:
 	  || { echo "installing kubernetes-client (apt-get): kubectl kustomize renders deploy/kubernetes"; \
 	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
 	       apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null; }
+	@test -x /usr/bin/chromium \
+	  || { echo "installing chromium (apt-get): the dashboard's browser test"; \
+	       (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check gateway tests bench

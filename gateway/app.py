@@ -26,6 +26,8 @@ from types import FrameType
 import structlog
 
 from gateway.config import Config, ServerTLS
+from gateway.dashboard.server import HTTPServer, dashboard_context, dashboard_sources
+from gateway.dashboard.web import Health
 from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import ConfigError, ListenError
 from gateway.infer.bundles import Registry, sha256_file
@@ -33,7 +35,7 @@ from gateway.infer.runner import ModelRunner, RunnerSettings
 from gateway.ingest.assemble import Assembler
 from gateway.ingest.dicom_scp import NETWORK_TIMEOUT, DicomSCP
 from gateway.ingest.hl7_listener import HL7Listener
-from gateway.observability.metrics import HealthServer, Metrics
+from gateway.observability.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.preflight import load_config
 from gateway.route.keywords import routing_keywords
@@ -140,6 +142,8 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         for key in keys or type(before).model_fields:
             if getattr(before, key) != getattr(after, key):
                 changed.append(f"{section}.{key}")
+    if old.dashboard != new.dashboard:  # its HTTPS server starts with the gateway
+        changed.append("dashboard")
     # the runner processes load the bundles at start; a model's limits apply at once
     for name in sorted(set(old.models) | set(new.models)):
         if name not in old.models or name not in new.models:
@@ -155,6 +159,7 @@ def keep_restart_only(old: Config, new: Config) -> Config:
         "gateway": old.gateway,
         "ingest": old.ingest,
         "workers": old.workers,
+        "dashboard": old.dashboard,
     }
     for section in ("dicom", "hl7"):
         keep = {key: getattr(getattr(old, section), key) for key in RESTART_ONLY[section] or ()}
@@ -364,16 +369,25 @@ class Gateway:
                 audit=self.audit,
                 findings_days=cfg.findings.retention_days,
             )
-        self.http: HealthServer | None = None
+        self.http: HTTPServer | None = None
         if parts.http:
+            health = Health(
+                self.readiness,
+                self.refresh_metrics,
+                self.metrics.render,
+                self.certwatch.readiness_details,
+            )
+            sources = (
+                dashboard_sources(
+                    cfg, lambda: self.cfg, self.store.queue, self.certwatch, self.audit
+                )
+                if cfg.dashboard is not None
+                else None
+            )
+            tls = dashboard_context(cfg)
             with listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
-                self.http = HealthServer(
-                    cfg.gateway.http.host,
-                    cfg.gateway.http.port,
-                    self.metrics,
-                    self.readiness,
-                    self.refresh_metrics,
-                    details=self.certwatch.readiness_details,
+                self.http = HTTPServer(
+                    cfg.gateway.http.host, cfg.gateway.http.port, health, sources, tls
                 )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hl7", daemon=True)
@@ -619,6 +633,8 @@ class Gateway:
                     self.workers.append(worker)
                     worker.start()
         self.certwatch.cfg = new
+        if self.http is not None:
+            self.http.reload(new)  # the dashboard's tokens file and certificate
         self.reload_certificates()
         if self.parts.announce:
             report_reload(new, needs_restart, self.audit)

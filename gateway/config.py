@@ -80,6 +80,23 @@ class FindingsSection(_Strict):
     retention_days: float | None = Field(default=365.0, gt=0)
 
 
+class DashboardTLS(_Strict):
+    """HTTPS on gateway.http for the dashboard: our certificate, and the CA that client
+    certificates (an alternative to bearer tokens) chain to."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+class DashboardSection(_Strict):
+    """The read-only web UI (gateway/dashboard/) on gateway.http, over HTTPS, for the
+    holders of a token in *tokens_file* (or of a client certificate it names)."""
+
+    tokens_file: Path
+    tls: DashboardTLS
+
+
 class WorkersSection(_Strict):
     """The worker processes: each routes, runs models, builds results and delivers."""
 
@@ -378,6 +395,7 @@ class Config(_Strict):
     ingest: IngestSection = IngestSection()
     workers: WorkersSection = WorkersSection()
     findings: FindingsSection = FindingsSection()
+    dashboard: DashboardSection | None = None
     destinations: dict[str, Destination] = {}
     models: dict[str, ModelConfig] = {}
     routes: list[Route] = []

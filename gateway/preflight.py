@@ -41,6 +41,10 @@ def check_files(cfg: Config) -> None:
             for key in ("cert", "key", "ca"):
                 need(getattr(tls, key), section, "tls", key)
     need(cfg.gateway.database_password_file, "gateway", "database_password_file")
+    if cfg.dashboard is not None:
+        need(cfg.dashboard.tokens_file, "dashboard", "tokens_file")
+        for key in ("cert", "key", "ca"):
+            need(getattr(cfg.dashboard.tls, key), "dashboard", "tls", key)
     syslog = cfg.gateway.audit.syslog
     if syslog is not None:
         for key in ("ca", "cert", "key"):

@@ -58,10 +58,12 @@ from gateway.app import (
     with_ports,
 )
 from gateway.config import Config
+from gateway.dashboard.server import HTTPServer, dashboard_context, dashboard_sources
+from gateway.dashboard.web import Health
 from gateway.errors import ProcessFailed
 from gateway.ingest.dicom_scp import purge_incoming
 from gateway.observability.logging import configure_logging
-from gateway.observability.metrics import MULTIPROC_ENV, HealthServer, Metrics
+from gateway.observability.metrics import MULTIPROC_ENV, Metrics
 from gateway.security.audit import records
 from gateway.security.tls import server_context
 from gateway.services.certwatch import CertWatch
@@ -177,7 +179,7 @@ class Supervisor:
         self.metrics_dir = metrics_dir(cfg.data_dir)
         self.metrics = Metrics(children_dir=self.metrics_dir)
         self.store: Store | None = None
-        self.http: HealthServer | None = None
+        self.http: HTTPServer | None = None
         try:
             # what a child would fail on, checked once, here, before any child starts
             self.store = Store.for_config(cfg)
@@ -186,14 +188,18 @@ class Supervisor:
                 if section.tls is not None and role != "worker":
                     server_context(section.tls, cfg.path)
             self.certwatch = CertWatch(cfg)
+            health = Health(self.readiness, self.refresh_metrics, self.metrics.render, self.details)
+            sources = (
+                dashboard_sources(
+                    cfg, lambda: self.cfg, self.store.queue, self.certwatch, self.audit
+                )
+                if cfg.dashboard is not None
+                else None
+            )
+            tls = dashboard_context(cfg)
             with listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
-                self.http = HealthServer(
-                    cfg.gateway.http.host,
-                    cfg.gateway.http.port,
-                    self.metrics,
-                    self.readiness,
-                    self.refresh_metrics,
-                    details=self.details,
+                self.http = HTTPServer(
+                    cfg.gateway.http.host, cfg.gateway.http.port, health, sources, tls
                 )
             if role != "worker":
                 self._reserve_ports(cfg)
@@ -436,6 +442,7 @@ class Supervisor:
             processes={c.name: c.proc.pid for c in self.children if c.proc is not None},
             ports={names[k]: p for k, p in self.ports.items()},
             http_port=self.http.port,
+            http_scheme=self.http.scheme,
             data_dir=str(self.cfg.data_dir),
         )
         return True
@@ -456,6 +463,8 @@ class Supervisor:
         new, needs_restart = found
         self.cfg = new
         self.certwatch.cfg = new
+        if self.http is not None:
+            self.http.reload(new)  # the dashboard's tokens file and certificate
         for child in self.children:
             child.reloaded = False
         self._signal_children(signal.SIGHUP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -119,12 +120,43 @@ class GatewayProcess:
             time.sleep(0.1)
         raise RuntimeError(f"gateway not ready after {timeout}s:\n{self.log()}")
 
-    def get(self, path: str) -> tuple[int, bytes]:
+    @property
+    def http_url(self) -> str:
+        """``http://127.0.0.1:PORT``, or ``https://...`` with a dashboard (gateway.http is
+        HTTPS then, health endpoints included)."""
+        scheme = "https" if self.cfg.get("dashboard") else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
+
+    def tls_context(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+        """A client context trusting the dashboard's CA (the tests' PKI signs the server
+        certificate with it too), presenting *cert* when given."""
+        ctx = ssl.create_default_context(cafile=self.cfg["dashboard"]["tls"]["ca"])
+        if cert is not None:
+            ctx.load_cert_chain(cert, key)
+        return ctx
+
+    def request(
+        self,
+        path: str,
+        *,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """(status, body, headers) of one request to gateway.http; header names in lower
+        case."""
+        if context is None and self.cfg.get("dashboard"):
+            context = self.tls_context()
+        req = urllib.request.Request(self.http_url + path, method=method, headers=headers or {})
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
-                return r.status, r.read()
+            with urllib.request.urlopen(req, timeout=10, context=context) as r:
+                return r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
+            return exc.code, exc.read(), {k.lower(): v for k, v in exc.headers.items()}
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        status, body, _ = self.request(path)
+        return status, body
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait: the drain path."""

@@ -1,5 +1,5 @@
-"""Prometheus metrics, in one registry per gateway process (no global default registry),
-and the small HTTP server for /healthz, /readyz and /metrics.
+"""Prometheus metrics, in one registry per gateway process (no global default registry);
+:mod:`gateway.dashboard.web` serves them at /metrics.
 
 Several processes (``gateway run`` supervises ingest and worker processes) use
 prometheus_client's multiprocess mode: the supervisor gives each child a
@@ -14,13 +14,9 @@ supervisor alone, from the database, when /metrics is read."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -183,67 +179,3 @@ class Merged(Collector):
         for name, family in families.items():
             family.samples = list(samples[name].values())
             yield family
-
-
-class HealthServer:
-    """/healthz (process alive), /readyz (listeners bound, store writable), /metrics."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        metrics: Metrics,
-        ready: Callable[[], dict[str, bool]],
-        refresh: Callable[[], None],
-        details: Callable[[], dict[str, object]] | None = None,
-    ) -> None:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/healthz":
-                    self._send(200, b'{"status": "ok"}\n', "application/json")
-                elif path == "/readyz":
-                    checks = outer.ready()
-                    ok = all(checks.values())
-                    answer: dict[str, object] = {"ready": ok, "checks": checks}
-                    if outer.details is not None:
-                        answer["details"] = outer.details()
-                    body = json.dumps(answer).encode() + b"\n"
-                    self._send(200 if ok else 503, body, "application/json")
-                elif path == "/metrics":
-                    outer.refresh()
-                    self._send(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
-                else:
-                    self._send(404, b'{"error": "not found"}\n', "application/json")
-
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # health probes every few seconds would flood the log
-
-        self.metrics = metrics
-        self.ready = ready
-        self.refresh = refresh
-        self.details = details
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():  # shutdown() waits for a serve_forever that never ran
-            self._server.shutdown()
-        self._server.server_close()

@@ -36,6 +36,10 @@ class CertWatch:
                 found[f"{section}.tls.cert"] = cfg.path(tls.cert)
                 if tls.ca is not None:
                     found[f"{section}.tls.ca"] = cfg.path(tls.ca)
+        if cfg.dashboard is not None:
+            found["dashboard.tls.cert"] = cfg.path(cfg.dashboard.tls.cert)
+            if cfg.dashboard.tls.ca is not None:
+                found["dashboard.tls.ca"] = cfg.path(cfg.dashboard.tls.ca)
         for name, dest in cfg.destinations.items():
             client = (dest.dicom or dest.hl7).tls  # type: ignore[union-attr]
             if client is not None:

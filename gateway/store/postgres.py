@@ -58,12 +58,18 @@ from gateway.store import findings
 from gateway.store.findings import ModelRun, RunFilter
 from gateway.store.queue import (
     CLOCK_SLACK,
+    JOB_GROUPS,
+    JOBS_SINCE,
+    RECENT_STUDIES,
     SUPERSEDED,
     Ack,
+    JobGroup,
     LeaseLost,
     PurgedRows,
     StudyInfo,
+    StudyTimeline,
     plan_purge,
+    study_timelines,
 )
 from gateway.store.spool import SPOOL_KEY
 
@@ -1073,6 +1079,46 @@ class PostgresQueue:
         with self._read() as cur:
             rows = cur.execute(SQL["oldest_by_lane"]).fetchall()
         return {str(r["lane"]): now - float(r["t"]) for r in rows}
+
+    def job_groups(self) -> list[JobGroup]:
+        with self._read() as cur:
+            rows = cur.execute(_pg(JOB_GROUPS)).fetchall()
+        return [
+            JobGroup(
+                str(r["stage"]),
+                str(r["lane"]),
+                str(r["state"]),
+                int(r["jobs"]),
+                int(r["retried"]),
+                float(r["oldest_created"]),
+                float(r["newest_updated"]),
+            )
+            for r in rows
+        ]
+
+    def study_timelines(self, limit: int) -> list[StudyTimeline]:
+        with self._read() as cur:
+            studies = [
+                (
+                    str(r["study_key"]),
+                    str(r["state"]),
+                    int(r["instances"]),
+                    int(r["generation"]),
+                    float(r["first_at"]),
+                    None if r["completed_at"] is None else float(r["completed_at"]),
+                )
+                for r in cur.execute(_pg(RECENT_STUDIES), {"limit": limit}).fetchall()
+            ]
+            since = min((s[4] for s in studies), default=None)
+            jobs = (
+                []
+                if since is None
+                else [
+                    (str(r["stage"]), str(r["subject"]), str(r["state"]), float(r["updated_at"]))
+                    for r in cur.execute(_pg(JOBS_SINCE), {"since": since}).fetchall()
+                ]
+            )
+        return study_timelines(studies, jobs)
 
     # --- retention ----------------------------------------------------------------------
 

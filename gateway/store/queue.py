@@ -155,6 +155,98 @@ def plan_purge(
     return PurgePlan(rows, jobs, keys)
 
 
+@dataclass(frozen=True)
+class JobGroup:
+    """The jobs of one (stage, lane, state): how many, how many failed at least once, the
+    oldest one's creation and the newest one's last change (``gateway.dashboard``)."""
+
+    stage: str
+    lane: str  # the destination of a delivery; "" for the other stages
+    state: str
+    jobs: int
+    retried: int  # with attempts > 0
+    oldest_created: float
+    newest_updated: float
+
+
+# what the dashboard reads, the same on both engines (:name parameters; PostgreSQL
+# takes them through gateway.store.findings.pg)
+JOB_GROUPS = (
+    "SELECT stage, lane, state, COUNT(*) AS jobs,"
+    " SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END) AS retried,"
+    " MIN(created_at) AS oldest_created, MAX(updated_at) AS newest_updated"
+    " FROM jobs GROUP BY stage, lane, state ORDER BY stage, lane, state"
+)
+RECENT_STUDIES = (
+    "SELECT study_key, state, instances, generation, first_at, completed_at FROM studies"
+    " ORDER BY first_at DESC, study_key LIMIT :limit"
+)
+# a study's jobs are all made after its first instance; their subjects end in its key
+JOBS_SINCE = "SELECT stage, subject, state, updated_at FROM jobs WHERE created_at >= :since"
+
+
+#: A study's stages after completion, as the dashboard's timeline shows them.
+TIMELINE_STAGES = ("route", "infer", "build", "deliver")
+
+
+@dataclass(frozen=True)
+class StageMark:
+    """A study's jobs of one stage: how many, how many done or dead, the last done."""
+
+    jobs: int = 0
+    done: int = 0
+    dead: int = 0
+    done_at: float | None = None  # when the last of them was done (all done: the stage's end)
+
+    @property
+    def finished(self) -> bool:
+        return self.jobs > 0 and self.done == self.jobs
+
+
+@dataclass(frozen=True)
+class StudyTimeline:
+    """One study from its first instance to its deliveries: the study's row and, per stage
+    (:data:`TIMELINE_STAGES`), its jobs.  Named by its study key only."""
+
+    study_key: str
+    state: str
+    instances: int
+    generation: int
+    received_at: float  # its first instance
+    complete_at: float | None  # its quiet period ended
+    stages: dict[str, StageMark] = field(default_factory=dict)
+
+
+def study_timelines(
+    studies: Iterable[tuple[str, str, int, int, float, float | None]],
+    jobs: Iterable[tuple[str, str, str, float]],
+) -> list[StudyTimeline]:
+    """The timelines of *studies* ((key, state, instances, generation, first_at,
+    completed_at), in the order given) from *jobs* ((stage, subject, state, updated_at));
+    a job counts for the study its subject targets (:func:`job_target`), others are
+    ignored.  The same for every engine: each reads the rows its own way."""
+    marks: dict[str, dict[str, list[float]]] = {}
+    counts: dict[tuple[str, str], list[int]] = {}
+    for stage, subject, state, updated_at in jobs:
+        target = job_target(subject)
+        row = counts.setdefault((target, stage), [0, 0, 0])
+        row[0] += 1
+        if state == "done":
+            row[1] += 1
+            marks.setdefault(target, {}).setdefault(stage, []).append(updated_at)
+        elif state == "dead":
+            row[2] += 1
+    out = []
+    for key, state, instances, generation, first_at, completed_at in studies:
+        stages = {}
+        for stage in TIMELINE_STAGES:
+            n, done, dead = counts.get((key, stage), (0, 0, 0))
+            times = marks.get(key, {}).get(stage)
+            stages[stage] = StageMark(n, done, dead, max(times) if times else None)
+        out.append(StudyTimeline(key, state, instances, generation, first_at, completed_at, stages))
+    return out
+
+
 class Queue(Protocol):
     """What the gateway asks of its queue engine (see the module docstring for the
     guarantees).  Times are seconds since the epoch, passed in: an engine reads no clock."""
@@ -297,6 +389,15 @@ class Queue(Protocol):
     def oldest_ready_age(self, now: float) -> float | None: ...
 
     def oldest_waiting_by_lane(self, now: float) -> dict[str, float]: ...
+
+    def job_groups(self) -> list[JobGroup]:
+        """The jobs by (stage, lane, state), ordered so: the dashboard's queue depth and
+        destinations' health."""
+        ...
+
+    def study_timelines(self, limit: int) -> list[StudyTimeline]:
+        """The *limit* studies received last, newest first, each with its jobs by stage."""
+        ...
 
     # --- retention ----------------------------------------------------------------------
 

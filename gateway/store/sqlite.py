@@ -35,12 +35,18 @@ from gateway.store import findings
 from gateway.store.findings import ModelRun, RunFilter
 from gateway.store.queue import (
     CLOCK_SLACK,
+    JOB_GROUPS,
+    JOBS_SINCE,
+    RECENT_STUDIES,
     SUPERSEDED,
     Ack,
+    JobGroup,
     LeaseLost,
     PurgedRows,
     StudyInfo,
+    StudyTimeline,
     plan_purge,
+    study_timelines,
 )
 from gateway.store.spool import SPOOL_KEY
 
@@ -833,6 +839,39 @@ class SQLiteQueue:
                 " GROUP BY lane"
             ).fetchall()
         return {str(r["lane"]): now - float(r["t"]) for r in rows}
+
+    def job_groups(self) -> list[JobGroup]:
+        with self._lock:
+            rows = self._db.execute(JOB_GROUPS).fetchall()
+        return [
+            JobGroup(
+                r["stage"],
+                r["lane"],
+                r["state"],
+                int(r["jobs"]),
+                int(r["retried"]),
+                float(r["oldest_created"]),
+                float(r["newest_updated"]),
+            )
+            for r in rows
+        ]
+
+    def study_timelines(self, limit: int) -> list[StudyTimeline]:
+        with self._lock:
+            studies = [
+                (r[0], r[1], int(r[2]), int(r[3]), float(r[4]), r[5])
+                for r in self._db.execute(RECENT_STUDIES, {"limit": limit})
+            ]
+            since = min((s[4] for s in studies), default=None)
+            jobs = (
+                []
+                if since is None
+                else [
+                    (r[0], r[1], r[2], float(r[3]))
+                    for r in self._db.execute(JOBS_SINCE, {"since": since})
+                ]
+            )
+        return study_timelines(studies, jobs)
 
     def job(self, job_id: int) -> Job | None:
         with self._lock:

@@ -199,6 +199,7 @@ def test_config_schema_prints_a_strict_json_schema_of_the_sections(
         "ingest",
         "workers",
         "findings",
+        "dashboard",
         "destinations",
         "models",
         "routes",

@@ -536,6 +536,71 @@ def test_oldest_ready_age_counts_ready_and_leased_jobs_only(queue: Queue) -> Non
     assert queue.oldest_ready_age(now=100.0) == 60.0
 
 
+def test_job_groups_count_jobs_by_stage_lane_and_state_with_retries_and_ages(
+    queue: Queue,
+) -> None:
+    assert queue.job_groups() == []
+    queue.enqueue(Stage.ROUTE, "a", 10.0, any_payload(Stage.ROUTE))
+    queue.enqueue(Stage.DELIVER, "pacs|a", 20.0, any_payload(Stage.DELIVER), lane="pacs")
+    queue.enqueue(Stage.DELIVER, "pacs|b", 30.0, any_payload(Stage.DELIVER), lane="pacs")
+    done = queue.lease([Stage.DELIVER], "w", 30, now=40.0, lane="pacs")
+    assert done is not None and done.subject == "pacs|a"
+    queue.complete(done, now=41.0)
+    failed = queue.lease([Stage.DELIVER], "w", 30, now=42.0, lane="pacs")
+    assert failed is not None
+    queue.fail(failed, "refused", retry_at=60.0, now=43.0)
+
+    groups = {(g.stage, g.lane, g.state): g for g in queue.job_groups()}
+    assert set(groups) == {
+        ("route", "", "ready"),
+        ("deliver", "pacs", "done"),
+        ("deliver", "pacs", "ready"),
+    }
+    delivered = groups["deliver", "pacs", "done"]
+    assert (delivered.jobs, delivered.newest_updated) == (1, 41.0)
+    waiting = groups["deliver", "pacs", "ready"]
+    assert (waiting.jobs, waiting.retried, waiting.oldest_created) == (1, 1, 30.0)
+    assert groups["route", "", "ready"].retried == 0
+
+
+def test_study_timelines_list_the_newest_studies_with_their_jobs_by_stage(
+    queue: Queue,
+) -> None:
+    assert queue.study_timelines(10) == []
+    queue.record_instance(instance("1", "A", at=100.0), b"", QUIET)
+    queue.record_instance(instance("2", "A", at=101.0), b"", QUIET)
+    queue.record_instance(instance("3", "B", at=102.0), b"", QUIET)
+    assert queue.complete_due_studies(now=106.5) == ["A"]
+    route = queue.lease([Stage.ROUTE], "w", 30, now=107.0)
+    assert route is not None and route.subject == "A"
+    queue.complete(
+        route,
+        now=108.0,
+        then=[
+            NextJob(Stage.INFER, "m|A", any_payload(Stage.INFER)),
+            NextJob(Stage.DELIVER, "pacs|A", any_payload(Stage.DELIVER), lane="pacs"),
+        ],
+    )
+    infer = queue.lease([Stage.INFER], "w", 30, now=109.0)
+    assert infer is not None
+    queue.complete(infer, now=110.0)
+    deliver = queue.lease([Stage.DELIVER], "w", 30, now=111.0, lane="pacs")
+    assert deliver is not None
+    queue.dead(deliver, "refused", now=112.0)
+
+    b, a = queue.study_timelines(10)
+    assert (b.study_key, b.state, b.instances, b.complete_at) == ("B", "open", 1, None)
+    assert all(m.jobs == 0 for m in b.stages.values())
+    assert (a.study_key, a.state, a.instances, a.received_at) == ("A", "complete", 2, 100.0)
+    assert a.complete_at == 106.5
+    assert a.stages["route"].finished and a.stages["route"].done_at == 108.0
+    assert a.stages["infer"].finished and a.stages["infer"].done_at == 110.0
+    assert a.stages["build"].jobs == 0
+    assert (a.stages["deliver"].jobs, a.stages["deliver"].dead) == (1, 1)
+    assert not a.stages["deliver"].finished and a.stages["deliver"].done_at is None
+    assert [t.study_key for t in queue.study_timelines(1)] == ["B"]
+
+
 def test_complete_enqueues_the_next_jobs_in_the_same_transaction(queue: Queue) -> None:
     queue.enqueue(Stage.ROUTE, "study", 1.0, any_payload(Stage.ROUTE))
     job = queue.lease([Stage.ROUTE], "w", 30, now=2.0)

@@ -36,6 +36,8 @@ AuditEvent = Literal[
     "data-deleted",
     "application-activity",
     "re-identification",
+    "query",
+    "job-replay",
 ]
 # DICOM PS3.15 A.5 EventOutcomeIndicator, in words (0, 4, 8, 12); not a delivery outcome
 EventOutcome = Literal["success", "minor-failure", "serious-failure", "major-failure"]
@@ -62,6 +64,8 @@ OBJECT_TYPES: Final[Mapping[str, str]] = {
     "configuration": "the configuration file (path or SHA-256)",
     "data-key": "an at-rest data key id",
     "audit-trail": "an audit trail file",
+    "view": "a view of the dashboard (its path, no query values)",
+    "job": "a queue job's id",
 }
 _UID_TYPES = frozenset({"study", "series", "sop-instance"})
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
@@ -476,6 +480,45 @@ def reidentified(
         actor=actor,
         objects=tuple(objects),
         detail=f"study key {study_key[:16]} re-identified; reason: {reason}",
+    )
+
+
+def dashboard_user(
+    name: str, host: str, *, role: str | None = None, cert_subject: str | None = None
+) -> dict[str, str]:
+    """A dashboard user as an actor: the holder's name in the tokens file (``?`` when the
+    request proved no one), with its role, and the client's address."""
+    application = f"dashboard:{role}" if role else "dashboard"
+    party = {"application": application, "user": name[:64], "host": host[:64]}
+    return _with_subject(party, cert_subject)
+
+
+def dashboard_view(actor: Mapping[str, Any], view: str) -> AuditEntry:
+    """A dashboard user read a view (a page's data: queue, studies, dead letters, ...)."""
+    return AuditEntry(
+        "query", actor=actor, objects=({"type": "view", "id": view[:MAX_ID]},), detail="read"
+    )
+
+
+def dashboard_refused(actor: Mapping[str, Any], view: str, status: int, reason: str) -> AuditEntry:
+    """A dashboard request refused: no valid credential (401) or the wrong role (403)."""
+    return AuditEntry(
+        "security-alert",
+        "minor-failure",
+        actor=actor,
+        objects=({"type": "view", "id": view[:MAX_ID]},),
+        detail=f"dashboard request refused ({status}): {reason}",
+    )
+
+
+def jobs_replayed(actor: Mapping[str, Any], job_ids: Sequence[int], replayed: int) -> AuditEntry:
+    """An operator put dead letters back in the queue from the dashboard."""
+    return AuditEntry(
+        "job-replay",
+        "success" if replayed else "minor-failure",
+        actor=actor,
+        objects=tuple({"type": "job", "id": str(i)} for i in job_ids),
+        detail=f"dead letters replayed: {replayed} of {len(job_ids)}",
     )
 
 

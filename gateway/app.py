@@ -26,7 +26,7 @@ from types import FrameType
 import structlog
 
 from gateway.config import Config, ServerTLS
-from gateway.dashboard.server import HTTPServer, dashboard_context, dashboard_sources
+from gateway.dashboard.server import HTTPServer, http_server
 from gateway.dashboard.web import Health
 from gateway.envelope import Job, NextJob, Stage
 from gateway.errors import ConfigError, ListenError
@@ -377,17 +377,9 @@ class Gateway:
                 self.metrics.render,
                 self.certwatch.readiness_details,
             )
-            sources = (
-                dashboard_sources(
-                    cfg, lambda: self.cfg, self.store.queue, self.certwatch, self.audit
-                )
-                if cfg.dashboard is not None
-                else None
-            )
-            tls = dashboard_context(cfg)
             with listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
-                self.http = HTTPServer(
-                    cfg.gateway.http.host, cfg.gateway.http.port, health, sources, tls
+                self.http = http_server(
+                    cfg, lambda: self.cfg, self.store.queue, self.certwatch, self.audit, health
                 )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hl7", daemon=True)

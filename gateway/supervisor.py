@@ -58,7 +58,7 @@ from gateway.app import (
     with_ports,
 )
 from gateway.config import Config
-from gateway.dashboard.server import HTTPServer, dashboard_context, dashboard_sources
+from gateway.dashboard.server import HTTPServer, http_server
 from gateway.dashboard.web import Health
 from gateway.errors import ProcessFailed
 from gateway.ingest.dicom_scp import purge_incoming
@@ -189,17 +189,9 @@ class Supervisor:
                     server_context(section.tls, cfg.path)
             self.certwatch = CertWatch(cfg)
             health = Health(self.readiness, self.refresh_metrics, self.metrics.render, self.details)
-            sources = (
-                dashboard_sources(
-                    cfg, lambda: self.cfg, self.store.queue, self.certwatch, self.audit
-                )
-                if cfg.dashboard is not None
-                else None
-            )
-            tls = dashboard_context(cfg)
             with listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
-                self.http = HTTPServer(
-                    cfg.gateway.http.host, cfg.gateway.http.port, health, sources, tls
+                self.http = http_server(
+                    cfg, lambda: self.cfg, self.store.queue, self.certwatch, self.audit, health
                 )
             if role != "worker":
                 self._reserve_ports(cfg)

@@ -178,20 +178,10 @@ def rows(runs: Sequence[ModelRun], flt: RunFilter | None = None) -> Iterator[dic
     """One dict per finding (:data:`COLUMNS`), a run without findings as one row; with a
     finding filter (code, status) only the matching findings of each run."""
     for run in runs:
-        base: dict[str, Any] = {
-            "run_id": run.id,
-            "kind": run.kind,
-            "study_key": run.study_key,
-            "accession_ref": run.accession_ref,
-            "modality": run.modality,
-            "body_part": run.body_part,
-            "model": run.model,
-            "model_version": run.model_version,
-            "weights_sha256": run.weights_sha256,
-            "route": run.route,
-            "report_status": run.report_status,
-            **{name: _iso(getattr(run, name)) for name in _TIMES},
-        }
+        base: dict[str, Any] = {"run_id": run.id}
+        for name in COLUMNS[1:15]:
+            value = getattr(run, name)
+            base[name] = _iso(value) if name in _TIMES else value
         found = [f for f in run.findings if _matches(f, flt)]
         if not run.findings:
             yield {**base, **dict.fromkeys(COLUMNS[15:])}

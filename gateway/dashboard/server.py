@@ -117,6 +117,26 @@ def dashboard_sources(
     return Sources(queue, certwatch, destinations, tokens, audit)
 
 
+def http_server(
+    cfg: Config,
+    current: Callable[[], Config],
+    queue: Queue,
+    certwatch: CertWatch,
+    audit: Auditor,
+    health: Health,
+) -> HTTPServer:
+    """The server on ``gateway.http``: health and metrics, and the dashboard (over HTTPS)
+    when the config has one; *current* is the running config (see
+    :func:`dashboard_sources`)."""
+    sources = (
+        dashboard_sources(cfg, current, queue, certwatch, audit)
+        if cfg.dashboard is not None
+        else None
+    )
+    http = cfg.gateway.http
+    return HTTPServer(http.host, http.port, health, sources, dashboard_context(cfg))
+
+
 class HTTPServer:
     """/healthz, /readyz, /metrics and (with *sources*) the dashboard on *host*:*port*."""
 

@@ -175,25 +175,31 @@ def pg(sql: str) -> str:
     return _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
 
 
+#: the columns of ``ai_runs`` that hold one plain value each, in table order
+RUN_COLUMNS = (
+    "id",
+    "kind",
+    "subject",
+    "study_key",
+    "accession_ref",
+    "modality",
+    "body_part",
+    "model",
+    "model_version",
+    "weights_sha256",
+    "route",
+    "report_status",
+    "received_at",
+    "complete_at",
+    "inferred_at",
+    "delivered_at",
+)
+
+
 def run_params(run: ModelRun) -> dict[str, Any]:
     return {
-        "id": run.id,
-        "kind": run.kind,
-        "subject": run.subject,
-        "study_key": run.study_key,
-        "accession_ref": run.accession_ref,
-        "modality": run.modality,
-        "body_part": run.body_part,
-        "model": run.model,
-        "model_version": run.model_version,
-        "weights_sha256": run.weights_sha256,
-        "route": run.route,
-        "report_status": run.report_status,
+        **{name: getattr(run, name) for name in RUN_COLUMNS},
         "concepts": json.dumps(list(run.concepts)),
-        "received_at": run.received_at,
-        "complete_at": run.complete_at,
-        "inferred_at": run.inferred_at,
-        "delivered_at": run.delivered_at,
         "findings": len(run.findings),
         "positive": int(run.positive),
     }

@@ -220,9 +220,13 @@ def principal(
     raise _refuse(request, None, 401, "no token and no client certificate")
 
 
-def reader(request: Request, who: Annotated[Principal, Depends(principal)]) -> Principal:
-    """An authenticated caller; the view it reads is audited (one record per request)."""
+def reader(
+    request: Request, response: Response, who: Annotated[Principal, Depends(principal)]
+) -> Principal:
+    """An authenticated caller; the view it reads is audited (one record per request) and
+    not to be cached (``Cache-Control: no-store`` on the view's answer)."""
     _sources(request).audit(records.dashboard_view(_actor(request, who), request.url.path))
+    response.headers.update(NO_STORE)
     return who
 
 
@@ -261,8 +265,7 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
     @app.get(
         "/api/whoami", tags=["dashboard"], responses=REFUSALS, summary="The caller's name and role"
     )
-    def whoami(who: Reader, response: Response) -> views.WhoAmI:
-        response.headers.update(NO_STORE)
+    def whoami(who: Reader) -> views.WhoAmI:
         return views.WhoAmI(name=who.name, role=who.role, via=who.via)
 
     @app.get(
@@ -271,8 +274,7 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
         responses=REFUSALS,
         summary="Queue depth by stage and lane",
     )
-    def queue(who: Reader, src: Src, response: Response) -> views.QueueView:
-        response.headers.update(NO_STORE)
+    def queue(who: Reader, src: Src) -> views.QueueView:
         now = src.clock()
         return views.queue_view(src.queue.counts(), src.queue.job_groups(), now)
 
@@ -282,10 +284,8 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
     def studies(
         who: Reader,
         src: Src,
-        response: Response,
         limit: Annotated[int, Query(ge=1, le=MAX_STUDIES)] = STUDIES,
     ) -> views.StudiesView:
-        response.headers.update(NO_STORE)
         return views.studies_view(src.queue.study_timelines(limit), src.clock())
 
     @app.get(
@@ -294,8 +294,7 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
         responses=REFUSALS,
         summary="Dead letters with their last error",
     )
-    def dead(who: Reader, src: Src, response: Response) -> views.DeadView:
-        response.headers.update(NO_STORE)
+    def dead(who: Reader, src: Src) -> views.DeadView:
         return views.dead_view(src.queue.dead_jobs(), src.clock(), who.operator)
 
     @app.post(
@@ -327,8 +326,7 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
         responses=REFUSALS,
         summary="Per destination: last success, retries, oldest undelivered",
     )
-    def destinations(who: Reader, src: Src, response: Response) -> views.DestinationsView:
-        response.headers.update(NO_STORE)
+    def destinations(who: Reader, src: Src) -> views.DestinationsView:
         now = src.clock()
         return views.destinations_view(src.destinations(), src.queue.job_groups(), now)
 
@@ -338,8 +336,7 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
         responses=REFUSALS,
         summary="Days left on each certificate",
     )
-    def certificates(who: Reader, src: Src, response: Response) -> views.CertificatesView:
-        response.headers.update(NO_STORE)
+    def certificates(who: Reader, src: Src) -> views.CertificatesView:
         return views.certificates_view(src.certwatch.days_left(), CERT_WARN_DAYS, src.clock())
 
     @app.get(
@@ -351,10 +348,8 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
     def findings(
         who: Reader,
         src: Src,
-        response: Response,
         days: Annotated[float, Query(gt=0, le=3660)] = 90.0,
     ) -> views.FindingsView:
-        response.headers.update(NO_STORE)
         now = src.clock()
         runs = src.queue.findings_runs(RunFilter(since=now - days * DAY))
         return views.findings_view(runs, days, now)

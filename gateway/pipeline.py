@@ -46,7 +46,7 @@ from gateway.security.audit import NO_AUDIT, Auditor, records
 from gateway.security.deid import deidentify_text, reidentify
 from gateway.security.tls import client_context
 from gateway.store.findings import ModelRun
-from gateway.store.store import Store
+from gateway.store.store import Store, attr_text
 from gateway.workers import Beat, Completion
 
 log = structlog.get_logger(__name__)
@@ -240,7 +240,7 @@ class Pipeline:
             received = complete = env.received_at
             envelopes = queue.study_envelopes(study_key) if study_key else []
         attrs = self.store.attrs(envelopes[0].id) if envelopes else {}
-        accession = accession or _first_value(attrs.get("AccessionNumber"))
+        accession = accession or attr_text(attrs, "AccessionNumber")
         return model_run(
             result,
             run_id=new_id(),
@@ -250,8 +250,8 @@ class Pipeline:
             inferred_at=inferred_at,
             study_key=study_key,
             accession_ref=self.store.accession_ref(accession) if accession else None,
-            modality=_first_value(attrs.get("Modality")),
-            body_part=_first_value(attrs.get("BodyPartExamined")),
+            modality=attr_text(attrs, "Modality"),
+            body_part=attr_text(attrs, "BodyPartExamined"),
             route=payload.route or "",
             report_status=report,
             received_at=received,
@@ -533,13 +533,6 @@ class Pipeline:
     def close(self) -> None:
         for _, sender, _ in self._hl7.values():
             sender.close()
-
-
-def _first_value(value: Any) -> str:
-    """A routing attribute as one string (a multi-valued one: its first value)."""
-    if isinstance(value, list):
-        value = value[0] if value else ""
-    return str(value or "")
 
 
 def _control_id(raw: bytes) -> str:

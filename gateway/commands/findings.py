@@ -23,27 +23,13 @@ from gateway.findings.concordance import Interval, compare, discordant
 from gateway.findings.stats import stats
 from gateway.security.audit import AuditLog, records, trail_path
 from gateway.store.backend import database_label, database_password, open_queue, queue_exists
-from gateway.store.findings import STATUSES, ModelRun, RunFilter
-from gateway.store.store import Store
+from gateway.store.findings import RUN_COLUMNS, STATUSES, ModelRun, RunFilter
+from gateway.store.store import Store, attr_text
 
 #: the columns of ``query --json`` and ``export``: one row per finding (a run without
 #: findings is one row with empty finding columns: the model looked and found nothing)
-COLUMNS = (
-    "run_id",
-    "kind",
-    "study_key",
-    "accession_ref",
-    "modality",
-    "body_part",
-    "model",
-    "model_version",
-    "weights_sha256",
-    "route",
-    "report_status",
-    "received_at",
-    "complete_at",
-    "inferred_at",
-    "delivered_at",
+_RUN_PART = tuple(c for c in RUN_COLUMNS if c not in ("id", "subject"))  # run_id first
+_FINDING_PART = (
     "finding",
     "concept",
     "code_scheme",
@@ -53,6 +39,7 @@ COLUMNS = (
     "probability",
     "measurements",
 )
+COLUMNS = ("run_id", *_RUN_PART, *_FINDING_PART)
 _TIMES = ("received_at", "complete_at", "inferred_at", "delivered_at")
 
 
@@ -179,12 +166,12 @@ def rows(runs: Sequence[ModelRun], flt: RunFilter | None = None) -> Iterator[dic
     finding filter (code, status) only the matching findings of each run."""
     for run in runs:
         base: dict[str, Any] = {"run_id": run.id}
-        for name in COLUMNS[1:15]:
+        for name in _RUN_PART:
             value = getattr(run, name)
             base[name] = _iso(value) if name in _TIMES else value
         found = [f for f in run.findings if _matches(f, flt)]
         if not run.findings:
-            yield {**base, **dict.fromkeys(COLUMNS[15:])}
+            yield {**base, **dict.fromkeys(_FINDING_PART)}
         for f in found:
             yield {
                 **base,
@@ -456,7 +443,7 @@ def _reidentify(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         attrs = store.attrs(envelopes[0].id)
     finally:
         store.close()
-    uid, accession = _one(attrs.get("StudyInstanceUID")), _one(attrs.get("AccessionNumber"))
+    uid, accession = attr_text(attrs, "StudyInstanceUID"), attr_text(attrs, "AccessionNumber")
     entry = records.reidentified(
         records.cli_user(), study_key=key, study_uid=uid, accession=accession, reason=reason
     )
@@ -471,9 +458,3 @@ def _reidentify(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
         print(f"accession   {accession or '(not given)'}", file=out)
         print("(recorded in the audit trail: re-identification)", file=out)
     return 0
-
-
-def _one(value: Any) -> str:
-    if isinstance(value, list):
-        value = value[0] if value else ""
-    return str(value or "")

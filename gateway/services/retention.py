@@ -36,7 +36,7 @@ from gateway.errors import Transient
 from gateway.observability.metrics import Metrics
 from gateway.security.audit import AuditEntry, Auditor, records
 from gateway.security.crypto import key_id_of
-from gateway.store.store import Store
+from gateway.store.store import Store, attr_text
 
 __all__ = [
     "DAY",
@@ -158,10 +158,7 @@ def _study_uid(store: Store, envelope_id: str, sealed: bytes) -> str:
         attrs = json.loads(store.sealer.open(sealed, b"attrs:" + envelope_id.encode()))
     except Exception:
         return ""
-    value = attrs.get("StudyInstanceUID")
-    if isinstance(value, list):
-        value = value[0] if value else ""
-    return str(value or "")
+    return attr_text(attrs, "StudyInstanceUID")
 
 
 def audit_entry(report: PurgeReport, actor: Mapping[str, Any]) -> AuditEntry:

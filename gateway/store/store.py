@@ -27,6 +27,15 @@ from gateway.store.queue import Ack, Queue
 from gateway.store.spool import INLINE_MAX_BYTES, Spool, row_context
 
 
+def attr_text(attrs: dict[str, Any], keyword: str) -> str:
+    """One routing attribute of :meth:`Store.attrs` as a string: a multi-valued one's
+    first value, "" when absent or empty."""
+    value = attrs.get(keyword)
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    return str(value or "")
+
+
 class Store:
     def __init__(
         self,

@@ -23,22 +23,19 @@ from gateway.findings.concordance import Interval, compare, discordant
 from gateway.findings.stats import stats
 from gateway.security.audit import AuditLog, records, trail_path
 from gateway.store.backend import database_label, database_password, open_queue, queue_exists
-from gateway.store.findings import RUN_COLUMNS, STATUSES, ModelRun, RunFilter
+from gateway.store.findings import (
+    FINDING_COLUMNS,
+    RUN_COLUMNS,
+    STATUSES,
+    ModelRun,
+    RunFilter,
+)
 from gateway.store.store import Store, attr_text
 
 #: the columns of ``query --json`` and ``export``: one row per finding (a run without
 #: findings is one row with empty finding columns: the model looked and found nothing)
 _RUN_PART = tuple(c for c in RUN_COLUMNS if c not in ("id", "subject"))  # run_id first
-_FINDING_PART = (
-    "finding",
-    "concept",
-    "code_scheme",
-    "code_value",
-    "code_meaning",
-    "status",
-    "probability",
-    "measurements",
-)
+_FINDING_PART = (*FINDING_COLUMNS, "measurements")
 COLUMNS = ("run_id", *_RUN_PART, *_FINDING_PART)
 _TIMES = ("received_at", "complete_at", "inferred_at", "delivered_at")
 
@@ -175,13 +172,7 @@ def rows(runs: Sequence[ModelRun], flt: RunFilter | None = None) -> Iterator[dic
         for f in found:
             yield {
                 **base,
-                "finding": f.finding,
-                "concept": f.concept,
-                "code_scheme": f.code_scheme,
-                "code_value": f.code_value,
-                "code_meaning": f.code_meaning,
-                "status": f.status,
-                "probability": f.probability,
+                **{name: getattr(f, name) for name in FINDING_COLUMNS},
                 "measurements": {m.name: [m.value, m.unit] for m in f.measurements},
             }
 

@@ -205,17 +205,23 @@ def run_params(run: ModelRun) -> dict[str, Any]:
     }
 
 
+#: the columns of ``ai_findings`` that hold one plain value each (besides run_id, seq)
+FINDING_COLUMNS = (
+    "finding",
+    "concept",
+    "code_scheme",
+    "code_value",
+    "code_meaning",
+    "status",
+    "probability",
+)
+
+
 def finding_params(run_id: str, seq: int, f: FindingRecord) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "seq": seq,
-        "finding": f.finding,
-        "concept": f.concept,
-        "code_scheme": f.code_scheme,
-        "code_value": f.code_value,
-        "code_meaning": f.code_meaning,
-        "status": f.status,
-        "probability": f.probability,
+        **{name: getattr(f, name) for name in FINDING_COLUMNS},
         "measurements": json.dumps([[m.name, m.value, m.unit] for m in f.measurements]),
     }
 

@@ -69,6 +69,7 @@ from gateway.store.queue import (
     StudyInfo,
     StudyTimeline,
     plan_purge,
+    storable_job_ids,
     study_timelines,
 )
 from gateway.store.spool import SPOOL_KEY
@@ -922,7 +923,8 @@ class PostgresQueue:
             if job_ids is None:
                 rows = cur.execute(SQL["dead_ids_for_update"]).fetchall()
             else:
-                rows = cur.execute(SQL["listed_dead_ids_for_update"], (job_ids,)).fetchall()
+                ids = storable_job_ids(job_ids)
+                rows = cur.execute(SQL["listed_dead_ids_for_update"], (ids,)).fetchall()
             moved, _ = _make_ready(cur, "ready_after_replay", [r["id"] for r in rows], {}, now)
             return moved
 
@@ -1048,6 +1050,8 @@ class PostgresQueue:
         return [Envelope.from_row(r) for r in rows]
 
     def job(self, job_id: int) -> Job | None:
+        if not storable_job_ids([job_id]):
+            return None
         with self._read() as cur:
             row = cur.execute(SQL["job"], (job_id,)).fetchone()
         return None if row is None else Job.from_row(row)

@@ -62,6 +62,16 @@ SUPERSEDED = "superseded: a newer job for the same subject is waiting"
 CLOCK_SLACK = 10.0
 
 
+#: the largest job id either engine can hold (a signed 64-bit integer); a larger one names
+#: no job, and is never handed to the database (which would refuse to bind it)
+JOB_ID_MAX = 2**63 - 1
+
+
+def storable_job_ids(job_ids: Iterable[int]) -> list[int]:
+    """The ids of *job_ids* that a job can have (1 to :data:`JOB_ID_MAX`)."""
+    return [i for i in job_ids if 1 <= i <= JOB_ID_MAX]
+
+
 class LeaseLost(QueueUnavailable):
     """The job's lease expired and another worker took it over."""
 

@@ -46,6 +46,7 @@ from gateway.store.queue import (
     StudyInfo,
     StudyTimeline,
     plan_purge,
+    storable_job_ids,
     study_timelines,
 )
 from gateway.store.spool import SPOOL_KEY
@@ -673,9 +674,10 @@ class SQLiteQueue:
             if job_ids is None:
                 rows = db.execute("SELECT id FROM jobs WHERE state = 'dead'").fetchall()
             else:
-                marks = ",".join("?" for _ in job_ids)
+                ids = storable_job_ids(job_ids)
+                marks = ",".join("?" for _ in ids)
                 rows = db.execute(
-                    f"SELECT id FROM jobs WHERE state = 'dead' AND id IN ({marks})", job_ids
+                    f"SELECT id FROM jobs WHERE state = 'dead' AND id IN ({marks})", ids
                 ).fetchall()
             moved, _ = self._make_ready(
                 db, [r["id"] for r in rows], "run_at = ?, attempts = 0", (now,), now
@@ -874,6 +876,8 @@ class SQLiteQueue:
         return study_timelines(studies, jobs)
 
     def job(self, job_id: int) -> Job | None:
+        if not storable_job_ids([job_id]):
+            return None
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else Job.from_row(row)

@@ -916,3 +916,11 @@ def test_findings_are_purged_by_their_own_cutoff(queue: Queue) -> None:
     assert queue.purge_findings(2_500.0) == 2
     assert [r.id for r in queue.findings_runs(RunFilter())] == ["c"]
     assert queue.findings_runs(RunFilter(code="lung-nodule"))[0].findings == (NODULE,)
+
+
+def test_a_job_id_beyond_64_bits_names_no_job_and_replays_nothing(queue: Queue) -> None:
+    """Such an id cannot be bound by either engine (SQLite raised OverflowError): an id
+    from outside (the dashboard's URL, the command line) that no job can have."""
+    assert queue.job(2**70) is None
+    assert queue.replay([2**70], now=1.0) == 0
+    assert queue.job(0) is None

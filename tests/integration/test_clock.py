@@ -171,11 +171,15 @@ def test_a_step_forwards_during_a_delivery_delivers_once_and_keeps_what_is_not_d
             lambda: gw.queue_status()["jobs:deliver"].get("done"),
             60,
         )
-        # the lease looked an hour old: the sweep took it back while the worker waited
-        # for the ACK; the worker recorded the delivery, lost the lease, then took the
-        # job again and found it delivered: the EHR got the message once
-        assert logged(gw, "queue.leases_expired") >= 1
-        assert logged(gw, "job.lease_lost") == 1
+        # the lease looks an hour old: the sweep (every 0.5 s) and the worker's lease keeper
+        # (a renewal into the new time, checked every second) race for it.  Either the
+        # sweep took it back while the worker waited for the ACK (the worker recorded the
+        # delivery, lost the lease, then took the job again and found it delivered), or the
+        # keeper renewed it first and the delivery completed as usual: the EHR got the
+        # message once either way
+        swept, lost = logged(gw, "queue.leases_expired"), logged(gw, "job.lease_lost")
+        print(f"lease taken back by the sweep: {bool(swept)}; lease lost: {lost}")
+        assert (swept >= 1 and lost == 1) or lost == 0, (swept, lost)
         assert len(sink.received) == 1
 
         # the running gateway's first retention pass (a minute after its start), an hour

@@ -101,10 +101,20 @@ class KeyStore:
         master = AESGCM.generate_key(bit_length=256)
         first = DataKey(_new_key_id(), AESGCM.generate_key(bit_length=256), time.time())
         store = cls(path, master, [first], first.key_id)
-        store._save()
+        if not store._write(exclusive=True):
+            # another process (or node, on shared storage) created it first: use its keys,
+            # or what each of us seals could be read by the other's processes never
+            return cls.open(path, create=False)
         return store
 
     def _save(self) -> None:
+        self._write(exclusive=False)
+
+    def _write(self, *, exclusive: bool) -> bool:
+        """Write the key file whole under a name of its own, then put it in place: replacing
+        the file, or, when *exclusive*, only where there is none yet (a hard link fails on
+        an existing name, on local file systems and NFS alike, and a reader never sees half
+        a file).  False: *exclusive* and the file exists."""
         doc = {
             "format": 1,
             "note": "AI gateway at-rest keys. Back this file up separately from the data; "
@@ -120,16 +130,26 @@ class KeyStore:
                 for k in self._keys.values()
             ],
         }
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # a name of our own: two processes writing at once must not share one temporary file
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, json.dumps(doc, indent=2).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, self.path)
+        try:
+            if exclusive:
+                os.link(tmp, self.path)
+            else:
+                os.replace(tmp, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)  # the link's other name (replace left none)
         fsync_dir(self.path.parent)
         self._seen = _mtime(self.path)
+        return True
 
     def rotate(self) -> DataKey:
         """Add a new data key and make it current; older keys stay for reading."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,7 +140,50 @@ def test_key_store_creates_the_key_file_with_mode_0600(tmp_path: Path) -> None:
     assert doc["format"] == 1
     assert doc["current"] == store.current
     assert [k["id"] for k in doc["data_keys"]] == [store.current]
-    assert not path.with_suffix(".tmp").exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["keys.json"]  # no temporary left
+
+
+def create_key_file(path: str, start: Any) -> str:
+    """In a process of its own: wait for the others, then open (create) the key file."""
+    start.wait()
+    store = KeyStore.open(Path(path))
+    return f"{store.current} {store.index_key.hex()}"
+
+
+def test_processes_creating_the_key_file_at_once_all_use_the_same_keys(tmp_path: Path) -> None:
+    # an ingest and a worker node started together on an empty shared volume: each saw no
+    # key file and made one; the last to write won on disk, and whatever the others sealed
+    # in the meantime could never be opened again
+    path = tmp_path / "shared" / "keys.json"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        start = manager.Barrier(6)
+        with ctx.Pool(6) as pool:
+            seen = pool.starmap(create_key_file, [(str(path), start)] * 6)
+    on_disk = KeyStore.open(path, create=False)
+    assert set(seen) == {f"{on_disk.current} {on_disk.index_key.hex()}"}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["keys.json"]
+
+
+def test_a_key_file_created_meanwhile_by_another_process_is_used_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keys.json"
+    theirs = KeyStore.open(path)
+    blob = Sealer(theirs).seal(PLAINTEXT, b"ctx")
+    # this process looked (once) before the other created the file: it saw none
+    real_exists, looked = Path.exists, list[Path]()
+
+    def exists(p: Path) -> bool:
+        if p == path and not looked:
+            looked.append(p)
+            return False
+        return real_exists(p)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    ours = KeyStore.open(path)
+    assert (ours.current, ours.index_key) == (theirs.current, theirs.index_key)
+    assert Sealer(ours).open(blob, b"ctx") == PLAINTEXT
 
 
 def test_key_store_refuses_a_missing_file_when_not_creating(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from gateway.commands.base import Subparsers, needs_config
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.findings.concordance import Interval, compare, discordant
+from gateway.findings.concordance import Interval, discordant
 from gateway.findings.stats import stats
 from gateway.security.audit import AuditLog, records, trail_path
 from gateway.store.backend import database_label, database_password, open_queue, queue_exists
@@ -309,7 +309,7 @@ def _write_parquet(table: Iterator[dict[str, Any]], path: Path, progress: _Progr
 
 def _stats(runs: Sequence[ModelRun], args: argparse.Namespace, out: TextIO) -> int:
     figures = stats(runs)
-    review = discordant(compare(runs))[: max(0, args.discordant)]
+    review = discordant(figures.comparisons)[: max(0, args.discordant)]
     if args.json:
         json.dump(
             {

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from gateway.envelope import Job
-from gateway.findings.concordance import Comparison, Interval, Summary, compare
+from gateway.findings.concordance import Comparison, Interval, Summary
 from gateway.findings.stats import stats
 from gateway.observability.logging import redact_text
 from gateway.store.findings import ModelRun
@@ -406,7 +406,7 @@ def _comparison(c: Comparison) -> ComparisonRow:
 
 def findings_view(runs: Sequence[ModelRun], days: float, now: float) -> FindingsView:
     found = stats(runs)
-    newest = sorted(compare(runs), key=lambda c: -c.reported_at)[:COMPARISONS]
+    newest = sorted(found.comparisons, key=lambda c: -c.reported_at)[:COMPARISONS]
     return FindingsView(
         generated_at=now,
         days=days,

@@ -8,7 +8,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from gateway.findings.concordance import Summary, compare, summarise
+from gateway.findings.concordance import Comparison, Summary, compare, summarise
 from gateway.store.findings import ModelRun
 
 BINS = 10
@@ -45,6 +45,7 @@ class Stats:
     prevalence: list[Prevalence]
     histograms: list[Histogram]
     concordance: list[Summary]
+    comparisons: list[Comparison]  # what the concordance sums up, one per study and concept
 
 
 def month_of(when: float) -> str:
@@ -76,4 +77,5 @@ def histograms(runs: Iterable[ModelRun], bins: int = BINS) -> list[Histogram]:
 
 
 def stats(runs: Sequence[ModelRun]) -> Stats:
-    return Stats(prevalence(runs), histograms(runs), summarise(compare(runs)))
+    comparisons = compare(runs)
+    return Stats(prevalence(runs), histograms(runs), summarise(comparisons), comparisons)

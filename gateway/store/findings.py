@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Status = Literal["present", "absent", "uncertain"]
@@ -160,6 +160,12 @@ MARK_DELIVERED = (
     " WHERE model = :model AND subject = :subject ORDER BY inferred_at DESC LIMIT 1)"
     " AND delivered_at IS NULL"
 )
+# what changes when a run inferred since :since is added or purged (runs are inferred now:
+# one added moves the newest time; one purged, or gone out of the window, the count)
+MARK = (
+    "SELECT COUNT(*) AS n, MIN(inferred_at) AS oldest, MAX(inferred_at) AS newest"
+    " FROM ai_runs WHERE inferred_at >= :since"
+)
 PURGE_RUNS = "DELETE FROM ai_runs WHERE inferred_at < :cutoff"
 COUNT_PURGE = "SELECT COUNT(*) AS n FROM ai_runs WHERE inferred_at < :cutoff"
 # SQLite enforces ON DELETE CASCADE only with foreign_keys on: delete the findings first
@@ -286,13 +292,13 @@ def _where(flt: RunFilter) -> tuple[str, dict[str, Any]]:
 
 def runs_from_rows(rows: Iterable[Any]) -> Iterator[ModelRun]:
     """Group the rows of :func:`select_runs` (ordered by run) into runs with findings."""
-    run: ModelRun | None = None
+    first: Any = None  # the current run's first row
     found: list[FindingRecord] = []
     for row in rows:
-        if run is None or run.id != row["id"]:
-            if run is not None:
-                yield replace(run, findings=tuple(found))
-            run, found = _run_from_row(row), []
+        if first is None or first["id"] != row["id"]:
+            if first is not None:
+                yield _run_from_row(first, tuple(found))
+            first, found = row, []
         if row["seq"] is not None:
             found.append(
                 FindingRecord(
@@ -309,11 +315,11 @@ def runs_from_rows(rows: Iterable[Any]) -> Iterator[ModelRun]:
                     ),
                 )
             )
-    if run is not None:
-        yield replace(run, findings=tuple(found))
+    if first is not None:
+        yield _run_from_row(first, tuple(found))
 
 
-def _run_from_row(row: Any) -> ModelRun:
+def _run_from_row(row: Any, found: tuple[FindingRecord, ...]) -> ModelRun:
     return ModelRun(
         id=row["id"],
         kind=row["kind"],
@@ -332,4 +338,5 @@ def _run_from_row(row: Any) -> ModelRun:
         complete_at=row["complete_at"],
         inferred_at=row["inferred_at"],
         delivered_at=row["delivered_at"],
+        findings=found,
     )

@@ -880,6 +880,12 @@ class PostgresQueue:
             rows = cur.execute(_pg(sql), params).fetchall()
         return list(findings.runs_from_rows(rows))
 
+    def findings_mark(self, since: float) -> tuple[int, float | None, float | None]:
+        with self._read() as cur:
+            row = cur.execute(_pg(findings.MARK), {"since": since}).fetchone()
+        assert row is not None  # an aggregate answers one row
+        return int(row["n"]), row["oldest"], row["newest"]
+
     def purge_findings(self, cutoff: float, *, dry_run: bool = False) -> int:
         if dry_run:
             with self._read() as cur:

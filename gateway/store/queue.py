@@ -429,6 +429,11 @@ class Queue(Protocol):
         """The model runs *flt* selects, oldest first, each with its findings."""
         ...
 
+    def findings_mark(self, since: float) -> tuple[int, float | None, float | None]:
+        """How many runs were inferred since *since*, the oldest and the newest time: what
+        changes when one is added or purged (a cache of what they add up to keeps it)."""
+        ...
+
     def purge_findings(self, cutoff: float, *, dry_run: bool = False) -> int:
         """Delete the runs inferred before *cutoff* with their findings; how many runs
         (a dry run counts them)."""

@@ -609,6 +609,11 @@ class SQLiteQueue:
             rows = self._db.execute(sql, params).fetchall()
         return list(findings.runs_from_rows(rows))
 
+    def findings_mark(self, since: float) -> tuple[int, float | None, float | None]:
+        with self._lock:
+            row = self._db.execute(findings.MARK, {"since": since}).fetchone()
+        return int(row["n"]), row["oldest"], row["newest"]
+
     def purge_findings(self, cutoff: float, *, dry_run: bool = False) -> int:
         if dry_run:
             with self._lock:

@@ -6,15 +6,19 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from gateway.dashboard import views
 from gateway.dashboard.auth import Tokens, read_tokens
+from gateway.dashboard.web import FindingsFigures
 from gateway.envelope import Job, JobState, Stage
 from gateway.errors import ConfigError
-from gateway.store.findings import FindingRecord, ModelRun
-from gateway.store.queue import JobGroup, StageMark, StudyTimeline
+from gateway.store.findings import FindingRecord, ModelRun, RunFilter
+from gateway.store.queue import JobGroup, Queue, StageMark, StudyTimeline
+from gateway.store.sqlite import SQLiteQueue
+from tests.queues import any_payload
 
 TOKEN = "a-long-enough-token-0001"
 OTHER = "another-long-token-0002"
@@ -233,3 +237,51 @@ def test_the_findings_view_compares_by_short_study_key_only() -> None:
     (summary,) = found.concordance
     assert summary.true_positive == 1 and summary.sensitivity.value == 1.0
     assert "a" * 64 not in found.model_dump_json() and "s" * 13 not in found.model_dump_json()
+
+
+class CountingQueue:
+    """A real SQLite queue that counts how often the runs themselves are read."""
+
+    def __init__(self, path: Path) -> None:
+        self.queue = SQLiteQueue(path)
+        self.reads = 0
+
+    def findings_mark(self, since: float) -> tuple[int, float | None, float | None]:
+        return self.queue.findings_mark(since)
+
+    def findings_runs(self, flt: RunFilter) -> list[ModelRun]:
+        self.reads += 1
+        return self.queue.findings_runs(flt)
+
+    def add(self, r: ModelRun) -> None:
+        self.queue.enqueue(Stage.INFER, r.id, 1.0, any_payload(Stage.INFER))
+        job = self.queue.lease([Stage.INFER], "w", 30, now=1.0)
+        assert job is not None
+        self.queue.complete(job, now=1.0, run=r)
+
+
+def test_the_findings_figures_are_added_up_again_only_when_the_runs_change(
+    tmp_path: Path,
+) -> None:
+    counting = CountingQueue(tmp_path / "queue.db")
+    queue = cast(Queue, counting)
+    figures = FindingsFigures()
+    counting.add(run("lung", "dicom", "present", 1_000.0))
+    assert figures.view(queue, 1, now=1_100.0).runs == 1
+    again = figures.view(queue, 1, now=1_200.0)
+    assert (again.runs, again.generated_at, counting.reads) == (1, 1_200.0, 1)  # as of now
+
+    counting.add(run("notes", "hl7", "present", 1_300.0, "F"))  # the report: compared now
+    found = figures.view(queue, 1, now=1_400.0)
+    assert (found.runs, len(found.comparisons), counting.reads) == (2, 1, 2)
+    assert figures.view(queue, 2, now=1_400.0).runs == 2  # another window: its own figures
+    assert counting.reads == 3
+
+    counting.queue.purge_findings(1_200.0)
+    assert figures.view(queue, 1, now=1_500.0).runs == 1
+    # the window moved on past every run: nothing left in it
+    assert figures.view(queue, 1, now=1_000.0 + 2 * 86_400).runs == 0
+    # and however still the runs, added up again after MAX_AGE
+    reads = counting.reads
+    figures.view(queue, 1, now=1_000.0 + 2 * 86_400 + FindingsFigures.MAX_AGE)
+    assert counting.reads == reads + 1

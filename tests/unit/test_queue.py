@@ -918,6 +918,19 @@ def test_findings_are_purged_by_their_own_cutoff(queue: Queue) -> None:
     assert queue.findings_runs(RunFilter(code="lung-nodule"))[0].findings == (NODULE,)
 
 
+def test_the_findings_mark_changes_when_a_run_is_added_or_purged(queue: Queue) -> None:
+    assert queue.findings_mark(0.0) == (0, None, None)
+    for run_id, at in (("a", 1_000.0), ("b", 2_000.0)):
+        queue.complete(_infer_job(queue, run_id), now=11.0, run=_run(run_id, subject=run_id, at=at))
+    assert queue.findings_mark(0.0) == (2, 1_000.0, 2_000.0)
+    assert queue.findings_mark(1_500.0) == (1, 2_000.0, 2_000.0)  # the window's runs only
+    before = queue.findings_mark(0.0)
+    queue.complete(_infer_job(queue, "c"), now=12.0, run=_run("c", subject="c", at=3_000.0))
+    added = queue.findings_mark(0.0)
+    queue.purge_findings(1_500.0)
+    assert len({before, added, queue.findings_mark(0.0)}) == 3
+
+
 def test_a_job_id_beyond_64_bits_names_no_job_and_replays_nothing(queue: Queue) -> None:
     """Such an id cannot be bound by either engine (SQLite raised OverflowError): an id
     from outside (the dashboard's URL, the command line) that no job can have."""

@@ -249,6 +249,7 @@ def open_audit(cfg: Config, metrics: Metrics) -> Auditor:
     return Auditor(
         AuditLog.open(trail_path(cfg.data_dir), forward=forward),
         on_error=metrics.audit_failures.inc,
+        repeat_window=cfg.gateway.audit.repeat_window,
     )
 
 

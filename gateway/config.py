@@ -186,6 +186,9 @@ class AuditSyslog(_Strict):
 
 class AuditConfig(_Strict):
     syslog: AuditSyslog | None = None
+    # seconds in which a refusal repeated exactly (same peer, same reason) is counted
+    # instead of written again; 0 writes every one
+    repeat_window: Annotated[float, Field(ge=0, le=3600)] = 60.0
 
 
 def _check_database(value: str | None) -> str | None:

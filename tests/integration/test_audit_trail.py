@@ -206,3 +206,60 @@ def test_audit_records_are_copied_to_a_syslog_server_over_tls(tmp_path: Path) ->
     # octet counting: each frame starts with its length and a space
     assert text.split(" ", 1)[0].isdigit(), text[:80]
     assert "<110>1 " in text  # facility 13 (log audit), severity 6 (info), RFC 5424 version 1
+
+
+def test_a_refusal_repeated_within_the_window_is_written_once_then_counted(
+    tmp_path: Path,
+) -> None:
+    """A modality retrying from an AE title that is not allowed: 15 refused associations
+    in a few seconds are one record, then one more that counts the other 14; the next
+    refusal after the window is written at once again."""
+    config = write_config(tmp_path, gateway={"audit": {"repeat_window": 5}})
+    gw = GatewayProcess(config, tmp_path / "gw.log").start()
+
+    def intruder() -> None:
+        r = subprocess.run(
+            ["echoscu", "-aet", "INTRUDER", "-aec", "AI_GATEWAY", "127.0.0.1", str(gw.dicom_port)],
+            env=dcmtk_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode != 0  # refused
+
+    def alerts() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in records(gw)
+            if r["event"] == "security-alert" and r["actor"].get("ae_title") == "INTRUDER"
+        ]
+
+    try:
+        started = time.monotonic()
+        for _ in range(15):
+            intruder()
+        took = time.monotonic() - started
+        first = wait_until(alerts, what="the first refusal")
+        if took < 4:  # all 15 inside the window (a loaded machine may take longer)
+            assert len(first) == 1
+
+        def accounted() -> int:
+            """Refusals the trail accounts for: records written, plus the counts."""
+            return sum(
+                next((o["count"] for o in r["objects"] if o["type"] == "repeats"), 1)
+                for r in alerts()
+            )
+
+        wait_until(lambda: accounted() == 15, 30, "the count of the repeats")
+        counted = alerts()
+        assert len(counted) < 15
+        assert "more like this within" in counted[-1]["detail"]
+        assert "DICOM association refused" in counted[-1]["detail"]
+        before = len(alerts())
+        time.sleep(5.5)  # past any open window
+        intruder()
+        wait_until(lambda: len(alerts()) == before + 1, 30, "the next refusal, at once")
+    finally:
+        gw.stop()
+    ok = gw.cli("audit", "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr

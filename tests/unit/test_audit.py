@@ -23,13 +23,16 @@ from gateway.security.audit import (
     GENESIS,
     AuditError,
     AuditLog,
+    Auditor,
     SyslogForwarder,
     canonical_json,
     octet_frame,
     record_hash,
+    records,
     rfc5424_message,
     verify,
 )
+from gateway.security.audit import auditor as auditor_module
 from gateway.security.certs import DevPKI, make_dev_pki
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -584,3 +587,115 @@ def test_a_full_queue_drops_and_counts(path: Path, pki: DevPKI) -> None:
         assert fwd.stats().dropped >= 1
     assert fwd.stats().dropped == 3 and fwd.stats().sent == 0
     assert verify(path).records == 3
+
+
+# --- repeated refusals ----------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def written(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines(path)]
+
+
+def test_a_refusal_repeated_within_the_window_is_written_once_then_counted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    now = FakeClock()
+    auditor = Auditor(AuditLog.open(path), repeat_window=60, clock=now)
+    intruder = records.dicom_caller_refused("INTRUDER", "10.0.0.9", "AI_GATEWAY")
+    for _ in range(5):
+        auditor(intruder)
+        now.now += 1
+    auditor(records.dicom_caller_refused("INTRUDER", "10.0.0.8", "AI_GATEWAY"))  # another host
+    auditor(records.association_accepted("PACS", "10.0.0.5", "AI_GATEWAY"))  # never folded
+    auditor(records.association_accepted("PACS", "10.0.0.5", "AI_GATEWAY"))
+    auditor.flush()  # nothing has ended yet
+    assert [(r["event"], r["actor"]["host"]) for r in written(path)] == [
+        ("security-alert", "10.0.0.9"),
+        ("security-alert", "10.0.0.8"),
+        ("association", "10.0.0.5"),
+        ("association", "10.0.0.5"),
+    ]
+    now.now += 60
+    auditor.flush()  # 10.0.0.9's window has ended: its count; 10.0.0.8 had no repeats
+    count = written(path)[-1]
+    assert count["actor"] == {"ae_title": "INTRUDER", "host": "10.0.0.9"}
+    assert count["outcome"] == "minor-failure"
+    assert {"type": "repeats", "count": 4} in count["objects"]
+    assert count["detail"] == (
+        "4 more like this within 65 s: DICOM association refused: calling AE title and host "
+        "not allowed"
+    )
+    auditor(intruder)  # a new window: written at once
+    assert len(written(path)) == 6
+    auditor.close()
+    assert verify(path).ok
+
+
+def test_a_repeat_after_its_window_writes_the_count_first_then_itself(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    now = FakeClock()
+    auditor = Auditor(AuditLog.open(path), repeat_window=60, clock=now)
+    refused = records.tls_refused("MLLP", "10.0.0.9", "SSLError: NO_SHARED_CIPHER")
+    for _ in range(3):
+        auditor(refused)
+    now.now += 61
+    auditor(refused)  # before the flusher got to it
+    details = [r["detail"] for r in written(path)]
+    assert details == [
+        "MLLP TLS handshake refused: SSLError: NO_SHARED_CIPHER",
+        "2 more like this within 61 s: MLLP TLS handshake refused: SSLError: NO_SHARED_CIPHER",
+        "MLLP TLS handshake refused: SSLError: NO_SHARED_CIPHER",
+    ]
+    auditor.close()  # no repeats pending: nothing more
+    assert len(written(path)) == 3
+
+
+def test_repeats_queue_nothing_for_later_and_close_writes_the_pending_counts(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    auditor = Auditor(AuditLog.open(path), repeat_window=3600)
+    refused = records.tls_refused("MLLP", "10.0.0.9", "SSLError: NO_SHARED_CIPHER")
+    for _ in range(1000):
+        auditor.later(refused)
+    auditor.close()
+    rows = written(path)
+    assert len(rows) == 2
+    assert {"type": "repeats", "count": 999} in rows[1]["objects"]
+
+
+def test_a_window_of_zero_writes_every_refusal(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    auditor = Auditor(AuditLog.open(path), repeat_window=0)
+    refused = records.dashboard_refused({"user": "?", "host": "10.0.0.9"}, "/api/queue", 401, "x")
+    for _ in range(3):
+        auditor(refused)
+    auditor.close()
+    assert len(written(path)) == 3
+
+
+def test_past_max_held_peers_a_refusal_is_written_not_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auditor_module, "MAX_HELD", 2)
+    path = tmp_path / "audit.jsonl"
+    now = FakeClock()
+    auditor = Auditor(AuditLog.open(path), repeat_window=60, clock=now)
+    for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.3"):
+        auditor(records.tls_refused("DICOM", host, "SSLError: x"))
+    assert len(written(path)) == 4  # the third host was not held: its repeat is written
+    now.now += 60
+    auditor(records.tls_refused("DICOM", "10.0.0.3", "SSLError: x"))  # ended windows make room
+    auditor(records.tls_refused("DICOM", "10.0.0.3", "SSLError: x"))  # now it is held
+    assert len(written(path)) == 5
+    auditor.close()
+    assert {"type": "repeats", "count": 1} in written(path)[-1]["objects"]

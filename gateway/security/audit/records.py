@@ -66,6 +66,7 @@ OBJECT_TYPES: Final[Mapping[str, str]] = {
     "audit-trail": "an audit trail file",
     "view": "a view of the dashboard (its path, no query values)",
     "job": "a queue job's id",
+    "repeats": "how many more records like this one were folded into it (a count)",
 }
 _UID_TYPES = frozenset({"study", "series", "sop-instance"})
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
@@ -201,6 +202,27 @@ class AuditEntry:
     destination: Mapping[str, Any] | None = None
     objects: tuple[Mapping[str, Any], ...] = ()
     detail: str = ""
+
+
+def is_refusal(entry: AuditEntry) -> bool:
+    """A peer refused at the door (a TLS handshake, an association, a caller or sender not
+    allowed, a dashboard request without a valid credential): what a misconfigured or
+    hostile peer can repeat many times a second (see :class:`~gateway.security.audit.Auditor`
+    for how repeats are written)."""
+    return entry.outcome != "success" and entry.event in ("security-alert", "association")
+
+
+def repeated(entry: AuditEntry, more: int, seconds: float) -> AuditEntry:
+    """*entry* again, saying that *more* refusals exactly like it came within *seconds*
+    after it was written (the count is the object ``repeats``)."""
+    return AuditEntry(
+        entry.event,
+        entry.outcome,
+        actor=entry.actor,
+        destination=entry.destination,
+        objects=(*entry.objects, {"type": "repeats", "count": more}),
+        detail=f"{more} more like this within {seconds:.0f} s: {entry.detail}",
+    )
 
 
 # --- parties ----------------------------------------------------------------------------

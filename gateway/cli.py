@@ -28,6 +28,7 @@ examples:
   gateway models list                  configured models: version, input, weights sha256
   gateway models run lung-nodules ct/  one model offline on a DICOM folder (or report.hl7)
   gateway keys rotate                  new data key for at-rest encryption
+  gateway audit show --study UID       did a study arrive, and where did it go
   gateway audit verify                 check the audit trail's hash chain
   gateway certs dev /tmp/pki           a development CA, server and client certificates
 """

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway.commands.base import Subparsers, needs_config
+from gateway.commands.base import Subparsers, needs_config, utc_date
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.findings.concordance import Interval, discordant
@@ -111,21 +111,8 @@ def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--status", choices=STATUSES, help="finding status")
     p.add_argument("--modality", help="DICOM modality of the study (CT, MR...)")
     p.add_argument("--study", metavar="KEY", help="a study key, or its first characters")
-    p.add_argument("--since", type=_date, metavar="DATE", help="inferred on or after (UTC)")
-    p.add_argument("--until", type=_date, metavar="DATE", help="inferred before (UTC)")
-
-
-def _date(text: str) -> float:
-    """YYYY-MM-DD or an ISO 8601 date and time (UTC unless it says otherwise)."""
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a date: use YYYY-MM-DD or YYYY-MM-DDTHH:MM"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return when.timestamp()
+    p.add_argument("--since", type=utc_date, metavar="DATE", help="inferred on or after (UTC)")
+    p.add_argument("--until", type=utc_date, metavar="DATE", help="inferred before (UTC)")
 
 
 def findings_command(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:

@@ -477,3 +477,90 @@ def test_the_metrics_folder_of_a_supervisor_that_is_gone_is_removed(tmp_path: Pa
     mine = Path(metrics_dir(tmp_path))
     assert mine == root / str(os.getpid()) and mine.is_dir()
     assert not (root / str(gone.pid)).exists() and (root / str(os.getppid())).exists()
+
+
+def write_trail(data_dir: Path) -> None:
+    """A small trail: a study from the PACS forwarded, a report, a refused caller."""
+    from gateway.security.audit import AuditLog, records, trail_path
+
+    with AuditLog.open(trail_path(data_dir)) as trail:
+        trail.write(records.association_accepted("PACS", "10.0.0.5", "AI_GATEWAY"))
+        trail.write(
+            records.instances_received(
+                "PACS", "10.0.0.5", "AI_GATEWAY",
+                studies=["1.2.3"], stored=4, duplicates=0, refused=0, aborted=False,
+            )
+        )  # fmt: skip
+        trail.write(records.dicom_caller_refused("INTRUDER", "10.6.6.6", "AI_GATEWAY"))
+        trail.write(
+            records.AuditEntry(
+                "message-received",
+                actor={"application": "EHR", "facility": "HOSP", "host": "10.0.0.7"},
+                objects=({"type": "message", "id": "MSG00042"},),
+            )
+        )
+        trail.write(
+            records.AuditEntry(
+                "instances-transferred",
+                destination={"node": "pacs", "ae_title": "ARCHIVE", "host": "10.0.0.9"},
+                objects=({"type": "study", "id": "1.2.3"}, {"type": "sop-instance", "count": 4}),
+            )
+        )
+
+
+def test_audit_show_filters_the_trail_and_records_the_reading(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_trail(tmp_path / "data")
+    rc, out, _ = run(capsys, "audit", "show", "-c", str(config), "--study", "1.2.3")
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["seq", "time", "(UTC)", "event"]
+    assert [line.split()[3] for line in lines[1:-1]] == [
+        "instances-received",
+        "instances-transferred",
+    ]
+    assert "PACS@10.0.0.5" in lines[1] and "pacs: ARCHIVE@10.0.0.9" in lines[2]
+    assert "study 1.2.3; 4 sop-instance" in lines[2]
+    assert lines[-1] == "2 of 5 records"
+
+    rc, out, _ = run(capsys, "audit", "show", "-c", str(config), "--peer", "intruder", "--json")
+    (refused,) = [json.loads(line) for line in out.splitlines()]
+    assert refused["event"] == "security-alert" and refused["actor"]["host"] == "10.6.6.6"
+
+    rc, out, _ = run(capsys, "audit", "show", "-c", str(config), "--failures", "--limit", "0")
+    assert out.splitlines()[-1] == "1 of 7 records"  # the two readings before are records too
+    rc, out, _ = run(capsys, "audit", "show", "-c", str(config), "--message", "MSG00042")
+    assert "EHR/HOSP@10.0.0.7" in out and out.splitlines()[-1] == "1 of 8 records"
+    rc, out, _ = run(capsys, "audit", "show", "-c", str(config), "--since", "2999-01-01")
+    assert out.splitlines()[-1] == "0 of 9 records"
+
+    rc, out, _ = run(capsys, "audit", "show", "-c", str(config), "--event", "query", "--json")
+    readings = [json.loads(line) for line in out.splitlines()]
+    assert [r["detail"] for r in readings] == [
+        "audit trail read; filters: --study 1.2.3",
+        "audit trail read; filters: --peer intruder",
+        "audit trail read; filters: --failures",
+        "audit trail read; filters: --message MSG00042",
+        "audit trail read; filters: --since 2999-01-01T00:00:00+00:00",
+    ]
+    assert readings[0]["actor"]["application"] == "gateway-cli"
+    rc, out, _ = run(capsys, "audit", "verify", "-c", str(config))
+    assert rc == 0, out
+
+
+def test_audit_show_keeps_the_newest_matches_and_says_so(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_trail(tmp_path / "data")
+    _, out, _ = run(capsys, "audit", "show", "-c", str(config), "--limit", "2")
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[1:-1]] == ["4", "5"]
+    assert lines[-1] == "2 of 5 records (the newest 2)"
+
+
+def test_audit_show_without_a_trail_says_where_it_looked(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, _ = run(capsys, "audit", "show", "-c", str(config))
+    assert rc == 1 and "no audit trail" in out

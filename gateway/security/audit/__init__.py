@@ -21,6 +21,9 @@ event                      when
 ``application-activity``   the gateway started or stopped
 ``re-identification``      a study key of the findings store was turned back into the
                            study's identifiers (``gateway findings reidentify``)
+``query``                  a dashboard view was read, or the audit trail itself
+                           (``gateway audit show``)
+``job-replay``             an operator replayed a dead letter from the dashboard
 =========================  ==========================================================
 
 Each record::

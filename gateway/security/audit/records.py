@@ -522,6 +522,17 @@ def dashboard_view(actor: Mapping[str, Any], view: str) -> AuditEntry:
     )
 
 
+def audit_trail_read(actor: Mapping[str, Any], trail_name: str, filters: str) -> AuditEntry:
+    """Someone read the audit trail (``gateway audit show``), with these filters
+    (DICOM's "Audit Log Used")."""
+    return AuditEntry(
+        "query",
+        actor=actor,
+        objects=({"type": "audit-trail", "id": trail_name[:MAX_ID]},),
+        detail=f"audit trail read; filters: {filters or 'none'}",
+    )
+
+
 def dashboard_refused(actor: Mapping[str, Any], view: str, status: int, reason: str) -> AuditEntry:
     """A dashboard request refused: no valid credential (401) or the wrong role (403)."""
     return AuditEntry(

@@ -394,3 +394,27 @@ def machine() -> dict[str, Any]:
         out = subprocess.run(["storescu", "--version"], capture_output=True, text=True, timeout=5)
         info["dcmtk"] = out.stdout.split("\n", 1)[0].strip()
     return info
+
+
+class Postgres:
+    """One private throwaway PostgreSQL server for the run; a new schema per gateway
+    (``tests.pg.start_private``: initdb + pg_ctl in a temporary folder)."""
+
+    def __init__(self) -> None:
+        from tests import pg
+
+        self._pg = pg
+        self.server = pg.start_private()
+        self._count = 0
+
+    def new_dsn(self) -> str:
+        import psycopg
+
+        self._count += 1
+        name = f"bench_{self._count}"
+        with psycopg.connect(self.server.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {name}")
+        return str(self.server.dsn(schema=name))
+
+    def remove(self) -> None:
+        self.server.remove()

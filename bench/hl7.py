@@ -3,7 +3,7 @@ several concurrent connections.
 
     python -m bench.hl7 [--rounds 3] [--messages 2000] [--connections 1,4]
                         [--ingest-processes 1] [--route forward|model|none]
-                        [--reference-only]
+                        [--engine sqlite|postgresql] [--reference-only]
 
 The reference is the least a durable MLLP receiver can do: an asyncio server (run as a
 subprocess, like the gateway) that appends each message to a file, ``os.fsync``s it, and
@@ -11,7 +11,8 @@ only then answers a minimal ``MSA|AA`` ACK. It serves any number of connections 
 (one asyncio task each); the write and the fsync run on its event loop, so concurrent
 connections' fsyncs take turns, and every ACK still follows the fsync of its own message.
 The gateway (``gateway run -c <temp config>``, fresh data dir per send) must do the same
-durably (one SQLite commit) before its AA; it runs with ``ingest.processes:
+durably (one commit: SQLite, or ``--engine postgresql``, a new schema per send on one
+private server made by initdb + pg_ctl) before its AA; it runs with ``ingest.processes:
 --ingest-processes`` listener processes (SO_REUSEPORT: they share the port),
 ``workers.processes: 1``, and a route that gives every ORU^R01 work in the worker process
 (``--route``): ``forward`` (default) to an HL7 destination that is a second reference sink,
@@ -54,6 +55,7 @@ from bench import (
     HL7_FACILITY,
     REPO,
     GatewayProcess,
+    Postgres,
     log,
     machine,
     median,
@@ -344,13 +346,14 @@ def wait_routed(gw: GatewayProcess, route: str, expected: int) -> tuple[int | No
 
 
 def gateway_round(round_no: int, count: int, warmup: int, connections: int,
-                  args: argparse.Namespace) -> Run:
+                  args: argparse.Namespace, pg: Postgres | None) -> Run:
     with contextlib.ExitStack() as stack:
         forward_port = stack.enter_context(sink("hl7-fwd-")) if args.route == "forward" else None
+        database = {"gateway": {"database": pg.new_dsn()}} if pg is not None else {}
         gw = stack.enter_context(running_gateway(
             "hl7-gw-", start_timeout=120.0,
             ingest={"processes": args.ingest_processes}, workers={"processes": 1},
-            **route_sections(args.route, forward_port)))
+            **database, **route_sections(args.route, forward_port)))
         if args.route == "model":  # the runner loads torch: not while we measure
             gw.wait_for_log(1, '"model.loaded"', ROUTE_MODEL, timeout=300)
         run = measure("gateway", round_no, gw.cfg.hl7_port, count, warmup, connections)
@@ -392,6 +395,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="what the gateway's worker does with each ORU: forward it to a "
                         "second sink (default), run report-findings on it, or nothing "
                         "(no routes)")
+    p.add_argument("--engine", choices=("sqlite", "postgresql"), default="sqlite",
+                   help="the gateway's queue database (default sqlite; postgresql: a private "
+                        "server started for the run, a new schema per gateway)")
     p.add_argument("--reference-only", action="store_true", help="only the reference sink")
     p.add_argument("--sink", nargs=2, metavar=("PORT", "FILE"),
                    help="run the reference sink on 127.0.0.1:PORT appending to FILE, and exit "
@@ -460,26 +466,35 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(map(str, args.connections))} MLLP connection(s), each stop-and-wait "
         f"(next message after the ACK), {args.warmup} warm-up per connection; gateway: "
         f"ingest.processes {args.ingest_processes}, workers.processes 1, route "
-        f"{args.route}\n")
+        f"{args.route}, {args.engine}\n")
     runs: list[Run] = []
     gateway_error: str | None = None
-    for r in range(1, args.rounds + 1):
-        rows: list[Run] = []
-        for n in args.connections:
-            log(f"round {r}/{args.rounds}: {n} connection(s), reference sink "
-                "(append + fsync + ACK) ...")
-            rows.append(sink_round(r, args.messages, args.warmup, n))
-            if not args.reference_only and gateway_error is None:
-                log(f"round {r}/{args.rounds}: {n} connection(s), gateway ...")
-                try:
-                    rows.append(gateway_round(r, args.messages, args.warmup, n, args))
-                except (RuntimeError, OSError, TimeoutError, asyncio.IncompleteReadError,
-                        subprocess.SubprocessError) as exc:
-                    gateway_error = f"{type(exc).__name__}: {exc}"
-                    log(f"  gateway round failed, skipping the gateway from now on: "
-                        f"{gateway_error}")
-        runs += rows
-        log(table(HEADERS, [x.row() for x in rows]) + "\n")
+    pg: Postgres | None = None
+    if args.engine == "postgresql" and not args.reference_only:
+        log("starting a private PostgreSQL server (tests.pg.start_private) ...")
+        pg = Postgres()
+        log(f"  ready in {pg.server.started_in:.1f}s on port {pg.server.port}")
+    try:
+        for r in range(1, args.rounds + 1):
+            rows: list[Run] = []
+            for n in args.connections:
+                log(f"round {r}/{args.rounds}: {n} connection(s), reference sink "
+                    "(append + fsync + ACK) ...")
+                rows.append(sink_round(r, args.messages, args.warmup, n))
+                if not args.reference_only and gateway_error is None:
+                    log(f"round {r}/{args.rounds}: {n} connection(s), gateway ...")
+                    try:
+                        rows.append(gateway_round(r, args.messages, args.warmup, n, args, pg))
+                    except (RuntimeError, OSError, TimeoutError, asyncio.IncompleteReadError,
+                            subprocess.SubprocessError) as exc:
+                        gateway_error = f"{type(exc).__name__}: {exc}"
+                        log(f"  gateway round failed, skipping the gateway from now on: "
+                            f"{gateway_error}")
+            runs += rows
+            log(table(HEADERS, [x.row() for x in rows]) + "\n")
+    finally:
+        if pg is not None:
+            pg.remove()
 
     summary = summarize(runs, args.connections)
     log("summary: medians over good rounds (every ACK AA); ratio gateway/reference msg/s; "
@@ -507,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         "ingest_processes": args.ingest_processes,
         "workers_processes": 1,
         "route": args.route,
+        "engine": args.engine,
         "target_ratios": {str(k): v for k, v in RATIO_TARGETS.items()},
         "rounds": [x.as_json() for x in runs],
         "summary": summary,

@@ -63,6 +63,7 @@ from bench import (
     CALLING_AE,
     GATEWAY_AE,
     GatewayProcess,
+    Postgres,
     cached_data,
     log,
     machine,
@@ -316,29 +317,6 @@ def orthanc_send(paths: Sequence[Path], associations: int) -> tuple[float, list[
         return seconds, codes, peer.instances()
     finally:
         cleanly(peer.stop, remover(folder))
-
-
-class Postgres:
-    """One private throwaway PostgreSQL server for the run; a new schema per gateway."""
-
-    def __init__(self) -> None:
-        from tests import pg
-
-        self._pg = pg
-        self.server = pg.start_private()
-        self._count = 0
-
-    def new_dsn(self) -> str:
-        import psycopg
-
-        self._count += 1
-        name = f"scaleout_{self._count}"
-        with psycopg.connect(self.server.dsn(), autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {name}")
-        return str(self.server.dsn(schema=name))
-
-    def remove(self) -> None:
-        self.server.remove()
 
 
 @contextlib.contextmanager

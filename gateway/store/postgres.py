@@ -228,6 +228,34 @@ $$""",
         "the findings store: ai_runs, ai_findings (gateway/store/findings.py)",
         tuple(findings.schema(postgres=True)),
     ),
+    Migration(
+        4,
+        "a received HL7 message recorded in one round trip: gateway_record_message()",
+        (
+            # What record_message did in two statements inside BEGIN/COMMIT (four round
+            # trips): the envelope, sealed message and ACK in its row (or, on a resend,
+            # the stored id and ACK), and its route job.  Called alone, one transaction.
+            """CREATE FUNCTION gateway_record_message(
+    p_id text, p_source text, p_received double precision, p_dedup text, p_inline bytea,
+    p_size bigint, p_attrs bytea, p_ack bytea, p_payload text
+) RETURNS TABLE (envelope_id text, new boolean, ack bytea) LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO envelopes (id, kind, source, received_at, dedup_key, spool_key,
+                           inline_blob, study_key, size, attrs, ack)
+    VALUES (p_id, 'hl7', p_source, p_received, p_dedup, NULL, p_inline, NULL, p_size,
+            p_attrs, p_ack)
+    ON CONFLICT (dedup_key) DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT e.id, false, e.ack FROM envelopes e WHERE e.dedup_key = p_dedup;
+        RETURN;
+    END IF;
+    INSERT INTO jobs (stage, subject, state, run_at, payload, created_at, updated_at, lane)
+    VALUES ('route', p_id, 'ready', p_received, p_payload, p_received, p_received, '');
+    RETURN QUERY SELECT p_id, true, p_ack;
+END
+$$""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -269,14 +297,12 @@ SQL: dict[str, str] = {
     "try_lock": "SELECT pg_try_advisory_lock(hashtext('gateway:' || %s)) AS held",
     "unlock": "SELECT pg_advisory_unlock(hashtext('gateway:' || %s))",
     # ingest
-    "insert_envelope": "INSERT INTO envelopes (id, kind, source, received_at, dedup_key,"
-    " spool_key, inline_blob, study_key, size, attrs, ack)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-    " ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
-    "envelope_by_dedup": "SELECT id, ack FROM envelopes WHERE dedup_key = %s",
     "record_instance": "SELECT envelope_id, new FROM gateway_record_instance(%(id)s,"
     " %(source)s, %(received)s, %(dedup)s, %(spool)s, %(inline)s, %(study)s, %(size)s,"
     " %(attrs)s, %(quiet)s)",
+    "record_message": "SELECT envelope_id, new, ack FROM gateway_record_message(%(id)s,"
+    " %(source)s, %(received)s, %(dedup)s, %(inline)s, %(size)s, %(attrs)s, %(ack)s,"
+    " %(payload)s)",
     "touch_study": "UPDATE studies SET last_at = %(now)s, complete_due = %(due)s,"
     " generation = generation + (state = 'complete')::integer,"
     " reopened = GREATEST(reopened, (state = 'complete')::integer), state = 'open'"
@@ -617,30 +643,6 @@ class PostgresQueue:
 
     # --- ingest ------------------------------------------------------------------------
 
-    def _insert_envelope(
-        self, cur: Cursor, env: Envelope, attrs: bytes, inline: bytes | None, ack: bytes | None
-    ) -> DictRow | None:
-        """None when inserted; the stored row (id, ack) when the dedup key was taken."""
-        cur.execute(
-            SQL["insert_envelope"],
-            (
-                env.id,
-                env.kind.value,
-                env.source,
-                env.received_at,
-                env.dedup_key,
-                env.spool_key,
-                inline,
-                env.study_key,
-                env.size,
-                attrs,
-                ack,
-            ),
-        )
-        if cur.fetchone() is not None:
-            return None
-        return cur.execute(SQL["envelope_by_dedup"], (env.dedup_key,)).fetchone()
-
     def record_instance(
         self, env: Envelope, sealed_attrs: bytes, quiet: float, inline: bytes | None = None
     ) -> Ack:
@@ -685,15 +687,26 @@ class PostgresQueue:
         """Record an HL7 message (sealed in its row: one durable commit) with its ACK and
         its route job.  A resent message gets the stored ACK and stores nothing."""
 
-        def body(cur: Cursor) -> Ack:
-            existing = self._insert_envelope(cur, env, sealed_attrs, sealed_message, ack)
-            if existing is not None:
-                return Ack(new=False, envelope_id=existing["id"], ack=existing["ack"])
-            route = RoutePayload(Kind.HL7)
-            _enqueue(cur, Stage.ROUTE, env.id, env.received_at, route, env.received_at)
-            return Ack(new=True, envelope_id=env.id, ack=ack)
+        assert env.kind is Kind.HL7 and env.spool_key is None and env.study_key is None
+        params = {
+            "id": env.id,
+            "source": env.source,
+            "received": env.received_at,
+            "dedup": env.dedup_key,
+            "inline": sealed_message,
+            "size": env.size,
+            "attrs": sealed_attrs,
+            "ack": ack,
+            "payload": payload_json(RoutePayload(Kind.HL7)),
+        }
 
-        return self._write(body, ingest=True)
+        def body(cur: Cursor) -> Ack:
+            # one statement, one transaction, one round trip (migration 4)
+            row = cur.execute(SQL["record_message"], params).fetchone()
+            assert row is not None
+            return Ack(new=bool(row["new"]), envelope_id=row["envelope_id"], ack=row["ack"])
+
+        return self._write(body, ingest=True, single=True)
 
     def find(self, dedup_key: str) -> str | None:
         with self._read() as cur:

@@ -272,6 +272,9 @@ def refresh_metrics(metrics: Metrics, store: Store, certwatch: CertWatch) -> Non
     metrics.oldest_waiting.clear()
     for lane, age in store.queue.oldest_waiting_by_lane(time.time()).items():
         metrics.oldest_waiting.labels(lane=lane or "route").set(age)
+    for volume in store.space.volumes():
+        if volume.free >= 0:
+            metrics.disk_free.labels(volume=volume.name).set(volume.free)
 
 
 def store_ok(store: Store) -> bool:
@@ -469,6 +472,7 @@ class Gateway:
         if self.dicom is not None:
             checks["dicom"] = bool(self.dicom.servers)
             checks["hl7"] = self._started and not self._stopped.is_set()
+            checks["disk_space"] = not self.store.space.low()  # new data can be taken
         checks["store"] = store_ok(self.store)
         return checks
 

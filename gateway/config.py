@@ -233,6 +233,10 @@ class GatewaySection(_Strict):
     # then it, its results and, eventually, the keys that sealed them are deleted.
     # null: keep everything (the spool grows until someone runs `gateway purge`)
     retention_days: float | None = Field(default=None, gt=0)
+    # MB of free space kept on the data dir's and the spool's volumes: below it, new DICOM
+    # instances get 0xA700 and HL7 messages AE (try later) while the work already accepted
+    # goes on; 0: no check (a full disk then fails writes as they come)
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024
 
     _database = field_validator("database")(lambda v: _check_database(v))
 

@@ -32,6 +32,10 @@ class SpoolFull(Transient):
     """The spool cannot write: disk full or not writable."""
 
 
+class SpaceLow(Transient):
+    """A volume the gateway writes to has less free space than ``gateway.min_free_mb``."""
+
+
 class QueueUnavailable(Transient):
     """The queue database is busy or cannot be written."""
 

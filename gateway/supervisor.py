@@ -220,6 +220,7 @@ class Supervisor:
         checks = {"started": self.started and not self.stopping}
         if ingest:
             checks["dicom"] = checks["hl7"] = all(ingest)
+            checks["disk_space"] = self.store is not None and not self.store.space.low()
         if workers:
             checks["workers"] = all(workers)
         checks["store"] = self.store is not None and store_ok(self.store)

@@ -81,6 +81,14 @@ class Metrics:
             ["stage", "outcome"],
             registry=r,
         )
+        self.disk_free = Gauge(
+            "gateway_disk_free_bytes",
+            "Free space on the data dir's and the spool's volumes (ingest stops below "
+            "gateway.min_free_mb)",
+            ["volume"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.dead_letters = Gauge(
             "gateway_dead_letters", "Jobs that gave up", registry=r, multiprocess_mode="livesum"
         )

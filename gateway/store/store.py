@@ -24,6 +24,7 @@ from gateway.store.backend import (
     queue_exists,
 )
 from gateway.store.queue import Ack, Queue
+from gateway.store.space import MB, SpaceGuard
 from gateway.store.spool import INLINE_MAX_BYTES, Spool, row_context
 
 
@@ -48,6 +49,7 @@ class Store:
         database: str | None = None,
         database_password: str | None = None,
         spool_dir: Path | None = None,
+        min_free: int = 0,
     ) -> None:
         """The key store, the spool (``spool_dir``, default ``data_dir/spool``) and the
         queue (``database``: None for the SQLite file in *data_dir*, or a PostgreSQL URL).
@@ -76,6 +78,8 @@ class Store:
         self.keys = KeyStore.open(key_file, create=create)
         self.sealer = Sealer(self.keys)
         self.spool = Spool(spool_dir or data_dir / "spool", self.sealer)
+        # ingest stops taking new data while a volume is below min_free bytes (0: never)
+        self.space = SpaceGuard({"data": data_dir, "spool": self.spool.root}, min_free)
 
     @classmethod
     def for_config(cls, cfg: Config, *, create: bool = True, durable: bool = True) -> Store:
@@ -89,6 +93,7 @@ class Store:
             database=cfg.gateway.database,
             database_password=database_password(cfg),
             spool_dir=cfg.spool_dir,
+            min_free=cfg.gateway.min_free_mb * MB,
         )
 
     def for_workers(self) -> Store:
@@ -131,6 +136,7 @@ class Store:
         if existing is not None:
             self.queue.touch_study(self.keys.index("study", study_instance_uid), received_at, quiet)
             return Ack(new=False, envelope_id=existing)
+        self.space.check()  # new data only while the volumes have room (SpaceLow: 0xA700)
         envelope_id = new_id()
         inline: bytes | None = None
         spool_key: str | None = None
@@ -176,6 +182,7 @@ class Store:
     ) -> Ack:
         """Durably store one HL7 message with its ACK.  A control id (MSH-10) already
         received from the same sender returns the stored ACK and stores nothing."""
+        self.space.check()  # new data only while the volumes have room (SpaceLow: AE)
         env = Envelope(
             id=new_id(),
             kind=Kind.HL7,

@@ -133,6 +133,9 @@ def test_disk_full_answers_a700_and_ae_then_recovers_by_itself(tmp_path: Path) -
             gateway={
                 "data_dir": str(small / "var"),
                 "encryption_key_file": str(tmp_path / "keys.json"),
+                # no free-space floor: this drill is about the write that fails (the
+                # floor is drilled in test_faults.py)
+                "min_free_mb": 0,
             },
         )
         gw = GatewayProcess(cfg, tmp_path / "gateway.log").start()

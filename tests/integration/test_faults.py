@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -258,6 +259,7 @@ def test_disk_full_mid_study_refuses_what_it_cannot_store_and_recovers_on_the_sa
             gateway={
                 "data_dir": str(disk / "var"),
                 "encryption_key_file": str(tmp_path / "keys.json"),
+                "min_free_mb": 0,  # no floor: the writes themselves fail (the floor: below)
             },
             # the study must not complete while the disk is full: it is routed once
             dicom={"study_complete_after": 6},
@@ -323,6 +325,80 @@ def test_disk_full_mid_study_refuses_what_it_cannot_store_and_recovers_on_the_sa
                 assert kept.PixelData == dcmread(f).PixelData, f.name
         finally:
             store.close()
+
+
+def fill_to(path: Path, free: int) -> Path:
+    """Fill the filesystem under *path* until about *free* bytes are left; the filler."""
+    filler = path / "floor-filler.bin"
+    st = os.statvfs(path)
+    left = st.f_bavail * st.f_frsize - free
+    with filler.open("wb") as f:
+        while left > 0:
+            n = min(left, 1 << 20)
+            f.write(b"\0" * n)
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+    return filler
+
+
+@pytest.mark.slow
+def test_below_the_free_space_floor_new_data_waits_while_accepted_work_is_delivered(
+    tmp_path: Path,
+) -> None:
+    """gateway.min_free_mb: below it, the gateway stops taking new data before the disk is
+    full, so the work it has accepted still has room.  A study received with space is
+    forwarded while the volume is below the floor; new instances get 0xA700 with the
+    reason, an HL7 message AE; /readyz and the gauge say why; once space returns the same
+    association's next instances are stored, with nobody's help."""
+    first = make_study(tmp_path / "a", series=[SeriesSpec("CT", count=3, rows=64, cols=64)])
+    second = make_study(tmp_path / "b", series=[SeriesSpec("CT", count=3, rows=64, cols=64)])
+    with tiny_filesystem(tmp_path / "small", 64) as disk, destinations(("PACS1", ok)) as [pacs]:
+        cfg = forward_config(
+            tmp_path,
+            [pacs],
+            {"initial": 0.2, "max": 1, "give_up_after": 60},
+            gateway={
+                "data_dir": str(disk / "var"),
+                "encryption_key_file": str(tmp_path / "keys.json"),
+                "min_free_mb": 16,
+            },
+            dicom={"study_complete_after": 3},
+        )
+        gw = GatewayProcess(cfg, tmp_path / "gateway.log").start()
+        try:
+            sender = Sender(gw.dicom_port, first + second)
+            assert [sender.store(f) for f in first] == [SUCCESS] * 3
+            filler = fill_to(disk, 8 * 1024 * 1024)  # 8 MB left: below the floor
+            time.sleep(1.2)  # the free space is read at most once a second
+            assert [sender.store(f) for f in second] == [OUT_OF_RESOURCES] * 3
+            ack = send_mllp(gw.hl7_port, [oru_r01(control_id="FLOOR0001")])[0]
+            assert b"MSA|AE|FLOOR0001" in ack
+            code, body = gw.get("/readyz")
+            assert code == 503 and json.loads(body)["checks"]["disk_space"] is False, body
+            free = re.search(
+                rb'gateway_disk_free_bytes\{volume="data"\} (\S+)', gw.get("/metrics")[1]
+            )
+            assert free is not None and float(free.group(1)) < 16 * 1024 * 1024
+            # what was accepted goes on: the first study completes and is forwarded
+            wait_until("the first study at the destination", lambda: len(pacs.stored) >= 3)
+
+            filler.unlink()  # space returns: the same association goes on
+            time.sleep(1.2)
+            assert [sender.store(f) for f in second] == [SUCCESS] * 3
+            sender.release()
+            wait_until("the second study at the destination", lambda: len(pacs.stored) >= 6)
+            assert gw.get("/readyz")[0] == 200
+        finally:
+            gw.stop()
+    assert sorted(pacs.requests) == sorted(uid_of(f) for f in first + second)  # each once
+    reasons = {e["reason"] for e in log_events(gw, "dicom.instance.not_stored")}
+    assert len(reasons) == 1 and re.fullmatch(r"disk space low: \d MB free on data", *reasons)
+    # said once per process that reads it, per volume (here the spool is on the same one)
+    low = log_events(gw, "storage.space_low")
+    assert {e["volume"] for e in low} == {"data", "spool"}
+    assert {e["min_free_mb"] for e in low} == {16}
+    assert {e["volume"] for e in log_events(gw, "storage.space_ok")} == {"data", "spool"}
 
 
 # --- the queue database locked --------------------------------------------------------

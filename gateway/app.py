@@ -383,7 +383,7 @@ class Gateway:
             )
             with listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
                 self.http = http_server(
-                    cfg, lambda: self.cfg, self.store.queue, self.certwatch, self.audit, health
+                    cfg, lambda: self.cfg, self.store, self.certwatch, self.audit, health
                 )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hl7", daemon=True)

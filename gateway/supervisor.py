@@ -191,7 +191,7 @@ class Supervisor:
             health = Health(self.readiness, self.refresh_metrics, self.metrics.render, self.details)
             with listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
                 self.http = http_server(
-                    cfg, lambda: self.cfg, self.store.queue, self.certwatch, self.audit, health
+                    cfg, lambda: self.cfg, self.store, self.certwatch, self.audit, health
                 )
             if role != "worker":
                 self._reserve_ports(cfg)

@@ -36,7 +36,7 @@ from gateway.dashboard.web import Health, Sources, create_app
 from gateway.security.audit import Auditor
 from gateway.security.tls import peer_subject, server_context, subject_text
 from gateway.services.certwatch import CertWatch
-from gateway.store.queue import Queue
+from gateway.store.store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -101,7 +101,7 @@ def reload_certificate(ctx: ssl.SSLContext, cfg: Config) -> bool:
 
 
 def dashboard_sources(
-    cfg: Config, current: Callable[[], Config], queue: Queue, certwatch: CertWatch, audit: Auditor
+    cfg: Config, current: Callable[[], Config], store: Store, certwatch: CertWatch, audit: Auditor
 ) -> Sources:
     """What the dashboard of *cfg* reads (requires ``cfg.dashboard``); *current* is the
     running config (destinations change with a reload)."""
@@ -114,13 +114,13 @@ def dashboard_sources(
             for name, dest in current().destinations.items()
         }
 
-    return Sources(queue, certwatch, destinations, tokens, audit)
+    return Sources(store.queue, certwatch, destinations, tokens, audit, space=store.space)
 
 
 def http_server(
     cfg: Config,
     current: Callable[[], Config],
-    queue: Queue,
+    store: Store,
     certwatch: CertWatch,
     audit: Auditor,
     health: Health,
@@ -129,7 +129,7 @@ def http_server(
     when the config has one; *current* is the running config (see
     :func:`dashboard_sources`)."""
     sources = (
-        dashboard_sources(cfg, current, queue, certwatch, audit)
+        dashboard_sources(cfg, current, store, certwatch, audit)
         if cfg.dashboard is not None
         else None
     )

@@ -21,6 +21,7 @@ from gateway.findings.stats import stats
 from gateway.observability.logging import redact_text
 from gateway.store.findings import ModelRun
 from gateway.store.queue import TIMELINE_STAGES, JobGroup, StageMark, StudyTimeline, job_target
+from gateway.store.space import Volume
 
 KEY_CHARS = 12  # characters of a study key or envelope id shown
 ERROR_CHARS = 300  # characters of a dead letter's last error shown
@@ -61,16 +62,29 @@ class StageDepth(_View):
     oldest_waiting_seconds: float | None
 
 
+class VolumeRow(_View):
+    volume: str  # "data" (queue file, audit trail) or "spool"
+    free_bytes: int | None  # None: it could not be read
+    min_free_bytes: int  # gateway.min_free_mb (0: no floor)
+    low: bool  # below the floor: new data is refused until space returns
+
+
 class QueueView(_View):
     generated_at: float
     received: dict[str, int]  # objects by kind
     studies: dict[str, int]  # by assembly state
     depth: list[StageDepth]
     dead_letters: int
+    volumes: list[VolumeRow] = []
 
 
 def queue_view(
-    counts: Mapping[str, Mapping[str, int]], groups: Iterable[JobGroup], now: float
+    counts: Mapping[str, Mapping[str, int]],
+    groups: Iterable[JobGroup],
+    now: float,
+    *,
+    volumes: Iterable[Volume] = (),
+    min_free: int = 0,
 ) -> QueueView:
     table: dict[tuple[str, str], dict[str, float]] = {}
     for g in groups:
@@ -98,6 +112,15 @@ def queue_view(
         studies=dict(counts.get("studies", {})),
         depth=depth,
         dead_letters=sum(d.dead for d in depth),
+        volumes=[
+            VolumeRow(
+                volume=v.name,
+                free_bytes=v.free if v.free >= 0 else None,
+                min_free_bytes=min_free,
+                low=v.below(min_free),
+            )
+            for v in volumes
+        ],
     )
 
 

@@ -42,6 +42,7 @@ from gateway.security.audit import Auditor, records
 from gateway.services.certwatch import CERT_WARN_DAYS, CertWatch
 from gateway.store.findings import RunFilter
 from gateway.store.queue import Queue
+from gateway.store.space import SpaceGuard
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +78,7 @@ class Sources:
     tokens: Tokens
     audit: Auditor
     clock: Callable[[], float] = field(default=time.time)
+    space: SpaceGuard | None = None  # the volumes' free space, and the floor
 
 
 class _SecurityHeaders:
@@ -308,7 +310,11 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
     )
     def queue(who: Reader, src: Src) -> views.QueueView:
         now = src.clock()
-        return views.queue_view(src.queue.counts(), src.queue.job_groups(), now)
+        volumes = src.space.volumes() if src.space is not None else []
+        floor = src.space.min_free if src.space is not None else 0
+        return views.queue_view(
+            src.queue.counts(), src.queue.job_groups(), now, volumes=volumes, min_free=floor
+        )
 
     @app.get(
         "/api/studies", tags=["dashboard"], responses=REFUSALS, summary="Recent studies' timelines"

@@ -37,6 +37,10 @@ class Volume:
     path: Path
     free: int  # bytes an unprivileged writer may still use; -1 when it cannot be read
 
+    def below(self, floor: int) -> bool:
+        """Under *floor* bytes (0: no floor; a volume that cannot be read is not)."""
+        return floor > 0 and 0 <= self.free < floor
+
 
 class SpaceGuard:
     """Checks the free space of *paths* (by name) against *min_free* bytes, reading it at
@@ -76,7 +80,7 @@ class SpaceGuard:
         """The volumes below the minimum (none when the check is off)."""
         if self.min_free <= 0:
             return []
-        return [v for v in self.volumes() if 0 <= v.free < self.min_free]
+        return [v for v in self.volumes() if v.below(self.min_free)]
 
     def check(self) -> None:
         """Raise :class:`~gateway.errors.SpaceLow` when a volume is below the minimum."""
@@ -91,9 +95,7 @@ class SpaceGuard:
         return st.f_bavail * st.f_frsize
 
     def _log_changes(self) -> None:
-        low = frozenset(
-            v.name for v in self._volumes if self.min_free > 0 and 0 <= v.free < self.min_free
-        )
+        low = frozenset(v.name for v in self._volumes if v.below(self.min_free))
         for v in self._volumes:
             if v.name in low - self._was_low:
                 log.error(

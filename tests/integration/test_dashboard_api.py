@@ -115,6 +115,16 @@ def test_each_view_read_with_a_token_is_one_audit_record_naming_the_holder(
     }
 
 
+def test_the_queue_view_shows_the_free_space_of_each_volume_and_the_floor(
+    gateway: GatewayProcess, kit: DashboardKit
+) -> None:
+    volumes = api(gateway, "/api/queue", kit.viewer)[1]["volumes"]
+    assert [v["volume"] for v in volumes] == ["data", "spool"]
+    for v in volumes:
+        assert v["min_free_bytes"] == 1024 * 2**20  # the default floor
+        assert v["free_bytes"] > 0 and v["low"] is (v["free_bytes"] < v["min_free_bytes"])
+
+
 def test_a_client_certificate_named_in_the_tokens_file_is_a_credential(
     gateway: GatewayProcess, kit: DashboardKit
 ) -> None:

@@ -45,6 +45,8 @@ function when(t) {
     `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
 }
 
+function gigabytes(bytes) { return (bytes / 2 ** 30).toFixed(1) + " GB"; }
+
 function duration(s) {
   if (s === null || s === undefined) return "–";
   if (s < 1) return (s * 1000).toFixed(0) + " ms";
@@ -74,6 +76,13 @@ const VIEWS = {
     const studies = Object.entries(v.studies).map(([k, n]) => `${n} ${k}`).join(", ") || "none";
     document.getElementById("queue-summary").textContent =
       `Received: ${received}. Studies: ${studies}. Dead letters: ${v.dead_letters}.`;
+    const disk = document.getElementById("queue-disk");
+    const low = v.volumes.filter((d) => d.low);
+    disk.textContent = v.volumes.length === 0 ? "" : "Free space: " + v.volumes.map((d) =>
+      `${d.volume} ${d.free_bytes === null ? "unknown" : gigabytes(d.free_bytes)}`).join(", ") +
+      (v.volumes[0].min_free_bytes ? ` (floor ${gigabytes(v.volumes[0].min_free_bytes)})` : "") +
+      (low.length ? ". Below the floor: new studies and messages are refused until space returns." : ".");
+    disk.className = low.length ? "soon" : "";
     fill("queue-table", v.depth.map((d) => row([
       d.stage, d.lane || "–", num(d.ready), num(d.leased), num(d.retrying), num(d.dead),
       num(d.done), el("td", duration(d.oldest_waiting_seconds), "num"),

@@ -36,7 +36,7 @@ from datetime import datetime
 import structlog
 
 from gateway.config import AllowedSender, HL7Section, parse_subject
-from gateway.errors import Transient
+from gateway.errors import SpaceLow, Transient
 from gateway.hl7.ack import COMMIT_CODE, ERROR_CODES, build_ack
 from gateway.hl7.mllp import FramingError, frame, read_frame
 from gateway.hl7.msh import ERR_APPLICATION_INTERNAL, Header, HeaderError, parse_header
@@ -387,7 +387,13 @@ class HL7Listener:
             assert self._executor is not None, "HL7Listener.start() was not called"
             result = await asyncio.get_running_loop().run_in_executor(self._executor, ingest)
         except Transient as exc:
-            reply = self._refuse(header, "AE", STORE_FAILED_TEXT, ERR_APPLICATION_INTERNAL, None)
+            # the floor's reason is the sender's to know (no path, no patient data in it)
+            text = (
+                f"gateway cannot store the message now ({exc.message}); resend later"
+                if isinstance(exc, SpaceLow)
+                else STORE_FAILED_TEXT
+            )
+            reply = self._refuse(header, "AE", text, ERR_APPLICATION_INTERNAL, None)
             log.error(
                 "hl7.message.not_stored",
                 **fields,

@@ -373,7 +373,7 @@ def test_below_the_free_space_floor_new_data_waits_while_accepted_work_is_delive
             time.sleep(1.2)  # the free space is read at most once a second
             assert [sender.store(f) for f in second] == [OUT_OF_RESOURCES] * 3
             ack = send_mllp(gw.hl7_port, [oru_r01(control_id="FLOOR0001")])[0]
-            assert b"MSA|AE|FLOOR0001" in ack
+            assert b"MSA|AE|FLOOR0001" in ack and b"disk space low" in ack, ack
             code, body = gw.get("/readyz")
             assert code == 503 and json.loads(body)["checks"]["disk_space"] is False, body
             free = re.search(

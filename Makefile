@@ -82,6 +82,8 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.models
 	$(BIN)/python -m bench.e2e
 	$(BIN)/python -m bench.tls
+	$(BIN)/python -m bench.tls --protocol hl7
+	$(BIN)/python -m bench.hl7 --engine postgresql
 	$(BIN)/python -m bench.scaleout
 	$(BIN)/python -m bench.workers
 

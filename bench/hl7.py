@@ -41,6 +41,7 @@ import contextlib
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -230,10 +231,10 @@ class Sent:
 
 
 async def send_messages(port: int, count: int, warmup: int, tag: str,
-                        connections: int) -> Sent:
+                        connections: int, ssl_context: ssl.SSLContext | None = None) -> Sent:
     """``connections`` connections at once; ``warmup`` messages on each, then ``count``
     messages split among them, each connection stop-and-wait. The time runs from when
-    every connection is warmed up until the last ACK."""
+    every connection is warmed up until the last ACK. *ssl_context*: over TLS."""
     opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     latencies: list[float] = []
     problems: list[str] = []
@@ -257,8 +258,11 @@ async def send_messages(port: int, count: int, warmup: int, tag: str,
 
     try:
         for _ in range(connections):
+            tls: dict[str, Any] = (
+                {"ssl": ssl_context, "server_hostname": "localhost"} if ssl_context else {}
+            )
             opened.append(await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port, limit=MAX_FRAME), timeout=10))
+                asyncio.open_connection("127.0.0.1", port, limit=MAX_FRAME, **tls), timeout=10))
         await asyncio.gather(*(stream(c, 0, warmup, False) for c in range(connections)))
         start = time.perf_counter()
         await asyncio.gather(*(stream(c, warmup, n, True)
@@ -274,9 +278,9 @@ async def send_messages(port: int, count: int, warmup: int, tag: str,
 
 
 def measure(peer: str, round_no: int, port: int, count: int, warmup: int,
-            connections: int) -> Run:
+            connections: int, ssl_context: ssl.SSLContext | None = None) -> Run:
     tag = f"B{uuid.uuid4().hex[:8].upper()}"
-    sent = asyncio.run(send_messages(port, count, warmup, tag, connections))
+    sent = asyncio.run(send_messages(port, count, warmup, tag, connections, ssl_context))
     ms = [x * 1000 for x in sent.latencies]
     if sent.first_failure:
         log(f"  first non-AA answer: {sent.first_failure}")

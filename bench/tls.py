@@ -1,6 +1,6 @@
-"""DICOM ingest over TLS against plain: what encryption on the wire costs the gateway.
+"""DICOM or HL7 ingest over TLS against plain: what encryption on the wire costs the gateway.
 
-    python -m bench.tls [--rounds 3] [--count 300]
+    python -m bench.tls [--rounds 3] [--count 300] [--protocol dicom|hl7]
 
 One gateway per round listens on a plain port and a TLS port (`dicom.tls`, certificates
 from `gateway certs dev`, client certificate required). The same cached CT series as
@@ -9,12 +9,19 @@ turn (`+tls` for TLS; the order alternates between rounds; `+II` gives every sen
 SOP Instance UIDs), so the two differ only in TLS. Reported:
 instances/s for each and the ratio TLS/plain (target >= 0.8). Results: printed, and
 bench/out/tls.json.
+
+``--protocol hl7``: the same for the MLLP listener (``hl7.tls``, client certificate
+required): ``--count`` ORU^R01 (default 2000) over one connection, stop-and-wait, to
+the plain port and to the TLS port of one gateway per round (no routes), the order
+alternating, as ``bench.hl7`` sends them (each ACK checked). Results:
+bench/out/tls-hl7.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import ssl
 from typing import Any
 
 from bench import (
@@ -39,8 +46,14 @@ TARGET = 0.8
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--count", type=int, default=None,
+                        help="instances (default 300) or, with --protocol hl7, messages "
+                             "(default 2000)")
+    parser.add_argument("--protocol", choices=("dicom", "hl7"), default="dicom")
     args = parser.parse_args(argv)
+    if args.protocol == "hl7":
+        return hl7(args.rounds, args.count or 2000)
+    args.count = args.count or 300
 
     from gateway.security.certs import make_dev_pki
 
@@ -103,6 +116,65 @@ def main(argv: list[str] | None = None) -> int:
             "tls_inst_s": tls,
             "ratio": ratio,
         },
+    )
+    log(f"results written to {out}")
+    return 0
+
+
+def hl7(rounds: int, count: int) -> int:
+    """HL7 over MLLP/TLS against plain MLLP on the same gateway (see the module doc)."""
+    from bench.hl7 import measure as send_hl7
+    from gateway.security.certs import make_dev_pki
+
+    rows: list[list[Any]] = []
+    plain: list[float] = []
+    tls: list[float] = []
+    for round_no in range(1, rounds + 1):
+        folder = scratch_dir("tls-hl7-")
+        pki = make_dev_pki(folder / "pki", client_names=("ehr",))
+        tls_port = free_port()
+        cfg = write_gateway_config(
+            folder,
+            hl7={
+                "tls": {
+                    "port": tls_port,
+                    "cert": str(pki.server.cert),
+                    "key": str(pki.server.key),
+                    "ca": str(pki.ca.cert),
+                    "require_client_cert": True,
+                }
+            },
+        )
+        client = pki.client("ehr")
+        ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+        ctx.load_cert_chain(str(client.cert), str(client.key))
+        gw = GatewayProcess(cfg)
+        order: list[tuple[str, int, ssl.SSLContext | None, list[float]]] = [
+            ("plain", cfg.hl7_port, None, plain),
+            ("TLS", tls_port, ctx, tls),
+        ]
+        if round_no % 2 == 0:
+            order.reverse()
+        try:
+            gw.start()
+            for name, port, context, results in order:
+                run = send_hl7(name, round_no, port, count, 50, 1, context)
+                if run.ok:
+                    results.append(run.per_second)
+                    rows.append([round_no, name, run.per_second, run.p50_ms, run.p99_ms])
+        finally:
+            gw.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+    if not plain or not tls:
+        raise SystemExit("no good round for plain or TLS; see the messages above")
+    ratio = median(tls) / median(plain)
+    log(table(["round", "port", "msg/s", "p50 ms", "p99 ms"], rows))
+    log(f"median plain: {median(plain):,.1f} msg/s, TLS: {median(tls):,.1f} msg/s")
+    log(f"ratio TLS/plain = {ratio:.2f}   target >= {TARGET}: {verdict(ratio, TARGET)}")
+    out = write_json(
+        "tls-hl7.json",
+        {"machine": machine(), "count": count, "plain_msg_s": plain, "tls_msg_s": tls,
+         "ratio": ratio},
     )
     log(f"results written to {out}")
     return 0

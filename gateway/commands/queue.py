@@ -11,6 +11,7 @@ from gateway.commands.base import Subparsers, needs_config
 from gateway.config import Config
 from gateway.envelope import Stage
 from gateway.store.backend import database_label, database_password, open_queue, queue_exists
+from gateway.store.space import MB, SpaceGuard
 
 
 def register(sub: Subparsers) -> None:
@@ -48,6 +49,7 @@ def queue_command(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
                 out.write("\n")
                 return 0
             _print_status(counts, queue.oldest_ready_age(time.time()), out)
+            _print_space(cfg, out)
             return 0
         if args.queue_command == "dead":
             jobs = queue.dead_jobs()
@@ -115,3 +117,16 @@ def _print_status(counts: dict[str, dict[str, int]], oldest: float | None, out: 
         print("(no jobs yet)", file=out)
     if oldest is not None:
         print(f"oldest waiting job: {oldest:.0f} s", file=out)
+
+
+def _print_space(cfg: Config, out: TextIO) -> None:
+    """The volumes' free space against ``gateway.min_free_mb``: below it, ingest refuses."""
+    floor = cfg.gateway.min_free_mb * MB
+    guard = SpaceGuard({"data": cfg.data_dir, "spool": cfg.spool_dir}, floor)
+    parts = [
+        f"{v.name}: {'unknown' if v.free < 0 else f'{v.free / 2**30:.1f} GB'}"
+        + (" BELOW THE FLOOR" if v.below(floor) else "")
+        for v in guard.volumes()
+    ]
+    said = f"floor {floor / 2**30:.1f} GB: below it new data is refused" if floor else "no floor"
+    print(f"free space {'   '.join(parts)}   ({said})", file=out)

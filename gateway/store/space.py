@@ -88,11 +88,15 @@ class SpaceGuard:
             raise SpaceLow(f"disk space low: {v.free // MB} MB free on {v.name}")
 
     def _free(self, path: Path) -> int:
-        try:
-            st = self._statvfs(path)
-        except OSError:
-            return -1  # the write itself will say what is wrong
-        return st.f_bavail * st.f_frsize
+        for where in (path, *path.parents):  # a folder not made yet: the volume it will be on
+            try:
+                st = self._statvfs(where)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
+            return st.f_bavail * st.f_frsize
+        return -1  # the write itself will say what is wrong
 
     def _log_changes(self) -> None:
         low = frozenset(v.name for v in self._volumes if v.below(self.min_free))

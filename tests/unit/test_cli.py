@@ -263,6 +263,11 @@ def test_queue_status_table_shows_counts_per_stage(
     assert table[2].split() == ["stage", "ready", "leased", "done", "dead"]
     assert table[3].split() == ["route", "1", "0", "0", "0"]
     assert re.fullmatch(r"oldest waiting job: \d+ s", table[4])
+    assert re.fullmatch(
+        r"free space data: \d+\.\d GB   spool: \d+\.\d GB   "
+        r"\(floor 1\.0 GB: below it new data is refused\)",
+        table[5],
+    )
 
 
 def test_queue_status_of_an_empty_queue_says_no_jobs_yet(
@@ -271,7 +276,18 @@ def test_queue_status_of_an_empty_queue_says_no_jobs_yet(
     SQLiteQueue(tmp_path / "data" / "queue.sqlite3").close()
     rc, out, _ = run(capsys, "queue", "status", "-c", str(config))
     assert rc == 0
-    assert out.splitlines()[-1] == "(no jobs yet)"
+    assert out.splitlines()[-2] == "(no jobs yet)"
+
+
+def test_queue_status_flags_a_volume_below_the_floor(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    SQLiteQueue(tmp_path / "data" / "queue.sqlite3").close()
+    config.write_text(
+        config.read_text().replace("gateway:\n", "gateway:\n  min_free_mb: 1000000000\n")
+    )
+    _, out, _ = run(capsys, "queue", "status", "-c", str(config))
+    assert out.splitlines()[-1].count("BELOW THE FLOOR") == 2
 
 
 def test_queue_dead_with_none_says_no_dead_letters(

@@ -24,7 +24,7 @@ class Disk:
     def __call__(self, path: Path) -> os.statvfs_result:
         self.reads += 1
         if self.free < 0:
-            raise FileNotFoundError(path)
+            raise PermissionError(path)
         blocks = self.free // 4096
         return os.statvfs_result((4096, 4096, 10 * blocks, blocks, blocks, 0, 0, 0, 0, 255))
 
@@ -115,3 +115,8 @@ def test_ingest_below_the_floor_stores_nothing_new_but_acknowledges_a_duplicate(
         assert len(store.queue.envelopes()) == 1
     finally:
         store.close()
+
+
+def test_a_folder_not_made_yet_is_measured_on_the_volume_it_will_be_on(tmp_path: Path) -> None:
+    (volume,) = SpaceGuard({"spool": tmp_path / "not" / "made" / "yet"}, MB).volumes()
+    assert volume.free == os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize

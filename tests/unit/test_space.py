@@ -119,4 +119,5 @@ def test_ingest_below_the_floor_stores_nothing_new_but_acknowledges_a_duplicate(
 
 def test_a_folder_not_made_yet_is_measured_on_the_volume_it_will_be_on(tmp_path: Path) -> None:
     (volume,) = SpaceGuard({"spool": tmp_path / "not" / "made" / "yet"}, MB).volumes()
-    assert volume.free == os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    st = os.statvfs(tmp_path)
+    assert abs(volume.free - st.f_bavail * st.f_frsize) < 100 * MB  # others write meanwhile

@@ -126,8 +126,8 @@ class FindingsFigures:
     Adding up is linear in the runs of the window (1.4 s for 40,000 runs, 20,000 studies
     and their reports, on the 2-core development machine; 3 ms when nothing changed), and
     every open page asks every five seconds; the runs' count and oldest and newest times
-    are one indexed query.  Concurrent pages wait for one adding-up
-    rather than each doing its own."""
+    are one indexed query.  Concurrent pages wait for one adding-up rather than each
+    doing its own."""
 
     MAX_AGE = 300.0  # seconds: added up again at least this often all the same
 
@@ -309,11 +309,13 @@ def _dashboard_routes(app: FastAPI, sources: Sources) -> None:
         summary="Queue depth by stage and lane",
     )
     def queue(who: Reader, src: Src) -> views.QueueView:
-        now = src.clock()
-        volumes = src.space.volumes() if src.space is not None else []
-        floor = src.space.min_free if src.space is not None else 0
+        space = src.space
         return views.queue_view(
-            src.queue.counts(), src.queue.job_groups(), now, volumes=volumes, min_free=floor
+            src.queue.counts(),
+            src.queue.job_groups(),
+            src.clock(),
+            volumes=space.volumes() if space else (),
+            min_free=space.min_free if space else 0,
         )
 
     @app.get(

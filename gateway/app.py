@@ -379,7 +379,7 @@ class Gateway:
                 self.readiness,
                 self.refresh_metrics,
                 self.metrics.render,
-                self.certwatch.readiness_details,
+                self.readiness_details,
             )
             with listening("http", cfg.gateway.http.host, cfg.gateway.http.port):
                 self.http = http_server(
@@ -466,6 +466,9 @@ class Gateway:
         # (within 250 ms) takes them in bursts, so its commits interleave less with the
         # acknowledgement path.
         self.metrics.hl7_messages.labels(type=message_type, ack=ack).inc()
+
+    def readiness_details(self) -> dict[str, object]:
+        return {**self.certwatch.readiness_details(), **self.store.space.readiness_details()}
 
     def readiness(self) -> dict[str, bool]:
         checks = {"started": self._started}

@@ -227,8 +227,10 @@ class Supervisor:
         return checks
 
     def details(self) -> dict[str, object]:
+        space = self.store.space.readiness_details() if self.store is not None else {}
         return {
             **self.certwatch.readiness_details(),
+            **space,
             "role": self.role,
             "processes": [c.describe() for c in self.children],
         }

@@ -82,6 +82,12 @@ class SpaceGuard:
             return []
         return [v for v in self.volumes() if v.below(self.min_free)]
 
+    def readiness_details(self) -> dict[str, object]:
+        """/readyz details: the volumes below the floor, with what is left."""
+        low = {v.name: {"free_mb": v.free // MB, "min_free_mb": self.min_free // MB}
+               for v in self.low()}  # fmt: skip
+        return {"disk_space": low} if low else {}
+
     def check(self) -> None:
         """Raise :class:`~gateway.errors.SpaceLow` when a volume is below the minimum."""
         for v in self.low():

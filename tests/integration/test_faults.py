@@ -376,6 +376,8 @@ def test_below_the_free_space_floor_new_data_waits_while_accepted_work_is_delive
             assert b"MSA|AE|FLOOR0001" in ack and b"disk space low" in ack, ack
             code, body = gw.get("/readyz")
             assert code == 503 and json.loads(body)["checks"]["disk_space"] is False, body
+            low = json.loads(body)["details"]["disk_space"]["data"]
+            assert low["min_free_mb"] == 16 and low["free_mb"] < 16, body
             free = re.search(
                 rb'gateway_disk_free_bytes\{volume="data"\} (\S+)', gw.get("/metrics")[1]
             )

@@ -46,6 +46,9 @@ def test_below_the_floor_check_says_how_much_is_left_and_where(tmp_path: Path) -
     assert info.value.message == "disk space low: 900 MB free on data"
     assert len("Gateway cannot store now: " + info.value.message) <= 64  # one Error Comment
     assert [v.name for v in guard.low()] == ["data"]
+    assert guard.readiness_details() == {
+        "disk_space": {"data": {"free_mb": 900, "min_free_mb": 1024}}
+    }
 
 
 def test_space_is_read_at_most_once_per_period_and_the_floor_can_be_off(tmp_path: Path) -> None:

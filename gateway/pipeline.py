@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 import structlog
 
 from gateway.config import Config, Destination, ModelConfig, RetryPolicyConfig
-from gateway.deliver.dicom_scu import DicomSender
+from gateway.deliver.dicom_scu import DicomSender, InstanceResult
 from gateway.deliver.hl7_client import HL7Sender
 from gateway.deliver.retry import RetryPolicy
 from gateway.envelope import (
@@ -46,6 +46,7 @@ from gateway.security.audit import NO_AUDIT, Auditor, records
 from gateway.security.deid import deidentify_text, reidentify
 from gateway.security.tls import client_context
 from gateway.store.findings import ModelRun
+from gateway.store.queue import Queue
 from gateway.store.store import Store, attr_text
 from gateway.workers import Beat, Completion
 
@@ -58,8 +59,47 @@ DEFAULT_RETRY = RetryPolicyConfig()
 INFER_RETRY = RetryPolicy(initial=10.0, max=60.0, give_up_after=3600.0, max_attempts=2)
 
 
+#: While one association runs, the instances the destination confirmed are recorded at
+#: least every this many instances or seconds: a worker killed in the middle of a study
+#: of thousands resends at most about that much, not the whole study.
+PROGRESS_INSTANCES = 100
+PROGRESS_SECONDS = 2.0
+
+
 class DestinationGone(Permanent):
     """The destination is no longer in the configuration."""
+
+
+class DeliveryProgress:
+    """Records what a destination confirmed while the association is still running (each
+    record one commit of the workers' bookkeeping); :meth:`flush` records the rest.  A
+    record that fails now is kept for the next one: the send goes on."""
+
+    def __init__(self, queue: Queue, destination: str, clock: Callable[[], float]) -> None:
+        self.queue, self.destination, self.clock = queue, destination, clock
+        self._pending: list[tuple[str, int]] = []
+        self._since = time.monotonic()
+
+    def __call__(self, result: InstanceResult) -> None:
+        if result.delivered:
+            self._pending.append((str(result.key), result.status or 0))
+        due = time.monotonic() - self._since >= PROGRESS_SECONDS
+        if len(self._pending) >= PROGRESS_INSTANCES or (self._pending and due):
+            try:
+                self.flush()
+            except Transient as exc:
+                log.warning(
+                    "deliver.progress_not_recorded",
+                    destination=self.destination,
+                    instances=len(self._pending),
+                    error=exc.message,
+                )
+
+    def flush(self) -> None:
+        if self._pending:
+            self.queue.record_deliveries(self.destination, self._pending, self.clock())
+            self._pending = []
+        self._since = time.monotonic()
 
 
 class Pipeline:
@@ -427,7 +467,8 @@ class Pipeline:
 
             return load
 
-        results = sender.send_study((k, loader(k)) for k in pending)
+        progress = DeliveryProgress(queue, name, self._now)
+        results = sender.send_study(((k, loader(k)) for k in pending), on_result=progress)
         delivered: list[tuple[str, int]] = []
         failed_permanent = 0
         transient: str | None = None
@@ -438,9 +479,9 @@ class Pipeline:
                 transient = transient or result.message
             else:
                 failed_permanent += 1
-        # what arrived is recorded (one commit) before any failure is raised, so a retry
-        # sends only the rest
-        queue.record_deliveries(name, delivered, self._now())
+        # what arrived is recorded (the rest of it: one commit) before any failure is
+        # raised, so a retry sends only what did not
+        progress.flush()
         if delivered or failed_permanent or transient:
             assert dest.dicom is not None
             self.audit(

@@ -233,8 +233,14 @@ class DicomSender:
         d = self.destination
         return f"{d.ae_title}@{d.host}:{d.port}"
 
-    def send_study(self, instances: Iterable[tuple[str, Sendable]]) -> list[InstanceResult]:
+    def send_study(
+        self,
+        instances: Iterable[tuple[str, Sendable]],
+        on_result: Callable[[InstanceResult], None] | None = None,
+    ) -> list[InstanceResult]:
         """C-STORE every instance over one association; one result per instance, in order.
+        *on_result* hears each instance's result as the peer answers it (to record
+        progress while a long association runs).
 
         Each item is ``(key, source)``: *key* is the caller's name for the instance and
         comes back in its :class:`InstanceResult`.  The iterable is read completely before
@@ -269,7 +275,7 @@ class DicomSender:
 
         assoc = self._associate(contexts)
         try:
-            results = self._send_all(assoc, items, sources)
+            results = self._send_all(assoc, items, sources, on_result)
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -307,7 +313,11 @@ class DicomSender:
         raise DeliveryRetry(f"DICOM destination {self.peer} aborted the association")
 
     def _send_all(
-        self, assoc: Any, items: list[_Item | InstanceResult], sources: dict[int, Sendable]
+        self,
+        assoc: Any,
+        items: list[_Item | InstanceResult],
+        sources: dict[int, Sendable],
+        on_result: Callable[[InstanceResult], None] | None,
     ) -> list[InstanceResult]:
         accepted: dict[str, set[UID]] = {}
         for cx in assoc.accepted_contexts:
@@ -324,6 +334,8 @@ class DicomSender:
                 continue
             result = self._send_one(assoc, item, source, accepted.get(item.sop_class, set()))
             results.append(result)
+            if on_result is not None:
+                on_result(result)
             if result.transient:
                 stopped = "not sent: the association stopped after a transient failure"
             elif not assoc.is_established:

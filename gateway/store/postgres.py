@@ -686,7 +686,6 @@ class PostgresQueue:
     ) -> Ack:
         """Record an HL7 message (sealed in its row: one durable commit) with its ACK and
         its route job.  A resent message gets the stored ACK and stores nothing."""
-
         assert env.kind is Kind.HL7 and env.spool_key is None and env.study_key is None
         params = {
             "id": env.id,

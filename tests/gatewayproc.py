@@ -32,6 +32,9 @@ def write_config(folder: Path, **overrides: Any) -> Path:
             "data_dir": str(folder / "var"),
             "http": {"host": "127.0.0.1", "port": free_port()},
             "encryption_key_file": str(folder / "var" / "keys.json"),
+            # a test gateway needs little room; the shipped 1 GB floor would refuse data on
+            # a nearly full CI disk (the floor's own drill sets it: test_faults.py)
+            "min_free_mb": 16,
         },
         "dicom": {
             "ae_title": "AI_GATEWAY",

@@ -233,6 +233,7 @@ def site_config(
     share the host's network, so the two differ in their http port)."""
     cfg = yaml.safe_load((REPO / "deploy/compose/gateway.yaml").read_text())
     cfg["gateway"]["database"] = dsn
+    cfg["gateway"]["min_free_mb"] = 16  # the image took GBs of this disk: not the 1 GB floor
     cfg["gateway"]["http"] = {"host": "127.0.0.1", "port": ports[f"{role}_http"]}
     cfg["dicom"].update(port=ports["dicom"], study_complete_after=1)
     cfg["dicom"]["tls"]["port"] = ports["dicom_tls"]

@@ -122,7 +122,7 @@ def test_the_queue_view_shows_the_free_space_of_each_volume_and_the_floor(
     volumes = api(gateway, "/api/queue", kit.viewer)[1]["volumes"]
     assert [v["volume"] for v in volumes] == ["data", "spool"]
     for v in volumes:
-        assert v["min_free_bytes"] == 1024 * 2**20  # the default floor
+        assert v["min_free_bytes"] == 16 * 2**20  # the tests' floor (write_config)
         assert v["free_bytes"] > 0 and v["low"] is (v["free_bytes"] < v["min_free_bytes"])
 
 

@@ -103,7 +103,7 @@ class KeyStore:
         store = cls(path, master, [first], first.key_id)
         if not store._write(exclusive=True):
             # another process (or node, on shared storage) created it first: use its keys,
-            # or what each of us seals could be read by the other's processes never
+            # else what each process sealed could never be opened by the others
             return cls.open(path, create=False)
         return store
 
@@ -130,14 +130,10 @@ class KeyStore:
                 for k in self._keys.values()
             ],
         }
+        data = json.dumps(doc, indent=2).encode()
         # a name of our own: two processes writing at once must not share one temporary file
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, json.dumps(doc, indent=2).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new(tmp, data)
         try:
             if exclusive:
                 os.link(tmp, self.path)
@@ -145,6 +141,15 @@ class KeyStore:
                 os.replace(tmp, self.path)
         except FileExistsError:
             return False
+        except OSError:
+            if not exclusive:
+                raise
+            # no hard links on this file system (some FUSE and SMB mounts): create the name
+            # itself exclusively (a reader may then see it before it is whole, and fail)
+            try:
+                _write_new(self.path, data)
+            except FileExistsError:
+                return False
         finally:
             tmp.unlink(missing_ok=True)  # the link's other name (replace left none)
         fsync_dir(self.path.parent)
@@ -256,6 +261,16 @@ def key_id_of(blob_head: bytes) -> str:
 
 def _new_key_id() -> str:
     return time.strftime("k%Y%m%d%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create *path* (mode 0600; FileExistsError when it exists) holding *data*, synced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

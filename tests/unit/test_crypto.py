@@ -165,6 +165,21 @@ def test_processes_creating_the_key_file_at_once_all_use_the_same_keys(tmp_path:
     assert sorted(p.name for p in path.parent.iterdir()) == ["keys.json"]
 
 
+def test_where_hard_links_are_not_allowed_the_key_file_is_still_created_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")  # some FUSE and SMB mounts
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "keys.json"
+    first = KeyStore.open(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = KeyStore._create(path)  # a second process that also saw no file
+    assert (again.current, again.index_key) == (first.current, first.index_key)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.json"]
+
+
 def test_a_key_file_created_meanwhile_by_another_process_is_used_not_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

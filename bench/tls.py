@@ -65,18 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = scratch_dir("tls-")
         pki = make_dev_pki(folder / "pki", client_names=("pacs",))
         tls_port = free_port()
-        cfg = write_gateway_config(
-            folder,
-            dicom={
-                "tls": {
-                    "port": tls_port,
-                    "cert": str(pki.server.cert),
-                    "key": str(pki.server.key),
-                    "ca": str(pki.ca.cert),
-                    "require_client_cert": True,
-                }
-            },
-        )
+        cfg = write_gateway_config(folder, dicom={"tls": tls_section(pki, tls_port)})
         gw = GatewayProcess(cfg)
         client = pki.client("pacs")
         # +II: new SOP Instance UIDs on every send, so the second send stores as much as
@@ -101,22 +90,32 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             gw.stop()
             shutil.rmtree(folder, ignore_errors=True)
+    return report(["round", "port", "inst/s"], rows, plain, tls, "inst", "tls.json", len(paths))
+
+
+def tls_section(pki: Any, port: int) -> dict[str, Any]:
+    """A listener's ``tls`` section: the development PKI's server certificate, clients
+    verified against its CA."""
+    return {
+        "port": port,
+        "cert": str(pki.server.cert),
+        "key": str(pki.server.key),
+        "ca": str(pki.ca.cert),
+        "require_client_cert": True,
+    }
+
+
+def report(headers: list[str], rows: list[list[Any]], plain: list[float], tls: list[float],
+           unit: str, file: str, count: int) -> int:
+    """Print the rounds, the medians and the ratio; write them to bench/out/*file*."""
     if not plain or not tls:
         raise SystemExit("no good round for plain or TLS; see the messages above")
     ratio = median(tls) / median(plain)
-    log(table(["round", "port", "inst/s"], rows))
-    log(f"median plain: {median(plain):,.1f} inst/s, TLS: {median(tls):,.1f} inst/s")
+    log(table(headers, rows))
+    log(f"median plain: {median(plain):,.1f} {unit}/s, TLS: {median(tls):,.1f} {unit}/s")
     log(f"ratio TLS/plain = {ratio:.2f}   target >= {TARGET}: {verdict(ratio, TARGET)}")
-    out = write_json(
-        "tls.json",
-        {
-            "machine": machine(),
-            "count": len(paths),
-            "plain_inst_s": plain,
-            "tls_inst_s": tls,
-            "ratio": ratio,
-        },
-    )
+    out = write_json(file, {"machine": machine(), "count": count, f"plain_{unit}_s": plain,
+                            f"tls_{unit}_s": tls, "ratio": ratio})
     log(f"results written to {out}")
     return 0
 
@@ -133,18 +132,7 @@ def hl7(rounds: int, count: int) -> int:
         folder = scratch_dir("tls-hl7-")
         pki = make_dev_pki(folder / "pki", client_names=("ehr",))
         tls_port = free_port()
-        cfg = write_gateway_config(
-            folder,
-            hl7={
-                "tls": {
-                    "port": tls_port,
-                    "cert": str(pki.server.cert),
-                    "key": str(pki.server.key),
-                    "ca": str(pki.ca.cert),
-                    "require_client_cert": True,
-                }
-            },
-        )
+        cfg = write_gateway_config(folder, hl7={"tls": tls_section(pki, tls_port)})
         client = pki.client("ehr")
         ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
         ctx.load_cert_chain(str(client.cert), str(client.key))
@@ -165,19 +153,8 @@ def hl7(rounds: int, count: int) -> int:
         finally:
             gw.stop()
             shutil.rmtree(folder, ignore_errors=True)
-    if not plain or not tls:
-        raise SystemExit("no good round for plain or TLS; see the messages above")
-    ratio = median(tls) / median(plain)
-    log(table(["round", "port", "msg/s", "p50 ms", "p99 ms"], rows))
-    log(f"median plain: {median(plain):,.1f} msg/s, TLS: {median(tls):,.1f} msg/s")
-    log(f"ratio TLS/plain = {ratio:.2f}   target >= {TARGET}: {verdict(ratio, TARGET)}")
-    out = write_json(
-        "tls-hl7.json",
-        {"machine": machine(), "count": count, "plain_msg_s": plain, "tls_msg_s": tls,
-         "ratio": ratio},
-    )
-    log(f"results written to {out}")
-    return 0
+    return report(["round", "port", "msg/s", "p50 ms", "p99 ms"], rows, plain, tls, "msg",
+                  "tls-hl7.json", count)
 
 
 if __name__ == "__main__":

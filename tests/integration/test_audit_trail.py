@@ -212,9 +212,10 @@ def test_a_refusal_repeated_within_the_window_is_written_once_then_counted(
     tmp_path: Path,
 ) -> None:
     """A modality retrying from an AE title that is not allowed: 15 refused associations
-    in a few seconds are one record, then one more that counts the other 14; the next
-    refusal after the window is written at once again."""
-    config = write_config(tmp_path, gateway={"audit": {"repeat_window": 5}})
+    in a few seconds (an 8 s window) are one record, then one more that counts the other
+    14 (a slower machine may need two windows: every refusal is still accounted for); the
+    next refusal after the window is written at once again."""
+    config = write_config(tmp_path, gateway={"audit": {"repeat_window": 8}})
     gw = GatewayProcess(config, tmp_path / "gw.log").start()
 
     def intruder() -> None:
@@ -240,7 +241,7 @@ def test_a_refusal_repeated_within_the_window_is_written_once_then_counted(
             intruder()
         took = time.monotonic() - started
         first = wait_until(alerts, what="the first refusal")
-        if took < 4:  # all 15 inside the window (a loaded machine may take longer)
+        if took < 7:  # all 15 inside the window (a loaded machine may take longer)
             assert len(first) == 1
 
         def accounted() -> int:
@@ -253,10 +254,10 @@ def test_a_refusal_repeated_within_the_window_is_written_once_then_counted(
         wait_until(lambda: accounted() == 15, 30, "the count of the repeats")
         counted = alerts()
         assert len(counted) < 15
-        assert "more like this within" in counted[-1]["detail"]
-        assert "DICOM association refused" in counted[-1]["detail"]
+        summaries = [r["detail"] for r in counted if "more like this within" in r["detail"]]
+        assert summaries and all("DICOM association refused" in d for d in summaries)
         before = len(alerts())
-        time.sleep(5.5)  # past any open window
+        time.sleep(8.5)  # past any open window
         intruder()
         wait_until(lambda: len(alerts()) == before + 1, 30, "the next refusal, at once")
     finally:
